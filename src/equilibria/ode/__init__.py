@@ -1,1 +1,17 @@
-"""equilibria.ode."""
+"""equilibria.ode: batched explicit Runge–Kutta integration with per-sample step control.
+
+Vector fields are called ``f(t, y)`` with ``y`` of shape (batch, ...) and ``t`` a tensor of
+shape (batch,) (each sample has its own time); see `rk_step`.
+"""
+
+from ._rk import rk_step as rk_step
+from ._solvers import RK4 as RK4
+from ._solvers import Bosh3 as Bosh3
+from ._solvers import Dopri5 as Dopri5
+from ._solvers import Euler as Euler
+from ._solvers import ExplicitRK as ExplicitRK
+from ._solvers import Heun as Heun
+from ._solvers import Midpoint as Midpoint
+from ._solvers import RungeKutta as RungeKutta
+from ._solvers import Tsit5 as Tsit5
+from ._tableau import ButcherTableau as ButcherTableau

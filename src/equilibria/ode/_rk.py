@@ -1,0 +1,148 @@
+"""One explicit Runge–Kutta step, batched, with a per-sample step size.
+
+Convention for every vector field in equilibria.ode: ``f(t, y) -> dy/dt`` where ``y`` has shape
+(batch, ...) and ``t`` is a tensor of shape (batch,) with y's dtype: every sample carries its
+own time, because every sample takes its own steps. A field that does not depend on time
+ignores ``t``; one that uses a scalar time per sample broadcasts it, e.g. ``t[:, None] * y``.
+``f`` must treat rows independently (row b of the output depends only on row b of the
+input), which is what lets the integrator drop finished samples from the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ._tableau import ButcherTableau
+
+__all__ = ["rk_stages", "rk_step"]
+
+VectorField = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _batch_view(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(batch,) -> (batch, 1, ..., 1) to broadcast against `like`."""
+    return x.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def _weighted_sum(
+    ks: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    weight_tensor: torch.Tensor | None,
+    stacked: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """sum_j weights[j] * ks[j], skipping zero weights; None when all weights are zero.
+
+    Without autograd, the stages live in one preallocated (s, batch, ...) buffer and the sum
+    is a single tensordot (one kernel instead of one per stage, which is what dominates the
+    cost of a step for small states). With autograd, a chain of fused `add(alpha=)` keeps
+    the graph simple and avoids in-place writes into a buffer autograd saved.
+    """
+    n = len(ks)
+    if stacked is not None and weight_tensor is not None and n > 2:
+        return torch.tensordot(weight_tensor[:n], stacked[:n], dims=1)
+    out = None
+    for k, w in zip(ks, weights):
+        if w == 0.0:
+            continue
+        out = k * w if out is None else out.add(k, alpha=w)
+    return out
+
+
+def rk_stages(
+    f: VectorField,
+    t: torch.Tensor,
+    y: torch.Tensor,
+    dt: torch.Tensor,
+    tableau: ButcherTableau,
+    k1: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor], int]:
+    """All stages of one step; see `rk_step`. Returns (y_new, y_err, stages, nfe).
+
+    ``stages`` is the list of the s stage derivatives k_i (what dense output needs).
+    """
+    coeffs = tableau.tensors(y.dtype, y.device)
+    dt_y = dt.to(y.dtype)
+    dt_b = _batch_view(dt_y, y)
+    t_f = t.to(y.dtype)
+    s = tableau.n_stages
+    nfe = 0
+    if k1 is None:
+        k1 = f(t_f, y)
+        nfe += 1
+    use_buffer = not (torch.is_grad_enabled() and (y.requires_grad or k1.requires_grad))
+    stacked = None
+    if use_buffer and s > 2:
+        stacked = y.new_empty((s,) + tuple(y.shape))
+        stacked[0].copy_(k1)
+    ks = [k1]
+    y_last = y
+    for i in range(1, s):
+        incr = _weighted_sum(ks, tableau.a[i], coeffs["a"][i], stacked)
+        y_i = y if incr is None else torch.addcmul(y, dt_b, incr)
+        k_i = f(t_f + tableau.c[i] * dt_y, y_i)
+        nfe += 1
+        ks.append(k_i)
+        if stacked is not None:
+            stacked[i].copy_(k_i)
+        y_last = y_i
+    if tableau.fsal:
+        # The last stage was evaluated at y + dt * sum b_j k_j: that *is* y_new, bit for bit.
+        y_new = y_last
+    else:
+        incr = _weighted_sum(ks, tableau.b, coeffs["b"], stacked)
+        y_new = torch.addcmul(y, dt_b, incr)
+    y_err = None
+    if tableau.b_err is not None:
+        err_incr = _weighted_sum(ks, tableau.b_err, coeffs["b_err"], stacked)
+        y_err = dt_b * err_incr
+    return y_new, y_err, ks, nfe
+
+
+def rk_step(
+    f: VectorField,
+    t: torch.Tensor,
+    y: torch.Tensor,
+    dt: torch.Tensor,
+    tableau: ButcherTableau,
+    k1: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, int]:
+    """One explicit Runge–Kutta step of size dt[b] for every sample b.
+
+        k_i = f(t + c_i dt, y + dt sum_{j<i} a_ij k_j),   y_new = y + dt sum_i b_i k_i,
+        y_err = dt sum_i (b_i - b_hat_i) k_i   (embedded error estimate).
+
+    Differentiable with autograd (Backprop through steps). dt may be negative (integration
+    backwards in time) and may differ per sample; a sample with dt = 0 is returned unchanged.
+
+    Arguments:
+        f: vector field ``f(t, y)``, t of shape (batch,), y of shape (batch, ...); returns
+            dy/dt with y's shape and dtype.
+        t: (batch,) current time of each sample.
+        y: (batch, ...) current state.
+        dt: (batch,) step size of each sample.
+        tableau: the method's `ButcherTableau` (e.g. ``Tsit5().tableau``).
+        k1: optional f(t, y) already known (from the previous step of an FSAL method).
+
+    Returns:
+        (y_new, y_err, k_last, nfe): the new state (batch, ...); the local error estimate
+        (batch, ...) or None for a tableau without an embedded pair; for an FSAL tableau
+        k_last = f(t + dt, y_new), to pass as ``k1`` to the next step (None otherwise);
+        nfe, the number of evaluations of f made (an int; each evaluates the whole batch).
+
+    Raises:
+        ValueError: when t or dt is not of shape (batch,).
+    """
+    if not isinstance(y, torch.Tensor) or y.dim() < 1:
+        raise ValueError("rk_step: y must be a tensor of shape (batch, ...).")
+    for name, value in (("t", t), ("dt", dt)):
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != (y.shape[0],):
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value)
+            raise ValueError(
+                f"rk_step: {name} must be a tensor of shape (batch,) = ({y.shape[0]},), got "
+                f"{shape}; use torch.full((batch,), value)."
+            )
+    y_new, y_err, ks, nfe = rk_stages(f, t, y, dt, tableau, k1)
+    k_last = ks[-1] if tableau.fsal else None
+    return y_new, y_err, k_last, nfe

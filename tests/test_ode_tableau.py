@@ -1,0 +1,151 @@
+"""Tableaus are checked data: bad ones are refused, the shipped ones satisfy order conditions."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import equilibria as eq
+from equilibria.ode import ButcherTableau, rk_step
+
+ALL = [eq.Euler(), eq.Midpoint(), eq.Heun(), eq.RK4(), eq.Bosh3(), eq.Dopri5(), eq.Tsit5()]
+
+
+def _matrix(tab):
+    s = tab.n_stages
+    a = np.zeros((s, s))
+    for i, row in enumerate(tab.a):
+        a[i, :i] = row
+    return a
+
+
+def _order_conditions(b, a, c, order):
+    """Residuals of the Butcher order conditions up to order 4 (the trees of order <= 4)."""
+    conds = [b.sum() - 1]
+    if order >= 2:
+        conds += [b @ c - 1 / 2]
+    if order >= 3:
+        conds += [b @ c**2 - 1 / 3, b @ (a @ c) - 1 / 6]
+    if order >= 4:
+        conds += [
+            b @ c**3 - 1 / 4,
+            b @ (c * (a @ c)) - 1 / 8,
+            b @ (a @ c**2) - 1 / 12,
+            b @ (a @ a @ c) - 1 / 24,
+        ]
+    return np.abs(conds)
+
+
+@pytest.mark.parametrize("solver", ALL, ids=lambda s: type(s).__name__)
+def test_shipped_tableaus_satisfy_order_conditions(solver):
+    tab = solver.tableau
+    a, c, b = _matrix(tab), np.array(tab.c), np.array(tab.b)
+    assert _order_conditions(b, a, c, min(tab.order, 4)).max() < 1e-14
+    if tab.adaptive:
+        b_hat = b - np.array(tab.b_err)
+        assert _order_conditions(b_hat, a, c, tab.error_order).max() < 1e-14
+        if tab.error_order + 1 <= 4:
+            # the embedded solution must fail the next order (else it estimates nothing)
+            assert _order_conditions(b_hat, a, c, tab.error_order + 1).max() > 1e-6
+        assert np.abs(np.array(tab.b_err)).max() > 1e-3
+    if tab.dense is not None:
+        for theta in (0.25, 0.5, 0.9):
+            weights = np.array(tab.dense) @ np.array([theta**p for p in range(1, 5)])
+            scaled = _order_conditions(weights / theta, a, c, 1)
+            assert scaled.max() < 1e-14
+            # b(theta) reproduces y(t + theta dt) to 4th order: sum b_i(theta) c_i^(q-1)
+            # = theta^q / q.
+            for q in range(1, 5):
+                assert abs(weights @ c ** (q - 1) - theta**q / q) < 1e-14
+
+
+def test_bad_tableaus_are_refused():
+    with pytest.raises(ValueError, match="sum_j a_ij = c_i"):
+        ButcherTableau("bad", c=(0.0, 0.5), a=((), (0.4,)), b=(0.0, 1.0), order=2)
+    with pytest.raises(ValueError, match="must sum to 1"):
+        ButcherTableau("bad", c=(0.0, 0.5), a=((), (0.5,)), b=(0.1, 1.0), order=2)
+    with pytest.raises(ValueError, match="lower triangular"):
+        ButcherTableau("bad", c=(0.0, 0.5), a=((), (0.25, 0.25)), b=(0.0, 1.0), order=2)
+    with pytest.raises(ValueError, match="must sum to 0"):
+        ButcherTableau(
+            "bad", c=(0.0, 1.0), a=((), (1.0,)), b=(0.5, 0.5), order=2, b_err=(0.5, 0.0),
+            error_order=1,
+        )
+    with pytest.raises(ValueError, match="error_order"):
+        ButcherTableau(
+            "bad", c=(0.0, 1.0), a=((), (1.0,)), b=(0.5, 0.5), order=2, b_err=(-0.5, 0.5)
+        )
+    with pytest.raises(ValueError, match="fsal"):
+        ButcherTableau("bad", c=(0.0, 1.0), a=((), (1.0,)), b=(0.5, 0.5), order=2, fsal=True)
+    with pytest.raises(ValueError, match="c\\[0\\]"):
+        ButcherTableau("bad", c=(0.5,), a=((),), b=(1.0,), order=1)
+    with pytest.raises(TypeError, match="ButcherTableau"):
+        eq.ExplicitRK("tsit5")
+
+
+def test_user_tableau_runs_through_explicit_rk():
+    heun_euler = ButcherTableau(
+        "HeunEuler", c=(0.0, 1.0), a=((), (1.0,)), b=(0.5, 0.5), order=2,
+        b_err=(-0.5, 0.5), error_order=1,
+    )
+    solver = eq.ExplicitRK(heun_euler)
+    assert solver.adaptive and solver.order == 2
+    y = torch.ones(2, 3, dtype=torch.float64)
+    t = torch.zeros(2, dtype=torch.float64)
+    dt = torch.tensor([0.1, 0.2], dtype=torch.float64)
+    y_new, y_err, k_last, nfe = rk_step(lambda t, y: -y, t, y, dt, heun_euler)
+    assert nfe == 2 and k_last is None
+    expected = 1 - dt + dt**2 / 2
+    assert torch.allclose(y_new, expected[:, None].expand(2, 3), atol=1e-15)
+    # Heun minus Euler = dt^2/2 (y'' = y here)
+    assert torch.allclose(y_err, (dt**2 / 2)[:, None].expand(2, 3), atol=1e-15)
+
+
+def test_rk_step_fsal_and_per_sample_dt():
+    tab = eq.Tsit5().tableau
+    y = torch.randn(3, 4, dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)
+    dt = torch.tensor([0.1, -0.05, 0.0], dtype=torch.float64)
+    calls = []
+
+    def f(t_, y_):
+        calls.append(t_.clone())
+        return torch.sin(t_)[:, None] - y_
+
+    y_new, y_err, k_last, nfe = rk_step(f, t, y, dt, tab)
+    assert nfe == tab.n_stages == len(calls)
+    assert torch.equal(calls[-1], t + dt)  # last stage at t + dt (c[-1] = 1)
+    assert torch.allclose(k_last, f(t + dt, y_new), rtol=0, atol=1e-15)
+    assert torch.equal(y_new[2], y[2]) and torch.all(y_err[2] == 0)  # dt = 0 -> unchanged
+    # each row equals the same step taken alone
+    for b in range(3):
+        alone, _, _, _ = rk_step(f, t[b : b + 1], y[b : b + 1], dt[b : b + 1], tab)
+        assert torch.allclose(alone[0], y_new[b], rtol=0, atol=1e-15)
+    # FSAL reuse: passing k1 saves one evaluation
+    _, _, _, nfe2 = rk_step(f, t + dt, y_new, dt, tab, k1=k_last)
+    assert nfe2 == tab.n_stages - 1
+
+
+def test_rk_step_is_differentiable():
+    tab = eq.Dopri5().tableau
+    y = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.zeros(2, dtype=torch.float64)
+    dt = torch.full((2,), 0.1, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda y_: rk_step(lambda t, z: torch.tanh(z), t, y_, dt,
+                                                       tab)[0], (y,))
+
+
+def test_rk_step_rejects_bad_shapes():
+    y = torch.ones(3, 2)
+    with pytest.raises(ValueError, match="dt must be a tensor of shape"):
+        rk_step(lambda t, y: y, torch.zeros(3), y, 0.1, eq.RK4().tableau)
+    with pytest.raises(ValueError, match="t must be a tensor of shape"):
+        rk_step(lambda t, y: y, torch.zeros(()), y, torch.ones(3), eq.RK4().tableau)
+
+
+def test_float32_tensors_are_cached():
+    tab = eq.Tsit5().tableau
+    first = tab.tensors(torch.float32, torch.device("cpu"))
+    assert first is tab.tensors(torch.float32, torch.device("cpu"))
+    assert math.isclose(float(first["b"].sum()), 1.0, rel_tol=1e-6)
