@@ -52,12 +52,13 @@ def test_shipped_tableaus_satisfy_order_conditions(solver):
     if tab.dense is not None:
         for theta in (0.25, 0.5, 0.9):
             weights = np.array(tab.dense) @ np.array([theta**p for p in range(1, 5)])
+            # 1e-13: Tsit5's interpolant is published as 17-digit decimals (a typo is >> 1e-10)
             scaled = _order_conditions(weights / theta, a, c, 1)
-            assert scaled.max() < 1e-14
+            assert scaled.max() < 1e-13
             # b(theta) reproduces y(t + theta dt) to 4th order: sum b_i(theta) c_i^(q-1)
             # = theta^q / q.
             for q in range(1, 5):
-                assert abs(weights @ c ** (q - 1) - theta**q / q) < 1e-14
+                assert abs(weights @ c ** (q - 1) - theta**q / q) < 1e-13
 
 
 def test_bad_tableaus_are_refused():
