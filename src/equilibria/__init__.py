@@ -10,6 +10,15 @@ from ._solution import Solution as Solution
 from ._solution import Status as Status
 
 # --- ode (owned by the ODE core) ---
+from .ode import RK4 as RK4
+from .ode import Bosh3 as Bosh3
+from .ode import ButcherTableau as ButcherTableau
+from .ode import Dopri5 as Dopri5
+from .ode import Euler as Euler
+from .ode import ExplicitRK as ExplicitRK
+from .ode import Heun as Heun
+from .ode import Midpoint as Midpoint
+from .ode import Tsit5 as Tsit5
 
 # --- linear + equilibrium (owned by the equilibrium solvers) ---
 
