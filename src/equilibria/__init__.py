@@ -21,6 +21,11 @@ from .ode import Midpoint as Midpoint
 from .ode import Tsit5 as Tsit5
 
 # --- linear + equilibrium (owned by the equilibrium solvers) ---
+# isort: split
+from .equilibrium import Anderson as Anderson
+from .equilibrium import Picard as Picard
+from .equilibrium import fixed_point as fixed_point
+from .linear import GMRES as GMRES
 
 # --- nn (owned by the DEQ layer) ---
 

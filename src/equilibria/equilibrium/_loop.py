@@ -1,0 +1,269 @@
+"""fixed_point(): the one loop that drives every fixed-point solver.
+
+The loop owns everything that is the same for all solvers: input checks, the per-sample
+tolerance test, freezing converged samples, best-iterate tracking, divergence detection, the
+step bound, compaction of converged rows and the residual trace. A solver only proposes the
+next iterate (see `_solver.FixedPointSolver`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .._checks import check_finite, check_positive, check_positive_int, check_tolerances, rms_norm
+from .._solution import Solution, Status
+from ._anderson import Anderson
+from ._solver import FixedPointSolver, State, expand_as_batch
+
+__all__ = ["fixed_point"]
+
+# On CUDA `bool(tensor)` waits for the device, so "is every sample done?" is asked every few
+# steps only; per-sample freezing is exact regardless (it uses torch.where, no host sync).
+_CHECK_EVERY_CUDA = 4
+
+
+def _solver_choices() -> str:
+    return "eq.Picard(), eq.Anderson(), eq.Broyden(), eq.NewtonKrylov(), eq.SteadyState()"
+
+
+def _check_x(x: Any, batch: int) -> tuple[torch.Tensor, ...] | torch.Tensor | None:
+    if x is None:
+        return None
+    items = [("x", x)] if isinstance(x, torch.Tensor) else None
+    if items is None:
+        if not isinstance(x, (tuple, list)):
+            raise TypeError(
+                f"x must be a tensor, a tuple of tensors or None, got {type(x).__name__}."
+            )
+        items = [(f"x[{i}]", item) for i, item in enumerate(x)]
+    for name, item in items:
+        if not isinstance(item, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(item).__name__}.")
+        if item.dim() == 0 or item.shape[0] != batch:
+            got = "a scalar" if item.dim() == 0 else f"batch {item.shape[0]}"
+            raise ValueError(
+                f"{name} must have the batch in dim 0 like z0 (batch {batch}), got {got}; "
+                "pass one row per sample (use expand for shared inputs)."
+            )
+        if item.is_floating_point() or item.is_complex():
+            check_finite(name, item)
+    return x if isinstance(x, torch.Tensor) else tuple(x)
+
+
+def _select_rows(x: Any, rows: torch.Tensor | None) -> Any:
+    if x is None or rows is None:
+        return x
+    if isinstance(x, torch.Tensor):
+        return x.index_select(0, rows)
+    return tuple(item.index_select(0, rows) for item in x)
+
+
+def _bind(f: Callable, x: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    if x is None:
+        return f
+    return lambda z: f(z, x)
+
+
+def _put(full: torch.Tensor, rows: torch.Tensor | None, local: torch.Tensor) -> torch.Tensor:
+    """Out-of-place scatter of the active rows back into a full-batch tensor (autograd-safe)."""
+    if rows is None:
+        return local
+    return full.index_copy(0, rows, local)
+
+
+def _take(full: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    return full if rows is None else full.index_select(0, rows)
+
+
+def fixed_point(
+    f: Callable[..., torch.Tensor],
+    z0: torch.Tensor,
+    x: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
+    solver: FixedPointSolver = Anderson(),  # noqa: B008 (frozen, immutable dataclass)
+    *,
+    atol: float = 1e-6,
+    rtol: float = 1e-6,
+    max_steps: int = 100,
+    throw: bool = False,
+    compact: bool = False,
+    trace: bool = False,
+    divergence_factor: float = 1e3,
+) -> Solution:
+    """Find z* = f(z*, x) for every sample of a batch.
+
+    Each sample is its own problem: it passes the tolerance test
+    ``rms(f(z, x) - z) <= atol + rtol * rms(z)`` (RMS over the sample's elements) on its own,
+    is then frozen (its value never changes again), and gets its own status and stats. A
+    sample's result does not depend on its batch-mates (up to float reduction order).
+
+    Arguments:
+        f: the map. Called as ``f(z, x)`` with ``z`` of shape (rows, ...) and ``x`` holding
+            the same rows (a tensor, or a tuple of tensors with the same structure as given);
+            called as ``f(z)`` when ``x`` is None (convenient for closures, e.g. the linear
+            adjoint map of an implicit backward pass). Must return a tensor of z's shape and
+            dtype, each row depending on that row of z and x only.
+        z0: (batch, ...) floating tensor, the first iterate.
+        x: None, a tensor or a tuple of tensors, each with the batch in dim 0.
+        solver: a solver object: Picard, Anderson, Broyden, NewtonKrylov or SteadyState.
+        atol, rtol: tolerances (> 0) of the per-sample test above.
+        max_steps: bound on solver steps (>= 1); samples still running get MAX_STEPS.
+        throw: raise EquilibriaError (saying what to try) when any sample failed.
+        compact: evaluate f only on the rows still running (index_select on z and every x,
+            results scattered back). Pays off when samples converge at different steps and
+            f is expensive.
+        trace: record the residual of every sample at every step in ``Solution.trace``.
+        divergence_factor: a sample whose residual exceeds this factor times its initial
+            residual is stopped as DIVERGED (> 1).
+
+    Returns:
+        Solution with ``value`` (batch, ...) the converged iterate, or for failed samples the
+        iterate with the lowest residual seen; ``status`` (batch,) Status codes (SUCCESS,
+        MAX_STEPS, DIVERGED, NONFINITE); ``stats["residual"]`` (batch,) RMS of f(z) - z at
+        the returned value, ``stats["n_steps"]`` and ``stats["nfe"]`` (batch,) int64 (nfe
+        counts every evaluation of f, JVPs included, made on that sample, the initial one
+        included), plus solver-specific stats (SteadyState: ``t``). With ``trace=True``,
+        ``trace`` is a list of (batch,) residuals: entry 0 at z0, then one per step.
+
+    Raises:
+        TypeError: f, z0, x or solver of the wrong type (the message lists the solvers).
+        ValueError: batch mismatch between z0 and x (naming which x), non-finite z0 or x,
+            f returning the wrong shape or dtype, tolerances <= 0, max_steps < 1.
+        EquilibriaError: with ``throw=True`` when a sample did not succeed.
+
+    The loop is differentiable when autograd is enabled (nothing is detached except the
+    residual bookkeeping), so backpropagating through ``value`` differentiates the solver's
+    iterations (the DEQ "Unrolled" strategy); under ``torch.no_grad`` nothing is recorded.
+
+    Reference: Bai, Kolter & Koltun, "Deep Equilibrium Models", NeurIPS 2019.
+    """
+    if not callable(f):
+        raise TypeError(f"f must be callable f(z, x) -> z, got {type(f).__name__}.")
+    if not isinstance(z0, torch.Tensor):
+        raise TypeError(f"z0 must be a torch.Tensor, got {type(z0).__name__}.")
+    if z0.dim() == 0:
+        raise ValueError("z0 must have the batch in dim 0, got a scalar; use z0.reshape(1, 1).")
+    if not z0.is_floating_point():
+        raise TypeError(f"z0 must be a floating tensor, got {z0.dtype}; use z0.float().")
+    check_finite("z0", z0)
+    if not isinstance(solver, FixedPointSolver):
+        raise TypeError(
+            f"solver must be a solver object, got {type(solver).__name__} {solver!r}; "
+            f"choose one of {_solver_choices()}."
+        )
+    atol, rtol = check_tolerances(atol, rtol)
+    max_steps = check_positive_int("max_steps", max_steps)
+    divergence_factor = check_positive("divergence_factor", divergence_factor)
+    if divergence_factor <= 1:
+        raise ValueError(f"divergence_factor must be > 1, got {divergence_factor}; e.g. 1e3.")
+    for name, flag in (("throw", throw), ("compact", compact), ("trace", trace)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}.")
+    batch = z0.shape[0]
+    x = _check_x(x, batch)
+
+    fz0 = _bind(f, x)(z0)
+    if not isinstance(fz0, torch.Tensor):
+        raise TypeError(f"f must return a torch.Tensor, got {type(fz0).__name__}.")
+    if fz0.shape != z0.shape:
+        raise ValueError(
+            f"f returned shape {tuple(fz0.shape)} for z of shape {tuple(z0.shape)}; a "
+            "fixed-point map must return z's shape."
+        )
+    if fz0.dtype != z0.dtype:
+        raise ValueError(
+            f"f returned dtype {fz0.dtype} for z of dtype {z0.dtype}; return z's dtype (or "
+            "pass z0 in the dtype f computes in)."
+        )
+
+    device = z0.device
+    residual0 = rms_norm(fz0 - z0).detach()
+    tolerance0 = atol + rtol * rms_norm(z0).detach()
+    finite0 = torch.isfinite(residual0)
+    converged0 = finite0 & (residual0 <= tolerance0)
+    status = torch.full((batch,), int(Status.MAX_STEPS), dtype=torch.int64, device=device)
+    status = torch.where(converged0, int(Status.SUCCESS), status)
+    status = torch.where(~finite0, int(Status.NONFINITE), status)
+    active = finite0 & ~converged0
+    best_value = z0
+    best_residual = residual0
+    n_steps = torch.zeros(batch, dtype=torch.int64, device=device)
+    nfe = torch.ones(batch, dtype=torch.int64, device=device)
+    residual_now = residual0
+    residual_trace = [residual0] if trace else None
+    check_every = _CHECK_EVERY_CUDA if device.type == "cuda" else 1
+
+    rows: torch.Tensor | None = None  # full-batch index of each state row; None = all rows
+    x_rows = x
+    state: State | None = None
+    extra: dict[str, torch.Tensor] = {}
+    if batch and bool(active.any()):
+        if compact and not bool(active.all()):
+            rows = active.nonzero().flatten()
+            x_rows = _select_rows(x, rows)
+            state = solver.init(_bind(f, x_rows), z0.index_select(0, rows), fz0[rows])
+        else:
+            state = solver.init(_bind(f, x), z0, fz0)
+        extra = {key: torch.zeros_like(residual0) for key in solver.stat_keys}
+        for key in solver.stat_keys:
+            extra[key] = _put(extra[key], rows, state[key].detach().to(residual0.dtype))
+
+    for step_index in range(max_steps if state is not None else 0):
+        state, step_nfe = solver.step(_bind(f, x_rows), state, step_index)
+        z, fz = state["z"], state["fz"]
+        residual = rms_norm(fz - z).detach()
+        tolerance = atol + rtol * rms_norm(z).detach()
+        running = _take(active, rows)
+        finite = torch.isfinite(residual)
+        converged = running & finite & (residual <= tolerance)
+        improved = running & finite & ((residual < _take(best_residual, rows)) | converged)
+        diverged = (
+            running & finite & ~converged
+            & (residual > divergence_factor * _take(residual0, rows))
+        )
+        nonfinite = running & ~finite
+
+        best_local = torch.where(expand_as_batch(improved, z), z, _take(best_value, rows))
+        best_value = _put(best_value, rows, best_local)
+        best_residual = _put(
+            best_residual, rows, torch.where(improved, residual, _take(best_residual, rows))
+        )
+        residual_now = _put(
+            residual_now, rows, torch.where(running, residual, _take(residual_now, rows))
+        )
+        step_status = torch.where(converged, int(Status.SUCCESS), _take(status, rows))
+        step_status = torch.where(diverged, int(Status.DIVERGED), step_status)
+        step_status = torch.where(nonfinite, int(Status.NONFINITE), step_status)
+        status = _put(status, rows, step_status)
+        n_steps = _put(n_steps, rows, _take(n_steps, rows) + running.long())
+        nfe = _put(nfe, rows, _take(nfe, rows) + running.long() * step_nfe)
+        for key in solver.stat_keys:
+            value = state[key].detach().to(residual0.dtype)
+            kept = torch.where(running, value, _take(extra[key], rows))
+            extra[key] = _put(extra[key], rows, kept)
+        active = _put(active, rows, running & ~(converged | diverged | nonfinite))
+        if residual_trace is not None:
+            residual_trace.append(residual_now)
+
+        if (step_index + 1) % check_every == 0 or step_index + 1 == max_steps:
+            still = _take(active, rows)
+            n_still = int(still.sum())
+            if n_still == 0:
+                break
+            n_rows = still.shape[0]
+            # Compacting copies the whole solver state (e.g. Anderson's history), so do it
+            # once enough rows have finished to pay for the copy.
+            if compact and n_rows - n_still >= max(1, n_rows // 8):
+                keep = still.nonzero().flatten()
+                rows = keep if rows is None else rows.index_select(0, keep)
+                x_rows = _select_rows(x, rows)
+                state = {key: value.index_select(0, keep) for key, value in state.items()}
+
+    stats: dict[str, Any] = {"residual": best_residual, "n_steps": n_steps, "nfe": nfe}
+    stats.update(extra)
+    solution = Solution(value=best_value, status=status, stats=stats, trace=residual_trace)
+    if throw:
+        solution.raise_if_failed("fixed_point")
+    return solution

@@ -1,0 +1,67 @@
+"""The interface every fixed-point solver implements, driven by the shared loop in `_loop.py`.
+
+A solver is a small frozen dataclass. It holds no tensors; its per-run data lives in a `state`
+dict of tensors whose dim 0 is the batch (so the loop can freeze rows with `torch.where` and
+compact them with `index_select` without knowing what the solver stores). Two keys are
+mandatory: "z", the current iterate, and "fz", f evaluated at it; the loop computes the
+residual f(z) - z from them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["FixedPointSolver", "State"]
+
+State = dict[str, torch.Tensor]
+Fn = Callable[[torch.Tensor], torch.Tensor]
+
+
+class FixedPointSolver:
+    """Base class of fixed-point solvers (Picard, Anderson, Broyden, NewtonKrylov, SteadyState).
+
+    Subclasses implement:
+
+    - `init(fn, z, fz) -> state`: build the state from the first iterate `z` (batch, ...) and
+      `fz = fn(z)` (already evaluated by the loop, one evaluation counted).
+    - `step(fn, state, step_index) -> (state, nfe)`: one iteration. Returns the new state (with
+      the new "z" and "fz" = fn(new z)) and the number of evaluations of `fn` (or JVPs) made,
+      an int for every row or a (batch,) int64 tensor.
+
+    `fn(z)` evaluates f on exactly the rows currently in the state (the loop may have compacted
+    away converged samples); every tensor in the state must therefore have the batch in dim 0,
+    and a row's update must depend on that row only. `step_index` counts the loop's steps from
+    0; it is the same for every row still in the state.
+
+    `stat_keys` names (batch,) state entries the loop copies into `Solution.stats` (e.g. "t",
+    the ODE time reached by SteadyState).
+    """
+
+    stat_keys: tuple[str, ...] = ()
+
+    def init(self, fn: Fn, z: torch.Tensor, fz: torch.Tensor) -> State:
+        raise NotImplementedError
+
+    def step(self, fn: Fn, state: State, step_index: int) -> tuple[State, int | torch.Tensor]:
+        raise NotImplementedError
+
+
+def check_damping(name: str, value: object) -> float:
+    """A damping factor beta in (0, 1], else ValueError naming the field."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number in (0, 1], got {type(value).__name__}.")
+    if not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"{name} must be in (0, 1], got {value!r}; e.g. {name}=0.5.")
+    return float(value)
+
+
+def batch_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample inner product of two (batch, ...) tensors: shape (batch,)."""
+    return (a.reshape(a.shape[0], -1) * b.reshape(b.shape[0], -1)).sum(dim=1)
+
+
+def expand_as_batch(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """View a (batch,) tensor as (batch, 1, 1, ...) to broadcast against `like`."""
+    return values.reshape(values.shape[0], *([1] * (like.dim() - 1)))

@@ -1,0 +1,249 @@
+"""fixed_point(): every solver on problems with known answers; per-sample semantics; errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import equilibria as eq
+from equilibria._solution import Status
+from fixed_point_problems import (
+    COS_FIXED_POINT,
+    contractive_linear,
+    cos_problem,
+    divergent_problem,
+    linear_problem,
+    robust_linear,
+)
+
+SOLVERS = [
+    pytest.param(eq.Picard(), id="picard"),
+    pytest.param(eq.Picard(damping=0.8), id="picard-damped"),
+    pytest.param(eq.Anderson(), id="anderson"),
+    pytest.param(eq.Anderson(m=3, damping=0.9), id="anderson-m3"),
+]
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_cos_to_1e10(solver):
+    problem = cos_problem()
+    sol = eq.fixed_point(problem.f, problem.z0, solver=solver, atol=1e-10, rtol=1e-10,
+                         max_steps=500)
+    assert bool((sol.status == Status.SUCCESS).all())
+    assert (sol.value - COS_FIXED_POINT).abs().max() < 1e-9
+    assert bool((sol.stats["residual"] <= 1e-10 + 1e-10 * COS_FIXED_POINT).all())
+    assert bool((sol.stats["nfe"] >= sol.stats["n_steps"] + 1).all())
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_linear_matches_closed_form(solver):
+    problem = contractive_linear()
+    sol = eq.fixed_point(problem.f, problem.z0, problem.x, solver=solver, atol=1e-12,
+                         rtol=1e-12, max_steps=2000)
+    assert bool((sol.status == Status.SUCCESS).all())
+    torch.testing.assert_close(sol.value, problem.solution, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_sample_alone_equals_sample_in_batch(solver):
+    easy = contractive_linear(batch=3, seed=3)
+    # A hard batch-mate: same A, a right-hand side 1e3 times larger and a far-away start.
+    x = torch.cat([easy.x, 1e3 * easy.x[:1]])
+    z0 = torch.cat([easy.z0, 50 * torch.ones_like(easy.z0[:1])])
+    kwargs = dict(atol=1e-10, rtol=1e-10, max_steps=3000)
+    together = eq.fixed_point(easy.f, z0, x, solver=solver, **kwargs)
+    for i in range(3):
+        alone = eq.fixed_point(easy.f, easy.z0[i : i + 1], easy.x[i : i + 1], solver=solver,
+                               **kwargs)
+        assert alone.stats["n_steps"][0] == together.stats["n_steps"][i]
+        torch.testing.assert_close(alone.value[0], together.value[i], atol=1e-12, rtol=0)
+
+
+# Root-finders see the unstable fixed point z = -1 of f = 2z + 1 as an ordinary root and
+# (correctly) converge to it; iterations that follow the flow (Picard, the ODE) run away.
+ROOT_FINDERS = ("Anderson", "Broyden", "NewtonKrylov")
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_divergent_samples_flagged_others_converge(solver):
+    problem = divergent_problem()
+    sol = eq.fixed_point(problem.f, problem.z0, problem.x, solver=solver, max_steps=200)
+    flags = problem.x
+    assert bool((sol.status[~flags] == Status.SUCCESS).all())
+    assert bool(torch.isfinite(sol.value).all())
+    torch.testing.assert_close(sol.value[~flags], torch.full_like(sol.value[~flags],
+                               COS_FIXED_POINT), atol=1e-5, rtol=0)
+    if type(solver).__name__ in ROOT_FINDERS:
+        assert bool((sol.status[flags] == Status.SUCCESS).all())
+        # |z + 1| = |f(z) - z| <= atol + rtol |z| = 2e-6 at the default tolerances.
+        torch.testing.assert_close(sol.value[flags], -torch.ones_like(sol.value[flags]),
+                                   atol=2.1e-6, rtol=0)
+        return
+    assert bool((sol.status[flags] == Status.DIVERGED).all())
+    assert float(sol.stats["residual"][flags].max()) <= 1.0  # the best iterate: z0's residual
+    with pytest.raises(eq.EquilibriaError, match="DIVERGED.*SteadyState"):
+        eq.fixed_point(problem.f, problem.z0, problem.x, solver=solver, max_steps=200,
+                       throw=True)
+
+
+def test_robust_case_picard_diverges():
+    problem = robust_linear()
+    sol = eq.fixed_point(problem.f, problem.z0, problem.x, solver=eq.Picard(), max_steps=500)
+    assert bool((sol.status == Status.DIVERGED).all())
+
+
+def test_nonfinite_is_a_status_with_best_iterate():
+    z0 = torch.ones(2, 3, dtype=torch.float64)
+    flag = torch.tensor([False, True])
+
+    def f(z, flag):
+        # Sample 1 blows up to inf on its second evaluation.
+        return torch.where(flag[:, None] & (z > 1.5), torch.full_like(z, float("inf")),
+                           0.5 * z + 1)
+
+    sol = eq.fixed_point(f, z0, flag, solver=eq.Picard(), max_steps=100)
+    assert sol.status.tolist() == [Status.SUCCESS, Status.NONFINITE]
+    assert bool(torch.isfinite(sol.value).all())
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_compact_same_result_fewer_rows(solver):
+    # Samples converge at very different steps: contraction factors 0.1 ... 0.95.
+    rates = torch.tensor([0.1, 0.3, 0.6, 0.95], dtype=torch.float64)
+    z0 = torch.ones(4, 3, dtype=torch.float64)
+    rows_seen = []
+
+    def f(z, rate):
+        rows_seen.append(z.shape[0])
+        return rate[:, None] * torch.sin(z) + 1
+
+    full = eq.fixed_point(f, z0, rates, solver=solver, atol=1e-10, rtol=1e-10, max_steps=1000)
+    full_rows = sum(rows_seen)
+    rows_seen.clear()
+    compacted = eq.fixed_point(f, z0, rates, solver=solver, atol=1e-10, rtol=1e-10,
+                               max_steps=1000, compact=True)
+    assert bool((full.status == Status.SUCCESS).all())
+    torch.testing.assert_close(compacted.value, full.value, atol=1e-13, rtol=0)
+    assert torch.equal(compacted.stats["n_steps"], full.stats["n_steps"])
+    assert torch.equal(compacted.status, full.status)
+    # With 4 rows every finished row is dropped at once (on CPU), so f saw exactly the rows
+    # that were still running: the per-sample nfe, summed.
+    assert sum(rows_seen) == int(compacted.stats["nfe"].sum()) < full_rows
+
+
+def test_trace_records_each_step():
+    problem = cos_problem(batch=2)
+    sol = eq.fixed_point(problem.f, problem.z0, solver=eq.Picard(), trace=True, max_steps=300)
+    assert len(sol.trace) == int(sol.stats["n_steps"].max()) + 1
+    assert sol.trace[-1].shape == (2,)
+    assert float(sol.trace[-1][0]) < float(sol.trace[0][0]) * 1e-4
+
+
+def test_converged_sample_is_frozen():
+    # Sample 0 converges in a few steps; its value must be the iterate at which it passed.
+    rates = torch.tensor([0.01, 0.9], dtype=torch.float64)
+    z0 = torch.ones(2, 1, dtype=torch.float64)
+    sol = eq.fixed_point(lambda z, r: r[:, None] * z, z0, rates, solver=eq.Picard(), atol=1e-8,
+                         rtol=1e-8, max_steps=500)
+    steps = int(sol.stats["n_steps"][0])
+    assert steps == 4  # 0.01**4 = 1e-8 on z, residual 0.99e-8 <= 1e-8
+    assert float(sol.value[0, 0]) == pytest.approx(0.01**steps, rel=1e-12)
+
+
+def test_gradient_flows_through_iterations():
+    # Unrolled differentiation: d z*/d b for z* = a z* + b is 1/(1-a).
+    b = torch.tensor([[0.3]], dtype=torch.float64, requires_grad=True)
+    sol = eq.fixed_point(lambda z, x: 0.5 * z + x, torch.zeros_like(b), b, solver=eq.Anderson(),
+                         atol=1e-12, rtol=1e-12)
+    sol.value.sum().backward()
+    assert float(b.grad) == pytest.approx(2.0, rel=1e-8)
+
+
+def test_no_grad_records_nothing():
+    w = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        sol = eq.fixed_point(lambda z: w * z + 1, torch.zeros(2, 2, dtype=torch.float64))
+    assert not sol.value.requires_grad
+
+
+def test_anderson_singular_mixing_system_falls_back():
+    # A constant map: after one step every residual is 0 -> a singular Gram matrix; and a
+    # map whose residuals are all parallel (rank one history).
+    c = torch.tensor([[1.0, 2.0]], dtype=torch.float64)
+    sol = eq.fixed_point(lambda z: c.expand_as(z), torch.zeros(1, 2, dtype=torch.float64),
+                         solver=eq.Anderson(m=4, regularization=0.0), atol=1e-12, rtol=1e-12)
+    assert bool((sol.status == Status.SUCCESS).all())
+    torch.testing.assert_close(sol.value, c)
+    sol = eq.fixed_point(lambda z: 0.5 * z + 1, torch.zeros(2, 3, dtype=torch.float64),
+                         solver=eq.Anderson(m=5, regularization=0.0), atol=1e-12, rtol=1e-12)
+    assert bool((sol.status == Status.SUCCESS).all())
+    torch.testing.assert_close(sol.value, torch.full_like(sol.value, 2.0))
+
+
+def test_float32_and_shapes():
+    z0 = -torch.ones(2, 3, 4)
+    sol = eq.fixed_point(lambda z, x: torch.cos(z) + 0 * x[0], z0, (torch.zeros(2, 3, 4),))
+    assert sol.value.dtype == torch.float32 and sol.value.shape == (2, 3, 4)
+    assert bool((sol.status == Status.SUCCESS).all())
+
+
+# --- bad input ---------------------------------------------------------------------------
+
+def _f(z, x=None):
+    return torch.cos(z)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(x=torch.zeros(3, 2)), ValueError, "x must have the batch"),
+        (dict(x=(torch.zeros(2, 2), torch.zeros(5))), ValueError, r"x\[1\] must have"),
+        (dict(x=(torch.zeros(2, 2), 3.0)), TypeError, r"x\[1\] must be a torch.Tensor"),
+        (dict(x=torch.full((2, 2), float("nan"))), ValueError, "x contains inf or NaN"),
+        (dict(atol=0.0), ValueError, "atol"),
+        (dict(rtol=-1.0), ValueError, "rtol"),
+        (dict(max_steps=0), ValueError, "max_steps"),
+        (dict(max_steps=2.5), TypeError, "max_steps"),
+        (dict(solver="anderson"), TypeError, "eq.Picard"),
+        (dict(divergence_factor=1.0), ValueError, "divergence_factor"),
+        (dict(compact=1), TypeError, "compact"),
+    ],
+)
+def test_bad_input(kwargs, error, match):
+    x = kwargs.pop("x", torch.zeros(2, 2))
+    with pytest.raises(error, match=match):
+        eq.fixed_point(_f, torch.zeros(2, 2), x, **kwargs)
+
+
+def test_bad_z0_and_f():
+    with pytest.raises(ValueError, match="z0 contains inf"):
+        eq.fixed_point(_f, torch.tensor([[float("inf")]]))
+    with pytest.raises(TypeError, match="z0 must be a floating"):
+        eq.fixed_point(_f, torch.zeros(2, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="f returned shape"):
+        eq.fixed_point(lambda z: z[:, :1], torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="f returned dtype"):
+        eq.fixed_point(lambda z: z.double(), torch.zeros(2, 2))
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        eq.fixed_point(_f, torch.zeros(2, 2), tol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: eq.Picard(damping=0.0), "damping"),
+        (lambda: eq.Picard(damping=1.5), "damping"),
+        (lambda: eq.Anderson(m=0), "m must be"),
+        (lambda: eq.Anderson(regularization=-1.0), "regularization"),
+        (lambda: eq.Anderson(damping=2.0), "damping"),
+    ],
+)
+def test_bad_solver_fields(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_linear_problem_helper_is_right():
+    problem = linear_problem(torch.tensor([0.5, -0.5, 0.2]), batch=2)
+    residual = problem.f(problem.solution, problem.x) - problem.solution
+    assert float(residual.abs().max()) < 1e-12
