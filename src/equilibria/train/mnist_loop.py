@@ -1,0 +1,465 @@
+"""The MNIST training loop: epochs, metrics, checkpoints, exact resume, DDP, fixed-point reuse.
+
+`train_mnist(config)` is the whole run behind `equilibria train mnist`. Its order of events is
+fixed so that a resumed run computes exactly what the uninterrupted run would have:
+
+- the shuffling of epoch e is DistributedSampler's (a generator seeded with seed + e), so
+  the batches of any epoch can be rebuilt without replaying earlier ones;
+- a checkpoint holds the model, Adam's state, the python/numpy/torch RNG states, the epoch
+  and the batch reached within it, the running sums of that epoch, the fixed-point buffer
+  and the metrics so far. It is written at every epoch end and on Ctrl-C (mid-epoch).
+
+Per epoch, metrics.jsonl gets: loss, train/test accuracy, forward and backward NFE means (per
+sample), forward residual statistics, the share of samples whose solve did not converge,
+NFE saved by fixed-point reuse (when on), and seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DistributedSampler
+
+from ..data.mnist import load_mnist, normalize_images
+from .checkpoint import CHECKPOINT_NAME, capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from .config import IDENTITY_FIELDS, TrainConfig
+from .distributed import DistContext, all_reduce_sum, setup_distributed, teardown_distributed
+from .models import build_model
+from .stats import EpochAccumulator, backward_stats, forward_stats
+
+__all__ = ["RunDirError", "TrainResult", "TrainingDiverged", "evaluate", "train_mnist"]
+
+# Fixed-point reuse: every PROBE_EVERY-th batch is also solved from z0 = 0 (no grad) to
+# measure what the warm start saves.
+PROBE_EVERY = 10
+STEP_LOG_EVERY = 10
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf; the last good checkpoint is kept."""
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be created or written, or already holds another run."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    metrics: list[dict]
+    test_accuracy: float
+
+
+def _subset_indices(total: int, count: int | None, salt: int) -> torch.Tensor:
+    """A fixed random subset (independent of the training seed), or everything."""
+    if count is None or count >= total:
+        return torch.arange(total)
+    generator = torch.Generator().manual_seed(20_240_000 + salt)
+    return torch.randperm(total, generator=generator)[:count].sort().values
+
+
+def prepare_data(config: TrainConfig, device: torch.device) -> dict[str, torch.Tensor]:
+    """Normalised float images and labels on `device` for the configured subsets."""
+    arrays = load_mnist(config.data_dir)
+    train = _subset_indices(60_000, config.subset, salt=1)
+    test = _subset_indices(10_000, config.test_subset, salt=2)
+    return {
+        "train_x": normalize_images(arrays.train_images[train]).to(device),
+        "train_y": arrays.train_labels[train].to(device),
+        "test_x": normalize_images(arrays.test_images[test]).to(device),
+        "test_y": arrays.test_labels[test].to(device),
+        "test_u8": arrays.test_images[test],
+        "source": arrays.source,
+    }
+
+
+def _classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, labels)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _prepare_run_dir(config: TrainConfig, resume: bool, context: DistContext) -> Path:
+    run_dir = Path(config.runs_dir) / config.run_name
+    if not context.is_main:
+        return run_dir
+    if resume:
+        if not (run_dir / CHECKPOINT_NAME).is_file():
+            raise RunDirError(f"--resume: no checkpoint in {run_dir}; start it without --resume.")
+        return run_dir
+    if (run_dir / CHECKPOINT_NAME).exists() or (run_dir / "metrics.jsonl").exists():
+        raise RunDirError(
+            f"{run_dir} already holds a run; pass --resume to continue it or choose another "
+            "--run-name."
+        )
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise RunDirError(
+            f"cannot write the run directory {run_dir} ({error.strerror or error}); pass "
+            "--runs-dir with a writable directory."
+        ) from error
+    (run_dir / "config.json").write_text(json.dumps(config.asdict(), indent=2) + "\n")
+    return run_dir
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    context: DistContext | None = None,
+    batch_size: int = 500,
+) -> dict:
+    """Accuracy, loss, forward NFE and residuals on a set, sharded over ranks under DDP.
+
+    Returns:
+        dict with accuracy, loss, forward_nfe_mean, not_converged_share, and the local
+        (this rank's) per-sample `residuals` and `predictions` tensors for plots.
+    """
+    context = context or DistContext(0, 1, images.device, False)
+    core = getattr(model, "module", model)
+    was_training = core.training
+    core.eval()
+    shard = torch.arange(context.rank, images.shape[0], context.world_size)
+    sums = torch.zeros(5, dtype=torch.float64)  # correct, loss, nfe, not converged, count
+    residuals, predictions = [], []
+    for start in range(0, shard.numel(), batch_size):
+        index = shard[start : start + batch_size].to(images.device)
+        logits = core(images[index])
+        solution = core.deq.last_solution
+        stats = forward_stats(solution)
+        sums += torch.tensor(
+            [
+                float((logits.argmax(1) == labels[index]).sum()),
+                float(F.cross_entropy(logits, labels[index], reduction="sum")),
+                float(stats["nfe"].sum()),
+                float(stats["not_converged"].sum()),
+                float(index.numel()),
+            ],
+            dtype=torch.float64,
+        )
+        residuals.append(stats["residual"].cpu())
+        predictions.append(logits.argmax(1).cpu())
+    core.train(was_training)
+    sums = all_reduce_sum(context, sums)
+    count = max(sums[4].item(), 1.0)
+    return {
+        "accuracy": sums[0].item() / count,
+        "loss": sums[1].item() / count,
+        "forward_nfe_mean": sums[2].item() / count,
+        "not_converged_share": sums[3].item() / count,
+        "residuals": torch.cat(residuals) if residuals else torch.zeros(0),
+        "predictions": torch.cat(predictions) if predictions else torch.zeros(0),
+    }
+
+
+def train_mnist(
+    config: TrainConfig,
+    resume: bool = False,
+    on_step: Callable[[int], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """Train (or continue) an MNIST DEQ run as described in the module docstring.
+
+    Arguments:
+        config: the run's settings (validated here).
+        resume: continue runs/NAME from its checkpoint (bit-exactly).
+        on_step: called with the global step after each optimizer step (tests use it to
+            interrupt a run).
+        log: where human messages go (rank 0 only).
+
+    Returns:
+        TrainResult(run_dir, metrics, final test accuracy).
+
+    Raises:
+        TrainingDiverged: NaN/inf loss (last good checkpoint kept).
+        RunDirError, CheckpointError, MnistNotFoundError, MnistCorruptError, ValueError.
+        KeyboardInterrupt: re-raised after a usable checkpoint was written.
+    """
+    config.validate()
+    context = setup_distributed(config.device)
+    try:
+        return _train(config, resume, on_step, log if context.is_main else _silent, context)
+    finally:
+        teardown_distributed(context)
+
+
+def _silent(_: str) -> None:
+    pass
+
+
+def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
+    device = context.device
+    failure = None
+    try:
+        run_dir = _prepare_run_dir(config, resume, context)
+    except RunDirError as error:
+        failure = error
+    if context.distributed:
+        # Every rank must stop when rank 0 cannot use the run directory, or the others hang.
+        flag = all_reduce_sum(context, torch.tensor([0.0 if failure is None else 1.0]))
+        if failure is None and flag.item() > 0:
+            raise RunDirError("rank 0 could not prepare the run directory (see its message).")
+    if failure is not None:
+        raise failure
+    data = prepare_data(config, device)
+    log(
+        f"data: {data['source']} ({data['train_x'].shape[0]} train, "
+        f"{data['test_x'].shape[0]} test images)"
+    )
+    seed_everything(config.seed)
+    model = build_model(config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    n_train = data["train_x"].shape[0]
+    buffer = have = None
+    if config.reuse_fixed_points:
+        z_shape = (config.width,) if config.model == "seed" else (config.channels, 14, 14)
+        buffer = torch.zeros((n_train, *z_shape), device=device)
+        have = torch.zeros(n_train, dtype=torch.bool, device=device)
+
+    start_epoch, start_batch, metrics, steps, partial = 0, 0, [], [], None
+    if resume:
+        state = load_checkpoint(
+            run_dir / CHECKPOINT_NAME, model, config.asdict(), identity_fields=IDENTITY_FIELDS
+        )
+        optimizer.load_state_dict(state["optimizer"])
+        restore_rng(state["rng"])
+        start_epoch, start_batch = state["epoch"], state["batch_in_epoch"]
+        metrics, steps, partial = state["metrics"], state["steps"], state["partial"]
+        if buffer is not None:
+            buffer.copy_(state["fp_buffer"])
+            have.copy_(state["fp_have"])
+        if context.is_main:
+            (run_dir / "config.json").write_text(json.dumps(config.asdict(), indent=2) + "\n")
+        log(f"resumed {run_dir} at epoch {start_epoch + 1}, batch {start_batch}")
+
+    ddp = model
+    if context.distributed:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    sampler = DistributedSampler(
+        range(n_train),
+        num_replicas=context.world_size,
+        rank=context.rank,
+        shuffle=True,
+        seed=config.seed,
+    )
+    batches_per_epoch = math.ceil(len(sampler) / config.batch_size)
+    penalty_fn = None
+    if config.jac_penalty > 0:
+        import equilibria as eq
+
+        penalty_fn = eq.jacobian_penalty
+
+    def checkpoint(epoch: int, batch_in_epoch: int, accumulator: EpochAccumulator | None):
+        if not context.is_main:
+            return
+        save_checkpoint(
+            run_dir / CHECKPOINT_NAME,
+            {
+                "config": config.asdict(),
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "rng": capture_rng(),
+                "epoch": epoch,
+                "batch_in_epoch": batch_in_epoch,
+                "partial": None if accumulator is None else accumulator.state(),
+                "metrics": metrics,
+                "steps": steps,
+                "fp_buffer": buffer,
+                "fp_have": have,
+            },
+        )
+
+    from tqdm.auto import tqdm
+
+    show_bar = context.is_main and not config.quiet and sys.stderr.isatty()
+    test_result = None
+    for epoch in range(start_epoch, config.epochs):
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(iter(sampler)), dtype=torch.long)
+        accumulator = EpochAccumulator.from_state(partial)
+        partial = None
+        first_batch = start_batch if epoch == start_epoch else 0
+        bar = tqdm(
+            total=batches_per_epoch,
+            initial=first_batch,
+            desc=f"epoch {epoch + 1}/{config.epochs}",
+            disable=not show_bar,
+            leave=True,
+            dynamic_ncols=True,
+        )
+        model.train()
+        batch = first_batch
+        try:
+            for batch in range(first_batch, batches_per_epoch):
+                index = order[batch * config.batch_size : (batch + 1) * config.batch_size]
+                index = index.to(device)
+                images, labels = data["train_x"][index], data["train_y"][index]
+                z0 = None
+                if buffer is not None:
+                    z0 = torch.where(
+                        have[index].view(-1, *([1] * (buffer.dim() - 1))),
+                        buffer[index],
+                        torch.zeros_like(buffer[index]),
+                    )
+                logits = ddp(images, z0=z0)
+                loss = _classification_loss(logits, labels)
+                if penalty_fn is not None:
+                    loss = loss + config.jac_penalty * model.jacobian_penalty(penalty_fn)
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    raise TrainingDiverged(
+                        f"the loss became {loss_value} at epoch {epoch + 1}, batch {batch + 1}. "
+                        f"The last good checkpoint is kept in {run_dir}. Lower --lr, add "
+                        "--jac-penalty (e.g. 1.0) to keep f contractive, or tighten "
+                        "--atol/--rtol."
+                    )
+                forward = forward_stats(model.deq.last_solution)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                backward = backward_stats(model.deq)
+                probe = None
+                if buffer is not None:
+                    warm = have[index]
+                    buffer[index] = model.last_z
+                    have[index] = True
+                    if batch % PROBE_EVERY == 0 and bool(warm.any()):
+                        probe = _probe_cold_nfe(model, images[warm], forward["nfe"][warm.cpu()])
+                accumulator.add(
+                    loss_value, logits.detach(), labels, forward, backward, probe, index.numel()
+                )
+                if batch % STEP_LOG_EVERY == 0:
+                    steps.append(
+                        {
+                            "epoch": epoch + 1,
+                            "batch": batch + 1,
+                            "loss": loss_value,
+                            "forward_nfe": float(forward["nfe"].float().mean()),
+                        }
+                    )
+                bar.update(1)
+                if show_bar:
+                    bar.set_postfix(accumulator.postfix(), refresh=False)
+                if on_step is not None:
+                    on_step(epoch * batches_per_epoch + batch + 1)
+        except KeyboardInterrupt:
+            bar.close()
+            if context.distributed:
+                log("interrupted: under DDP the last epoch checkpoint is the resume point.")
+            else:
+                # `batch` did not finish: resume re-runs it from the same state.
+                checkpoint(epoch, batch, accumulator)
+                log(f"interrupted: checkpoint saved in {run_dir}; continue with --resume.")
+            raise
+        bar.close()
+        if buffer is not None and context.distributed:
+            _sync_buffer(context, buffer, have, order)
+        test_result = evaluate(ddp, data["test_x"], data["test_y"], context)
+        row = {"epoch": epoch + 1, **accumulator.summary(context), **_test_row(test_result)}
+        metrics.append(row)
+        checkpoint(epoch + 1, 0, None)
+        if context.is_main:
+            _write_jsonl(run_dir / "metrics.jsonl", metrics)
+            _write_jsonl(run_dir / "steps.jsonl", steps)
+        log(
+            f"epoch {epoch + 1}/{config.epochs}: loss {row['loss']:.4f}, train acc "
+            f"{row['train_accuracy']:.4f}, test acc {row['test_accuracy']:.4f}, forward NFE "
+            f"{row['forward_nfe_mean']:.1f}, backward NFE {row['backward_nfe_mean']:.1f}, "
+            f"{row['seconds']:.1f} s"
+        )
+    if test_result is None:  # resumed an already finished run: just evaluate
+        test_result = evaluate(ddp, data["test_x"], data["test_y"], context)
+    if context.distributed:
+        _write_rank_summary(run_dir, context, model, metrics)
+    if context.is_main:
+        _final_plots(run_dir, metrics, steps, test_result, data, config)
+    return TrainResult(run_dir, metrics, test_result["accuracy"])
+
+
+def _test_row(result: dict) -> dict:
+    residuals = result["residuals"]
+    return {
+        "test_accuracy": result["accuracy"],
+        "test_loss": result["loss"],
+        "test_forward_nfe_mean": result["forward_nfe_mean"],
+        "test_not_converged_share": result["not_converged_share"],
+        "test_residual_median": float(residuals.median()) if residuals.numel() else math.nan,
+    }
+
+
+@torch.no_grad()
+def _probe_cold_nfe(model, images: torch.Tensor, warm_nfe: torch.Tensor) -> tuple[float, float]:
+    """(cold NFE sum, warm NFE sum) on the warm-started samples of a batch."""
+    model(images)
+    cold = forward_stats(model.deq.last_solution)["nfe"]
+    return float(cold.sum()), float(warm_nfe.sum())
+
+
+def _sync_buffer(context, buffer, have, order) -> None:
+    """Make the fixed-point buffer identical on all ranks after an epoch.
+
+    Each rank solved its shard of `order`; every rank adds what it holds for its own shard
+    and the sum (divided by how many ranks held a sample: DistributedSampler pads by
+    repeating) is the buffer everyone keeps.
+    """
+    import torch.distributed as dist
+
+    mine = torch.zeros(buffer.shape[0], dtype=buffer.dtype, device=buffer.device)
+    mine[order.to(buffer.device)] = 1.0  # `order` is this rank's shard of the epoch
+    contribution = buffer * mine.view(-1, *([1] * (buffer.dim() - 1)))
+    dist.all_reduce(contribution)
+    dist.all_reduce(mine)
+    seen = mine > 0
+    buffer[seen] = contribution[seen] / mine[seen].view(-1, *([1] * (buffer.dim() - 1)))
+    have_any = have.to(torch.float32)
+    dist.all_reduce(have_any)
+    have.copy_(have_any > 0)
+
+
+def _write_rank_summary(run_dir: Path, context, model, metrics) -> None:
+    checksum = float(sum(p.double().sum() for p in model.parameters()))
+    summary = {"rank": context.rank, "parameter_checksum": checksum, "metrics": metrics}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / f"rank{context.rank}_summary.json").write_text(json.dumps(summary) + "\n")
+
+
+def _final_plots(run_dir, metrics, steps, test_result, data, config) -> None:
+    from .. import plots
+
+    plots.training_curves(metrics, steps, run_dir / "curves.png")
+    plots.nfe_per_epoch(metrics, run_dir / "nfe.png")
+    plots.residual_histogram(test_result["residuals"], run_dir / "residuals.png", atol=config.atol)
+    count = min(16, data["test_u8"].shape[0])
+    plots.digit_grid(
+        data["test_u8"][:count],
+        data["test_y"][:count].cpu(),
+        test_result["predictions"][:count],
+        run_dir / "digits.png",
+    )

@@ -1,0 +1,77 @@
+"""The one place where command-line names become solver and backward objects.
+
+The library passes solvers as objects (small frozen dataclasses); only the command line
+speaks in names. Adding a solver to the CLI is one line in each table below.
+"""
+
+from __future__ import annotations
+
+__all__ = ["BACKWARD_CHOICES", "SOLVER_CHOICES", "make_backward", "make_deq", "make_solver"]
+
+
+def _solvers() -> dict:
+    import equilibria as eq  # late import: the solvers live in lower layers of the package
+
+    return {
+        "picard": lambda: eq.Picard(),
+        "anderson": lambda: eq.Anderson(),
+        "broyden": lambda: eq.Broyden(),
+        "newton-krylov": lambda: eq.NewtonKrylov(),
+        "steady-state-tsit5": lambda: eq.SteadyState(eq.Tsit5()),
+        "steady-state-implicit": lambda: eq.SteadyState(eq.ImplicitEuler()),
+    }
+
+
+def _backwards() -> dict:
+    import equilibria as eq
+
+    return {
+        "implicit": lambda: eq.Implicit(),
+        "unrolled": lambda: eq.Unrolled(),
+        "one-step": lambda: eq.OneStep(),
+        "phantom": lambda: eq.Phantom(),
+    }
+
+
+SOLVER_CHOICES = (
+    "picard",
+    "anderson",
+    "broyden",
+    "newton-krylov",
+    "steady-state-tsit5",
+    "steady-state-implicit",
+)
+BACKWARD_CHOICES = ("implicit", "unrolled", "one-step", "phantom")
+
+
+def make_solver(name: str):
+    """The solver object for a command-line name; ValueError listing the choices otherwise."""
+    if name not in SOLVER_CHOICES:
+        raise ValueError(f"unknown solver {name!r}; choose one of {', '.join(SOLVER_CHOICES)}.")
+    return _solvers()[name]()
+
+
+def make_backward(name: str):
+    """The backward-strategy object for a command-line name."""
+    if name not in BACKWARD_CHOICES:
+        raise ValueError(f"unknown backward {name!r}; choose one of {', '.join(BACKWARD_CHOICES)}.")
+    return _backwards()[name]()
+
+
+def make_deq(solver: str, backward: str, atol: float, rtol: float, max_steps: int):
+    """A factory cell -> eq.DEQ(cell, solver, backward, atol, rtol, max_steps) for the models."""
+    import equilibria as eq
+
+    solver_object, backward_object = make_solver(solver), make_backward(backward)
+
+    def factory(cell):
+        return eq.DEQ(
+            cell,
+            solver=solver_object,
+            backward=backward_object,
+            atol=atol,
+            rtol=rtol,
+            max_steps=max_steps,
+        )
+
+    return factory
