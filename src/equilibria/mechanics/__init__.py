@@ -8,6 +8,16 @@ Noether charge x·p) turn Hamilton's mechanics into checks of gradient code. The
 read a stack of near-identity layers as the ODE dx/dt = w(t) x + b(t) + g(x) and back.
 """
 
+from ._conservation import Balance as Balance
+from ._conservation import Conservation as Conservation
+from ._conservation import discrete_pairing as discrete_pairing
+from ._conservation import hamiltonian_balance as hamiltonian_balance
+from ._conservation import hamiltonian_drift as hamiltonian_drift
+from ._conservation import noether_charge as noether_charge
+from ._conservation import tangent_pairing as tangent_pairing
+from ._costate import Costate as Costate
+from ._costate import costate as costate
+from ._costate import hamiltonian as hamiltonian
 from ._feedforward import LayerODE as LayerODE
 from ._feedforward import LayerStack as LayerStack
 from ._feedforward import ODELikeness as ODELikeness
