@@ -28,6 +28,14 @@ from .equilibrium import fixed_point as fixed_point
 from .linear import GMRES as GMRES
 
 # --- nn (owned by the DEQ layer) ---
+# isort: split
+from .nn import DEQ as DEQ
+from .nn import Implicit as Implicit
+from .nn import OneStep as OneStep
+from .nn import Phantom as Phantom
+from .nn import Unrolled as Unrolled
+from .nn import jacobian_penalty as jacobian_penalty
+from .nn import spectral_radius as spectral_radius
 
 # --- mechanics (owned by mechanics) ---
 

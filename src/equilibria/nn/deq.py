@@ -1,0 +1,301 @@
+"""DEQ: a layer whose output is the fixed point z* = f(z*, x) of a module f.
+
+Forward: a fixed-point solver (any of `equilibria.equilibrium`'s, the ODE steady state
+included) finds z* per sample. Backward: a strategy object (`Implicit`, `Unrolled`,
+`OneStep`, `Phantom`) decides how the gradient is obtained; see `_backward.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._checks import check_positive_int, check_tolerances
+from .._solution import Solution
+from ..equilibrium._anderson import Anderson
+from ..equilibrium._loop import fixed_point
+from ..equilibrium._solver import FixedPointSolver
+from ._backward import BACKWARD_TYPES, Implicit
+from ._penalty import spectral_radius
+
+__all__ = ["DEQ"]
+
+_SOLVER_CHOICES = "eq.Anderson(), eq.Picard(), eq.Broyden(), eq.NewtonKrylov(), eq.SteadyState()"
+_BACKWARD_CHOICES = "eq.Implicit(), eq.Unrolled(), eq.OneStep(), eq.Phantom()"
+
+
+def _check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}.")
+    return value
+
+
+def _first_tensor(x: Any) -> torch.Tensor | None:
+    if x is None:
+        return None
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, (tuple, list)) and x and all(isinstance(item, torch.Tensor) for item in x):
+        return x[0]
+    raise TypeError(
+        f"x must be a tensor, a tuple of tensors (batch in dim 0) or None, got "
+        f"{type(x).__name__}."
+    )
+
+
+class DEQ(nn.Module):
+    """Deep equilibrium layer: ``z_star = deq(x)`` solves z* = f_module(z*, x) per sample.
+
+    Stacking the same layer z ← f(z, x) infinitely often gives a network of infinite depth
+    whose output is the fixed point; equivalently, z* is the steady state of the neural ODE
+    dz/dt = f(z, x) − z. The forward solve runs without a graph (except for `Unrolled`); the
+    gradient comes from the `backward` strategy.
+
+    Arguments:
+        f_module: an nn.Module called as ``f_module(z, x)``, returning a tensor of z's shape
+            and dtype; each sample's row must depend on that sample's z and x only.
+        solver: a fixed-point solver object (default ``Anderson()``: fewest evaluations of f
+            on the library's benchmark; ``SteadyState(...)`` integrates dz/dt = f − z, which
+            also converges where ∂f/∂z has eigenvalues of modulus > 1 but real part < 1).
+        backward: ``Implicit()`` (default; exact gradient, O(1) memory in forward steps),
+            ``Unrolled()``, ``OneStep()`` or ``Phantom(k, damping)``.
+        init: optional nn.Module g, the Skip DEQ (Pal et al. 2022): the explicit prediction
+            z0 = g(x) starts the solve. Train g with ``deq.skip_loss()`` added to the loss.
+        atol, rtol: per-sample tolerance of the forward solve,
+            RMS(f(z, x) − z) <= atol + rtol · RMS(z) (defaults 1e-6, 1e-4: ample for
+            training, a 1e-4 relative residual is well below SGD noise).
+        max_steps: bound on forward solver steps (default 100).
+        z_shape: per-sample shape of z, when it differs from x's (or x is a tuple whose first
+            tensor is not z-shaped). Default: z is shaped like x (or x[0]).
+        compact: evaluate f only on samples still running (see ``fixed_point``). Leave False
+            when f mixes samples (e.g. BatchNorm in train mode).
+        throw: raise ``EquilibriaError`` when a forward or backward solve fails for a sample,
+            instead of recording it in the stats (and warning, for the backward).
+        spectral_radius_iters: when > 0, estimate the spectral radius of ∂f/∂z at z* with
+            that many Arnoldi (power-iteration) products after each forward solve and store
+            it as ``last_solution.stats["spectral_radius"]`` (batch,) (costs that many VJPs).
+
+    Call: ``deq(x, z0=None)`` with x a tensor, a tuple of tensors or None (then z0 is
+    needed; f_module receives None). ``z0`` (batch, *z_shape) warm-starts the solve (e.g. a
+    sample's fixed point from the previous epoch) and takes precedence over ``init`` and the
+    default zeros.
+
+    Returns: (batch, ...) z*. With grad enabled it carries the strategy's gradient to
+    f_module's parameters and to x (also when x does not require grad); for Implicit and
+    OneStep its value is f(z*, x), one further step from the solver's z* (the residual is
+    within tolerance, so the two agree to it). Under ``torch.no_grad`` it is the solver's z*
+    and nothing is recorded for backward.
+
+    After a call:
+        ``last_solution``: the forward ``Solution`` (value z* detached, status (batch,),
+            stats residual / n_steps / nfe (batch,), plus spectral_radius when asked).
+        ``last_backward_stats``: None until the backward pass of the last call runs; then a
+            dict with "strategy", "status" (batch,) and "nfe" (batch,) (Implicit also
+            "residual" and "n_steps" of its linear solve).
+
+    Raises:
+        TypeError: f_module / init not modules, solver or backward not one of the objects
+            above, x of the wrong type, unknown keyword arguments.
+        ValueError: tolerances <= 0, max_steps < 1, z0 of the wrong shape, f_module returning
+            the wrong shape or dtype, non-finite inputs.
+
+    Reference: Bai, Kolter & Koltun, "Deep Equilibrium Models", NeurIPS 2019; Pal, Edelman &
+    Rackauckas, "Mixing Implicit and Explicit Deep Learning with Skip DEQs and Infinite Time
+    Neural ODEs (Continuous DEQs)", 2022.
+    """
+
+    # Per-call results, not state: dropped from pickles / deepcopies (they may hold graphs).
+    _TRANSIENT = ("last_solution", "last_backward_stats", "_skip_pair")
+
+    def __init__(
+        self,
+        f_module: nn.Module,
+        solver: FixedPointSolver | None = None,
+        backward: Any = None,
+        init: nn.Module | None = None,
+        *,
+        atol: float = 1e-6,
+        rtol: float = 1e-4,
+        max_steps: int = 100,
+        z_shape: tuple[int, ...] | None = None,
+        compact: bool = False,
+        throw: bool = False,
+        spectral_radius_iters: int = 0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(f_module, nn.Module):
+            raise TypeError(
+                f"f_module must be a torch.nn.Module called as f_module(z, x), got "
+                f"{type(f_module).__name__}; wrap a function in an nn.Module so its "
+                "parameters are registered."
+            )
+        if init is not None and not isinstance(init, nn.Module):
+            raise TypeError(
+                f"init must be None or an nn.Module g with z0 = g(x), got {type(init).__name__}."
+            )
+        solver = Anderson() if solver is None else solver
+        if not isinstance(solver, FixedPointSolver):
+            raise TypeError(
+                f"solver must be a solver object, got {type(solver).__name__} {solver!r}; "
+                f"choose one of {_SOLVER_CHOICES}."
+            )
+        backward = Implicit() if backward is None else backward
+        if not isinstance(backward, BACKWARD_TYPES):
+            raise TypeError(
+                f"backward must be a backward strategy object, got {type(backward).__name__} "
+                f"{backward!r}; choose one of {_BACKWARD_CHOICES}."
+            )
+        self.atol, self.rtol = check_tolerances(atol, rtol)
+        self.max_steps = check_positive_int("max_steps", max_steps)
+        if z_shape is not None:
+            if not isinstance(z_shape, (tuple, list)) or not all(
+                isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in z_shape
+            ):
+                raise ValueError(
+                    f"z_shape must be a tuple of positive ints (the per-sample shape of z, "
+                    f"without the batch), got {z_shape!r}."
+                )
+            z_shape = tuple(z_shape)
+        self.z_shape = z_shape
+        self.compact = _check_bool("compact", compact)
+        self.throw = _check_bool("throw", throw)
+        self.spectral_radius_iters = check_positive_int(
+            "spectral_radius_iters", spectral_radius_iters, minimum=0
+        )
+        self.f_module = f_module
+        self.init = init
+        self.solver = solver
+        self.backward = backward
+        self.last_solution: Solution | None = None
+        self.last_backward_stats: dict[str, Any] | None = None
+        self._skip_pair: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def extra_repr(self) -> str:
+        return (
+            f"solver={self.solver!r}, backward={self.backward!r}, atol={self.atol}, "
+            f"rtol={self.rtol}, max_steps={self.max_steps}"
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for name in self._TRANSIENT:
+            state[name] = None
+        return state
+
+    def _start(self, x: Any, z0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The first iterate, and g(x) when this is a Skip DEQ."""
+        like = _first_tensor(x)
+        prediction = None
+        if self.init is not None:
+            if x is None:
+                raise ValueError("a Skip DEQ (init=g) needs an input x: z0 = g(x).")
+            prediction = self.init(x)
+            if not isinstance(prediction, torch.Tensor) or not prediction.is_floating_point():
+                raise TypeError(f"init(x) must return a floating tensor, got {prediction!r:.80}.")
+        if z0 is not None:
+            if not isinstance(z0, torch.Tensor) or not z0.is_floating_point():
+                raise TypeError(f"z0 must be a floating torch.Tensor, got {type(z0).__name__}.")
+            expected = self._expected_shape(like, prediction)
+            if expected is not None and tuple(z0.shape) != expected:
+                raise ValueError(
+                    f"z0 must have shape {expected} (batch, *z_shape), got {tuple(z0.shape)}; "
+                    "pass the fixed point of the same samples (e.g. deq.last_solution.value)."
+                )
+            return z0, prediction
+        if prediction is not None:
+            expected = self._expected_shape(like, None) if self.z_shape is not None else None
+            if expected is not None and tuple(prediction.shape) != expected:
+                raise ValueError(
+                    f"init(x) must return shape {expected} (batch, *z_shape), got "
+                    f"{tuple(prediction.shape)}."
+                )
+            return prediction, prediction
+        if like is None:
+            raise ValueError(
+                "x is None: pass z0= (the first iterate, which also gives the batch size)."
+            )
+        if self.z_shape is None:
+            if not like.is_floating_point():
+                raise ValueError(
+                    f"x has dtype {like.dtype}, so z cannot be shaped like it: pass z_shape= "
+                    "(and a floating z) or z0=."
+                )
+            return torch.zeros_like(like), None
+        dtype = like.dtype if like.is_floating_point() else self._parameter_dtype()
+        return like.new_zeros((like.shape[0], *self.z_shape), dtype=dtype), None
+
+    def _expected_shape(self, like: torch.Tensor | None,
+                        prediction: torch.Tensor | None) -> tuple[int, ...] | None:
+        if prediction is not None:
+            return tuple(prediction.shape)
+        if like is None:
+            return None
+        if self.z_shape is not None:
+            return (like.shape[0], *self.z_shape)
+        return tuple(like.shape)
+
+    def _parameter_dtype(self) -> torch.dtype:
+        for parameter in self.f_module.parameters():
+            if parameter.is_floating_point():
+                return parameter.dtype
+        return torch.get_default_dtype()
+
+    def forward(self, x: Any, z0: torch.Tensor | None = None) -> torch.Tensor:
+        """z* = f_module(z*, x) per sample; see the class docstring."""
+        self.last_backward_stats = None
+        self._skip_pair = None
+        start, prediction = self._start(x, z0)
+        f = self.f_module
+        if x is None:  # fixed_point calls f(z) when x is None
+
+            def fn(z: torch.Tensor) -> torch.Tensor:
+                return f(z, None)
+        else:
+            fn = f
+
+        def solve(first: torch.Tensor) -> Solution:
+            return fixed_point(
+                fn, first, x, solver=self.solver, atol=self.atol, rtol=self.rtol,
+                max_steps=self.max_steps, throw=self.throw, compact=self.compact,
+            )
+
+        def record(stats: dict[str, Any]) -> None:
+            self.last_backward_stats = stats
+
+        if torch.is_grad_enabled():
+            z_star, solution = self.backward.attach(f, start, x, solve, record, self.throw)
+        else:
+            solution = solve(start)
+            z_star = solution.value
+        solution = Solution(
+            value=solution.value.detach(), status=solution.status,
+            stats=dict(solution.stats), trace=solution.trace,
+        )
+        if self.spectral_radius_iters:
+            solution.stats["spectral_radius"] = spectral_radius(
+                f, solution.value, x, n_iters=self.spectral_radius_iters
+            )
+        self.last_solution = solution
+        if prediction is not None:
+            self._skip_pair = (prediction, solution.value)
+        return z_star
+
+    def skip_loss(self) -> torch.Tensor:
+        """Skip DEQ auxiliary loss of the last call: mean over samples of RMS²(g(x) − z*).
+
+        z* is a constant here, so the loss trains the explicit net g only, pulling its
+        prediction towards the equilibrium so the next solves start closer (Pal et al. 2022).
+        Use ``loss = task_loss + weight * deq.skip_loss()`` (weight ≈ 0.1–1).
+
+        Raises:
+            ValueError: this DEQ has no init module, or has not been called yet.
+        """
+        if self.init is None:
+            raise ValueError("skip_loss() needs a Skip DEQ: construct DEQ(f, init=g_module).")
+        if self._skip_pair is None:
+            raise ValueError("skip_loss() is available after a forward call: call deq(x) first.")
+        prediction, z_star = self._skip_pair
+        difference = (prediction - z_star.to(prediction.dtype)).reshape(prediction.shape[0], -1)
+        return difference.pow(2).mean(dim=1).mean()
