@@ -46,6 +46,8 @@ def _apply_at(f: Callable, z_star: torch.Tensor, x: Any) -> tuple[torch.Tensor, 
 
 
 def _vjp(fz: torch.Tensor, z: torch.Tensor, v: torch.Tensor, create_graph: bool) -> torch.Tensor:
+    if not fz.requires_grad:  # f ignores z (and nothing else needs grad): ∂f/∂z = 0
+        return torch.zeros_like(v)
     (out,) = torch.autograd.grad(fz, z, v, retain_graph=True, create_graph=create_graph,
                                  allow_unused=True)
     # f may ignore z altogether (∂f/∂z = 0): autograd then returns None.
@@ -134,7 +136,8 @@ def spectral_radius(
 
     Returns:
         (batch,) tensor (dtype of z_star, no graph): the estimate of max |λ(∂f/∂z (z*_i))|.
-        A lower bound that increases with n_iters (Ritz values lie inside the spectrum's hull).
+        For symmetric J it is a lower bound that increases with n_iters; for non-normal J the
+        Ritz values lie in the field of values, so it may slightly over- or undershoot.
 
     Raises:
         TypeError / ValueError: as for `jacobian_penalty`, or n_iters < 1.
@@ -153,11 +156,8 @@ def spectral_radius(
                         device=z_star.device)
     basis[:, 0] = start / start.norm(dim=1, keepdim=True)
     for j in range(steps):
-        if fz.requires_grad:
-            w = _vjp(fz, z, basis[:, j].reshape(z.shape), create_graph=False).reshape(batch, -1)
-        else:  # f does not depend on z at all: J = 0
-            w = torch.zeros_like(basis[:, j])
-        w = w.detach()
+        w = _vjp(fz, z, basis[:, j].reshape(z.shape), create_graph=False)
+        w = w.detach().reshape(batch, -1)
         w_norm = w.norm(dim=1)
         active = basis[:, : j + 1]
         # Classical Gram–Schmidt twice ("CGS2"): as stable as modified GS, but batched matmuls.
