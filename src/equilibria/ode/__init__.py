@@ -4,6 +4,8 @@ Vector fields are called ``f(t, y)`` with ``y`` of shape (batch, ...) and ``t`` 
 shape (batch,) (each sample has its own time); see `rk_step`.
 """
 
+from ._controller import PIController as PIController
+from ._integrate import odeint as odeint
 from ._rk import rk_step as rk_step
 from ._solvers import RK4 as RK4
 from ._solvers import Bosh3 as Bosh3

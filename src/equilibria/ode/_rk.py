@@ -26,22 +26,14 @@ def _batch_view(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return x.reshape((-1,) + (1,) * (like.dim() - 1))
 
 
-def _weighted_sum(
-    ks: Sequence[torch.Tensor],
-    weights: Sequence[float],
-    weight_tensor: torch.Tensor | None,
-    stacked: torch.Tensor | None,
-) -> torch.Tensor | None:
+def _weighted_sum(ks: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor | None:
     """sum_j weights[j] * ks[j], skipping zero weights; None when all weights are zero.
 
-    Without autograd, the stages live in one preallocated (s, batch, ...) buffer and the sum
-    is a single tensordot (one kernel instead of one per stage, which is what dominates the
-    cost of a step for small states). With autograd, a chain of fused `add(alpha=)` keeps
-    the graph simple and avoids in-place writes into a buffer autograd saved.
+    A chain of elementwise fused ``add(alpha=)`` rather than one tensordot over stacked
+    stages: the elementwise chain rounds identically whatever the batch size, so dropping
+    finished samples from the batch cannot change a sample's result (a BLAS reduction
+    picks size-dependent kernels and changes the last bits).
     """
-    n = len(ks)
-    if stacked is not None and weight_tensor is not None and n > 2:
-        return torch.tensordot(weight_tensor[:n], stacked[:n], dims=1)
     out = None
     for k, w in zip(ks, weights):
         if w == 0.0:
@@ -62,7 +54,6 @@ def rk_stages(
 
     ``stages`` is the list of the s stage derivatives k_i (what dense output needs).
     """
-    coeffs = tableau.tensors(y.dtype, y.device)
     dt_y = dt.to(y.dtype)
     dt_b = _batch_view(dt_y, y)
     t_f = t.to(y.dtype)
@@ -71,31 +62,24 @@ def rk_stages(
     if k1 is None:
         k1 = f(t_f, y)
         nfe += 1
-    use_buffer = not (torch.is_grad_enabled() and (y.requires_grad or k1.requires_grad))
-    stacked = None
-    if use_buffer and s > 2:
-        stacked = y.new_empty((s,) + tuple(y.shape))
-        stacked[0].copy_(k1)
     ks = [k1]
     y_last = y
     for i in range(1, s):
-        incr = _weighted_sum(ks, tableau.a[i], coeffs["a"][i], stacked)
+        incr = _weighted_sum(ks, tableau.a[i])
         y_i = y if incr is None else torch.addcmul(y, dt_b, incr)
         k_i = f(t_f + tableau.c[i] * dt_y, y_i)
         nfe += 1
         ks.append(k_i)
-        if stacked is not None:
-            stacked[i].copy_(k_i)
         y_last = y_i
     if tableau.fsal:
         # The last stage was evaluated at y + dt * sum b_j k_j: that *is* y_new, bit for bit.
         y_new = y_last
     else:
-        incr = _weighted_sum(ks, tableau.b, coeffs["b"], stacked)
+        incr = _weighted_sum(ks, tableau.b)
         y_new = torch.addcmul(y, dt_b, incr)
     y_err = None
     if tableau.b_err is not None:
-        err_incr = _weighted_sum(ks, tableau.b_err, coeffs["b_err"], stacked)
+        err_incr = _weighted_sum(ks, tableau.b_err)
         y_err = dt_b * err_incr
     return y_new, y_err, ks, nfe
 
