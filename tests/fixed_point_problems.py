@@ -54,10 +54,23 @@ def linear_problem(
     return Problem("linear", lambda z, x: z @ a.T + x, z0, b, solution)
 
 
-def contractive_linear(batch: int = 4, n: int = 8, seed: int = 0) -> Problem:
-    """Spectral radius 0.9 (eigenvalues spread over [-0.9, 0.9])."""
+def rowwise(problem: Problem, a: torch.Tensor) -> Problem:
+    """The same linear map computed row by row (elementwise product, sum over the last dim),
+    so that a row's f is bit-identical whatever the batch (a matmul's blocking depends on the
+    batch size and changes the last bits). Used to test per-sample independence exactly."""
+    return Problem(problem.name, lambda z, x: (z.unsqueeze(1) * a).sum(-1) + x, problem.z0,
+                   problem.x, problem.solution)
+
+
+def contractive_linear(batch: int = 4, n: int = 8, seed: int = 0, exact_rows: bool = False
+                       ) -> Problem:
+    """Spectral radius 0.9 (eigenvalues spread over [-0.9, 0.9]). With exact_rows, f is
+    computed row by row (see `rowwise`)."""
     eigenvalues = torch.linspace(-0.9, 0.9, n)
-    return linear_problem(eigenvalues, batch, seed)
+    problem = linear_problem(eigenvalues, batch, seed)
+    if exact_rows:
+        problem = rowwise(problem, matrix_with_spectrum(eigenvalues.double(), seed, False))
+    return problem
 
 
 def robust_linear(batch: int = 3, n: int = 6, seed: int = 2) -> Problem:

@@ -21,6 +21,10 @@ SOLVERS = [
     pytest.param(eq.Picard(damping=0.8), id="picard-damped"),
     pytest.param(eq.Anderson(), id="anderson"),
     pytest.param(eq.Anderson(m=3, damping=0.9), id="anderson-m3"),
+    pytest.param(eq.Broyden(), id="broyden"),
+    pytest.param(eq.NewtonKrylov(), id="newton-krylov"),
+    pytest.param(eq.SteadyState(), id="steady-implicit-euler"),
+    pytest.param(eq.SteadyState(eq.Tsit5()), id="steady-tsit5"),
 ]
 
 
@@ -46,7 +50,10 @@ def test_linear_matches_closed_form(solver):
 
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_sample_alone_equals_sample_in_batch(solver):
-    easy = contractive_linear(batch=3, seed=3)
+    # Row-by-row f: a row's f is then bit-identical in any batch, so every difference would
+    # come from the solver mixing samples. (With a matmul f, adaptive solvers amplify the
+    # last-bit differences of BLAS blocking into differences of the order of the tolerance.)
+    easy = contractive_linear(batch=3, seed=3, exact_rows=True)
     # A hard batch-mate: same A, a right-hand side 1e3 times larger and a far-away start.
     x = torch.cat([easy.x, 1e3 * easy.x[:1]])
     z0 = torch.cat([easy.z0, 50 * torch.ones_like(easy.z0[:1])])
@@ -79,6 +86,14 @@ def test_divergent_samples_flagged_others_converge(solver):
         torch.testing.assert_close(sol.value[flags], -torch.ones_like(sol.value[flags]),
                                    atol=2.1e-6, rtol=0)
         return
+    if isinstance(solver, eq.SteadyState) and isinstance(solver.solver, eq.ImplicitEuler):
+        # Pseudo-transient continuation follows the unstable flow but shrinks dt as the
+        # residual grows (SER), so within 200 steps the residual grows ~50-fold, short of the
+        # 1e3 divergence factor: MAX_STEPS, with the best iterate (z0) returned.
+        assert bool((sol.status[flags] == Status.MAX_STEPS).all())
+        assert bool((sol.value[flags] == 0).all())
+        assert bool((sol.stats["residual"][flags] == 1).all())
+        return
     assert bool((sol.status[flags] == Status.DIVERGED).all())
     assert float(sol.stats["residual"][flags].max()) <= 1.0  # the best iterate: z0's residual
     with pytest.raises(eq.EquilibriaError, match="DIVERGED.*SteadyState"):
@@ -109,8 +124,9 @@ def test_nonfinite_is_a_status_with_best_iterate():
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_compact_same_result_fewer_rows(solver):
     # Samples converge at very different steps: contraction factors 0.1 ... 0.95.
-    rates = torch.tensor([0.1, 0.3, 0.6, 0.95], dtype=torch.float64)
-    z0 = torch.ones(4, 3, dtype=torch.float64)
+    # Sample 0 (f = 1) starts at its fixed point and is done before the first step.
+    rates = torch.tensor([0.0, 0.1, 0.3, 0.6, 0.95], dtype=torch.float64)
+    z0 = torch.ones(5, 3, dtype=torch.float64)
     rows_seen = []
 
     def f(z, rate):
@@ -126,7 +142,7 @@ def test_compact_same_result_fewer_rows(solver):
     torch.testing.assert_close(compacted.value, full.value, atol=1e-13, rtol=0)
     assert torch.equal(compacted.stats["n_steps"], full.stats["n_steps"])
     assert torch.equal(compacted.status, full.status)
-    # With 4 rows every finished row is dropped at once (on CPU), so f saw exactly the rows
+    # With 5 rows every finished row is dropped at once (on CPU), so f saw exactly the rows
     # that were still running: the per-sample nfe, summed.
     assert sum(rows_seen) == int(compacted.stats["nfe"].sum()) < full_rows
 
@@ -247,3 +263,86 @@ def test_linear_problem_helper_is_right():
     problem = linear_problem(torch.tensor([0.5, -0.5, 0.2]), batch=2)
     residual = problem.f(problem.solution, problem.x) - problem.solution
     assert float(residual.abs().max()) < 1e-12
+
+
+# --- the new solvers' fields and the continuous path -------------------------------------
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: eq.Broyden(memory=0), ValueError, "memory"),
+        (lambda: eq.Broyden(alphas=(0.5, 1.0)), ValueError, "alphas"),
+        (lambda: eq.Broyden(alphas=[1.0]), TypeError, "alphas"),
+        (lambda: eq.NewtonKrylov(linear_solver="gmres"), TypeError, "GMRES"),
+        (lambda: eq.NewtonKrylov(eta_max=1.0), ValueError, "eta_max"),
+        (lambda: eq.NewtonKrylov(max_backtracks=-1), ValueError, "max_backtracks"),
+        (lambda: eq.SteadyState("tsit5"), TypeError, "ImplicitEuler"),
+        (lambda: eq.SteadyState(eq.ImplicitEuler(), rtol=1e-4), ValueError, "ImplicitEuler"),
+        (lambda: eq.SteadyState(eq.Tsit5(), dt0=0.0), ValueError, "dt0"),
+        (lambda: eq.ImplicitEuler(dt0=-1.0), ValueError, "dt0"),
+        (lambda: eq.ImplicitEuler(reject_factor=1.0), ValueError, "reject_factor"),
+        (lambda: eq.ImplicitEuler(eta_max=1e-9), ValueError, "eta_max"),
+    ],
+)
+def test_bad_new_solver_fields(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+@pytest.mark.parametrize("solver", [eq.SteadyState(), eq.SteadyState(eq.Tsit5()),
+                                    eq.SteadyState(eq.Dopri5()), eq.Broyden(),
+                                    eq.NewtonKrylov(), eq.Anderson()])
+def test_robust_case_flow_converges(solver):
+    # Eigenvalues of df/dz down to -1.5: modulus > 1 (Picard diverges, see above) but real
+    # part < 1, so the flow dz/dt = f(z) - z is stable.
+    problem = robust_linear()
+    sol = eq.fixed_point(problem.f, problem.z0, problem.x, solver=solver, atol=1e-10,
+                         rtol=1e-10, max_steps=1000)
+    assert bool((sol.status == Status.SUCCESS).all())
+    torch.testing.assert_close(sol.value, problem.solution, atol=1e-9, rtol=0)
+
+
+def test_explicit_euler_with_unit_step_is_picard():
+    problem = cos_problem()
+    picard = eq.fixed_point(problem.f, problem.z0, solver=eq.Picard(), atol=1e-10, rtol=1e-10,
+                            max_steps=500)
+    euler = eq.fixed_point(problem.f, problem.z0, solver=eq.SteadyState(eq.Euler(), dt0=1.0),
+                           atol=1e-10, rtol=1e-10, max_steps=500)
+    torch.testing.assert_close(euler.value, picard.value, atol=1e-15, rtol=0)
+    assert torch.equal(euler.stats["n_steps"], picard.stats["n_steps"])
+    assert torch.equal(euler.stats["t"], picard.stats["n_steps"].double())
+
+
+def test_steady_state_time_follows_the_flow():
+    # dz/dt = -(z - 1): the flow's time to shrink the residual 1e6-fold is ln(1e6) = 13.8.
+    # An explicit solver that follows the flow reaches about that t (the last step, near the
+    # stability limit dt ~ 3, may overshoot); pseudo-transient continuation takes far larger
+    # pseudo-time steps once the residual falls.
+    z0 = torch.zeros(2, 1, dtype=torch.float64)
+    tsit5 = eq.fixed_point(lambda z: torch.ones_like(z), z0, solver=eq.SteadyState(eq.Tsit5()),
+                           atol=1e-6, rtol=1e-12, max_steps=500)
+    assert bool((tsit5.status == Status.SUCCESS).all())
+    t = tsit5.stats["t"]
+    assert bool(((t > 12.0) & (t < 20.0)).all())
+    implicit = eq.fixed_point(lambda z: torch.ones_like(z), z0, solver=eq.SteadyState(),
+                              atol=1e-6, rtol=1e-12)
+    assert bool((implicit.status == Status.SUCCESS).all())
+    # Implicit Euler gives r <- r / (1 + dt) and SER dt <- dt (1 + dt): dt = 1, 2, 6, 42,
+    # 1806, so residuals 1/2, 1/6, 1/42, 1/1806, ~3e-7 after 5 steps, at t ~ 1857.
+    assert implicit.stats["n_steps"].tolist() == [5, 5]
+    assert float(implicit.stats["t"][0]) > 1000
+
+
+def test_newton_krylov_counts_jvps_in_nfe():
+    calls = []
+
+    def f(z):
+        calls.append(z.shape[0])
+        return 0.5 * torch.sin(z) + 1
+
+    z0 = torch.zeros(3, 4, dtype=torch.float64)
+    sol = eq.fixed_point(f, z0, solver=eq.NewtonKrylov(), atol=1e-12, rtol=1e-12)
+    assert bool((sol.status == Status.SUCCESS).all())
+    # Every call (value or JVP) was on all 3 rows and is counted once per sample.
+    assert int(sol.stats["nfe"][0]) == len(calls)
+    assert int(sol.stats["nfe"][0]) > int(sol.stats["n_steps"][0]) + 1

@@ -23,7 +23,11 @@ from .ode import Tsit5 as Tsit5
 # --- linear + equilibrium (owned by the equilibrium solvers) ---
 # isort: split
 from .equilibrium import Anderson as Anderson
+from .equilibrium import Broyden as Broyden
+from .equilibrium import ImplicitEuler as ImplicitEuler
+from .equilibrium import NewtonKrylov as NewtonKrylov
 from .equilibrium import Picard as Picard
+from .equilibrium import SteadyState as SteadyState
 from .equilibrium import fixed_point as fixed_point
 from .linear import GMRES as GMRES
 
@@ -38,5 +42,6 @@ from .nn import jacobian_penalty as jacobian_penalty
 from .nn import spectral_radius as spectral_radius
 
 # --- mechanics (owned by mechanics) ---
+from . import mechanics as mechanics
 
 __version__ = "0.1.0"

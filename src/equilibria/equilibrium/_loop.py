@@ -61,10 +61,15 @@ def _select_rows(x: Any, rows: torch.Tensor | None) -> Any:
     return tuple(item.index_select(0, rows) for item in x)
 
 
-def _bind(f: Callable, x: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-    if x is None:
-        return f
-    return lambda z: f(z, x)
+def _bind(f: Callable, x: Any) -> Callable[..., torch.Tensor]:
+    """fn(z, rows=None): f on the state's rows, or on the subset `rows` of them."""
+
+    def fn(z: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        if x is None:
+            return f(z)
+        return f(z, _select_rows(x, rows))
+
+    return fn
 
 
 def _put(full: torch.Tensor, rows: torch.Tensor | None, local: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 __all__ = ["FixedPointSolver", "State"]
 
 State = dict[str, torch.Tensor]
-Fn = Callable[[torch.Tensor], torch.Tensor]
+Fn = Callable[..., torch.Tensor]
 
 
 class FixedPointSolver:
@@ -32,7 +32,9 @@ class FixedPointSolver:
 
     `fn(z)` evaluates f on exactly the rows currently in the state (the loop may have compacted
     away converged samples); every tensor in the state must therefore have the batch in dim 0,
-    and a row's update must depend on that row only. `step_index` counts the loop's steps from
+    and a row's update must depend on that row only. `fn(z_sub, rows)` evaluates f on the
+    subset `rows` (an int64 index into the state's rows) only, e.g. for a line search that
+    retries the samples whose trial step failed. `step_index` counts the loop's steps from
     0; it is the same for every row still in the state.
 
     `stat_keys` names (batch,) state entries the loop copies into `Solution.stats` (e.g. "t",

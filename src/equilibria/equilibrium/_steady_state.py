@@ -1,0 +1,142 @@
+"""SteadyState: the continuous DEQ, integrating dz/dt = f(z, x) - z until it stops moving."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .._checks import check_positive, rms_norm
+from ..ode import RungeKutta, rk_step
+from ._pseudo_transient import ImplicitEuler
+from ._solver import FixedPointSolver, Fn, State, expand_as_batch
+
+__all__ = ["SteadyState"]
+
+_CHOICES = "eq.ImplicitEuler() (default), or an explicit RK method: eq.Tsit5(), eq.Dopri5(), ..."
+
+
+@dataclass(frozen=True)
+class SteadyState(FixedPointSolver):
+    """The fixed point as the steady state of the neural ODE dz/dt = f(z, x) - z.
+
+    Integrates the ODE from z0 in pseudo-time t; a sample stops when its residual passes
+    fixed_point's test ||f(z, x) - z|| <= atol + rtol ||z|| (this residual *is* ||dz/dt||).
+    The flow converges whenever the eigenvalues of df/dz at z* have real part < 1, where
+    Picard needs modulus < 1. ``stats["t"]`` is the pseudo-time each sample reached.
+
+    Two families of method:
+
+    - `ImplicitEuler` (default): pseudo-transient continuation (implicit Euler steps solved
+      with GMRES on JVPs, dt grown as the residual falls until the step is Newton's). Not
+      limited by stability, so its step grows without bound near the steady state.
+    - an explicit Runge–Kutta method from `equilibria.ode` (Tsit5, Dopri5, Bosh3, ... or a
+      fixed-step one: Euler, RK4): each step is `equilibria.ode.rk_step`; adaptive methods
+      use the embedded error estimate with this object's ``rtol``/``atol`` (a step is accepted
+      when the RMS of err / (atol + rtol max(|z|, |z_new|)) is <= 1, and
+      dt <- dt * clip(0.9 err^(-1/(q+1)), 0.2, 10)), and, because the residual is dz/dt, a
+      step whose residual grew more than 2-fold is rejected too. Near the steady state the
+      error estimate shrinks with the residual, so dt grows until it reaches the edge of the
+      method's stability region on the spectrum of df/dz - I; a rejected dt then caps the
+      following ones (0.9 of it, relaxed by 1.05 per accepted step) so the controller sits
+      just inside that edge instead of being rejected over and over. Explicit methods stay
+      stability-limited on stiff spectra (measured in benchmarks/results/equilibrium.md).
+      Fixed-step methods step with dt0.
+
+    Arguments:
+        solver: `ImplicitEuler(...)` or an explicit RK solver object.
+        dt0: first step (> 0) for the explicit methods (ImplicitEuler has its own dt0).
+        rtol, atol: local error tolerances of the adaptive explicit methods (> 0).
+
+    Raises:
+        TypeError: solver not one of the above.
+        ValueError: non-positive dt0 / tolerances; non-default dt0, rtol or atol given
+            with ImplicitEuler (they would be ignored; set ImplicitEuler's fields instead).
+
+    nfe counts every evaluation of f (RK stages; ImplicitEuler's JVPs included).
+    Reference: Kelley & Keyes (1998); Hairer, Nørsett & Wanner, "Solving Ordinary
+    Differential Equations I", §II.4 (step-size control).
+    """
+
+    solver: ImplicitEuler | RungeKutta = field(default_factory=ImplicitEuler)
+    dt0: float = 1.0
+    rtol: float = 1e-3
+    atol: float = 1e-6
+
+    stat_keys = ("t",)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.solver, (ImplicitEuler, RungeKutta)):
+            raise TypeError(
+                f"SteadyState's solver must be {_CHOICES}; got {type(self.solver).__name__}."
+            )
+        check_positive("dt0", self.dt0)
+        check_positive("rtol", self.rtol)
+        check_positive("atol", self.atol)
+        if isinstance(self.solver, ImplicitEuler) and (
+            self.dt0 != 1.0 or self.rtol != 1e-3 or self.atol != 1e-6
+        ):
+            raise ValueError(
+                "dt0, rtol and atol of SteadyState apply to explicit RK solvers only; with "
+                "ImplicitEuler set its own fields, e.g. SteadyState(ImplicitEuler(dt0=0.5))."
+            )
+
+    def init(self, fn: Fn, z: torch.Tensor, fz: torch.Tensor) -> State:
+        if isinstance(self.solver, ImplicitEuler):
+            return self.solver.init(fn, z, fz)
+        residual = rms_norm(fz - z).detach()
+        return {
+            "z": z,
+            "fz": fz,
+            "t": torch.zeros_like(residual),
+            "dt": torch.full_like(residual, self.dt0),
+            "cap": torch.full_like(residual, float("inf")),
+        }
+
+    def step(self, fn: Fn, state: State, step_index: int) -> tuple[State, int | torch.Tensor]:
+        if isinstance(self.solver, ImplicitEuler):
+            return self.solver.step(fn, state, step_index)
+        return self._rk_step(fn, state)
+
+    def _rk_step(self, fn: Fn, state: State) -> tuple[State, int | torch.Tensor]:
+        z, fz, t, dt = state["z"], state["fz"], state["t"], state["dt"]
+        tableau = self.solver.tableau
+
+        def vector_field(time: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return fn(y) - y
+
+        g = fz - z
+        z_new, error, k_last, nfe = rk_step(vector_field, t, z, dt, tableau, k1=g)
+        if k_last is None:
+            fz_new = fn(z_new)
+            nfe += 1
+        else:
+            fz_new = k_last + z_new
+        if not tableau.adaptive:
+            return {**state, "z": z_new, "fz": fz_new, "t": t + dt}, nfe
+        residual = rms_norm(g).detach()
+        residual_new = rms_norm(fz_new - z_new).detach()
+        scale = self.atol + self.rtol * torch.maximum(z.abs(), z_new.abs())
+        ratio = rms_norm((error / scale).detach())
+        accept = (
+            torch.isfinite(ratio) & (ratio <= 1) & torch.isfinite(residual_new)
+            & (residual_new <= 2 * residual)
+        )
+        exponent = -1.0 / (min(tableau.order, tableau.error_order) + 1)
+        safe_ratio = torch.where(torch.isfinite(ratio), ratio, torch.full_like(ratio, 1e10))
+        factor = (0.9 * safe_ratio.clamp_min(1e-10).pow(exponent)).clamp(0.2, 10.0)
+        factor = torch.where(accept, factor, torch.minimum(factor, torch.full_like(factor, 0.5)))
+        # Stability memory: near the steady state the error estimate is tiny, so the accuracy
+        # factor alone would jump far past the stability limit and be rejected again and
+        # again. A rejected dt caps the next ones (just below it); the cap relaxes by 1.05 per
+        # accepted step so the limit is probed again, slowly.
+        cap = torch.where(accept, state["cap"] * 1.05, torch.minimum(state["cap"], 0.9 * dt))
+        keep = expand_as_batch(accept, z)
+        new_state = {
+            "z": torch.where(keep, z_new, z),
+            "fz": torch.where(keep, fz_new, fz),
+            "t": torch.where(accept, t + dt, t),
+            "dt": torch.minimum(dt * factor.to(dt.dtype), cap),
+            "cap": cap,
+        }
+        return new_state, nfe
