@@ -10,3 +10,4 @@ from ._penalty import spectral_radius as spectral_radius
 from .deq import DEQ as DEQ
 
 # --- neural_ode (owned by the ODE core) ---
+from .neural_ode import NeuralODE as NeuralODE

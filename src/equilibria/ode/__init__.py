@@ -4,6 +4,11 @@ Vector fields are called ``f(t, y)`` with ``y`` of shape (batch, ...) and ``t`` 
 shape (batch,) (each sample has its own time); see `rk_step`.
 """
 
+from ._adjoint import Adjoint as Adjoint
+from ._adjoint import AdjointTrajectory as AdjointTrajectory
+from ._adjoint import Backprop as Backprop
+from ._adjoint import adjoint_trajectory as adjoint_trajectory
+from ._adjoint import odeint_adjoint as odeint_adjoint
 from ._controller import PIController as PIController
 from ._integrate import odeint as odeint
 from ._rk import rk_step as rk_step

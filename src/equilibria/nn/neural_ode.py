@@ -1,0 +1,89 @@
+"""NeuralODE: a layer whose output is the solution of dy/dt = f_module(t, y) at t1."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .._solution import Solution
+from ..ode import Dopri5, RungeKutta, odeint
+from ..ode._adjoint import Adjoint, Backprop, odeint_adjoint
+
+__all__ = ["NeuralODE"]
+
+
+class NeuralODE(torch.nn.Module):
+    """y(t1) for dy/dt = f_module(t, y), y(t0) = x, with a choice of gradient.
+
+    Arguments:
+        f_module: nn.Module called as f_module(t, y) with t of shape (batch,) and y of shape
+            (batch, ...) (see equilibria.ode for the convention).
+        t_span: (t0, t1).
+        solver: solver object (default Dopri5()).
+        gradient: Adjoint() (continuous adjoint, memory independent of the number of steps)
+            or Backprop() (autograd through the steps).
+        rtol, atol, max_steps: as in odeint.
+        t_eval: optional times; forward then returns (len(t_eval), batch, ...).
+        throw: raise EquilibriaError when a sample fails in the forward solve.
+
+    Attributes:
+        last_solution: the Solution of the latest forward (status, stats; after backward
+            with Adjoint, stats["adjoint_nfe"]).
+
+    Raises:
+        TypeError: when f_module is not an nn.Module, or solver/gradient are not the objects
+            named above.
+
+    Reference: Chen et al., "Neural Ordinary Differential Equations", NeurIPS 2018.
+    """
+
+    def __init__(
+        self,
+        f_module: torch.nn.Module,
+        t_span: tuple[float, float] = (0.0, 1.0),
+        solver: RungeKutta = Dopri5(),  # noqa: B008
+        gradient: Adjoint | Backprop = Adjoint(),  # noqa: B008
+        rtol: float = 1e-6,
+        atol: float = 1e-8,
+        t_eval: Sequence[float] | torch.Tensor | None = None,
+        max_steps: int = 10_000,
+        throw: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(f_module, torch.nn.Module):
+            raise TypeError(
+                f"f_module must be an nn.Module f(t, y), got {type(f_module).__name__}."
+            )
+        if not isinstance(solver, RungeKutta):
+            raise TypeError(f"solver must be a solver object (Dopri5(), ...), got {solver!r}.")
+        if not isinstance(gradient, (Adjoint, Backprop)):
+            raise TypeError(f"gradient must be Adjoint() or Backprop(), got {gradient!r}.")
+        self.f_module = f_module
+        self.t_span = t_span
+        self.solver = solver
+        self.gradient = gradient
+        self.rtol = rtol
+        self.atol = atol
+        self.t_eval = t_eval
+        self.max_steps = max_steps
+        self.throw = throw
+        self.last_solution: Solution | None = None
+
+    def forward(self, y0: torch.Tensor) -> torch.Tensor:
+        """y0: (batch, ...) -> y(t1) (batch, ...), or (len(t_eval), batch, ...)."""
+        if isinstance(self.gradient, Adjoint):
+            sol = odeint_adjoint(self.f_module, y0, self.t_span, solver=self.solver,
+                                 rtol=self.rtol, atol=self.atol, t_eval=self.t_eval,
+                                 max_steps=self.max_steps, gradient=self.gradient)
+        else:
+            sol = odeint(self.f_module, y0, self.t_span, solver=self.solver, rtol=self.rtol,
+                         atol=self.atol, t_eval=self.t_eval, max_steps=self.max_steps)
+        self.last_solution = sol
+        if self.throw:
+            sol.raise_if_failed("NeuralODE")
+        return sol.value
+
+    def extra_repr(self) -> str:
+        return (f"t_span={self.t_span}, solver={self.solver}, gradient={self.gradient}, "
+                f"rtol={self.rtol}, atol={self.atol}")
