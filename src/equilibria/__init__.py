@@ -10,7 +10,10 @@ from ._solution import Solution as Solution
 from ._solution import Status as Status
 
 # --- ode (owned by the ODE core) ---
+from .nn.neural_ode import NeuralODE as NeuralODE
 from .ode import RK4 as RK4
+from .ode import Adjoint as Adjoint
+from .ode import Backprop as Backprop
 from .ode import Bosh3 as Bosh3
 from .ode import ButcherTableau as ButcherTableau
 from .ode import Dopri5 as Dopri5
@@ -18,7 +21,10 @@ from .ode import Euler as Euler
 from .ode import ExplicitRK as ExplicitRK
 from .ode import Heun as Heun
 from .ode import Midpoint as Midpoint
+from .ode import PIController as PIController
 from .ode import Tsit5 as Tsit5
+from .ode import odeint as odeint
+from .ode import odeint_adjoint as odeint_adjoint
 
 # --- linear + equilibrium (owned by the equilibrium solvers) ---
 # isort: split
