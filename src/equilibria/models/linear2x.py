@@ -36,10 +36,6 @@ class Linear2xDEQ(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.deq(x, z0=torch.zeros_like(x))
 
-    def vector_field(self, x: torch.Tensor):
-        """dz/dt = f(z, x) - z as an odeint right-hand side f(t, z), for the trajectory plot."""
-
-        def field(t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-            return self.cell(z, x) - z
-
-        return field
+    def vector_field(self, t: torch.Tensor, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """dz/dt = f(z, x) - z, as eq.odeint's f(t, y, *args) (pass args=(x,)) for plots."""
+        return self.cell(z, x) - z

@@ -99,13 +99,14 @@ def _figures(model: Linear2xDEQ, x, y, at_minus_5: float, out_dir: Path) -> dict
         starts = torch.tensor([[-5.0], [1.0], [5.0], [10.0]])
         times = torch.linspace(0, 20, 201)
         solution = eq.odeint(
-            model.vector_field(starts),
+            model.vector_field,
             torch.zeros_like(starts),
             t_span=(0.0, 20.0),
             solver=eq.Tsit5(),
             rtol=1e-7,
             atol=1e-9,
             t_eval=times,
+            args=(starts,),
         )
     curves = solution.value[:, :, 0].tolist()
     fit = plots.linear2x_fit(

@@ -21,6 +21,7 @@ import math
 import os
 import random
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,7 @@ __all__ = ["RunDirError", "TrainResult", "TrainingDiverged", "evaluate", "train_
 # Fixed-point reuse: every PROBE_EVERY-th batch is also solved from z0 = 0 (no grad) to
 # measure what the warm start saves.
 PROBE_EVERY = 10
-STEP_LOG_EVERY = 10
+STEP_LOG_EVERY = 5
 
 
 class TrainingDiverged(RuntimeError):
@@ -214,6 +215,13 @@ def _silent(_: str) -> None:
 
 def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
     device = context.device
+    if not config.run_name:
+        name = [f"mnist-{config.model}-{time.strftime('%Y%m%d-%H%M%S')}"]
+        if context.distributed:  # rank 0's clock names the run for everyone
+            import torch.distributed as dist
+
+            dist.broadcast_object_list(name, src=0)
+        config.run_name = name[0]
     failure = None
     try:
         run_dir = _prepare_run_dir(config, resume, context)

