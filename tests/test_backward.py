@@ -3,6 +3,8 @@ approximate ones, O(1) memory of Implicit."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -161,11 +163,15 @@ def test_backward_nonconvergence_is_recorded_and_warned_not_raised():
     cell, x, weights = _problem(contraction=0.9)
     deq = DEQ(cell, backward=Implicit(eq.Picard(), atol=1e-14, rtol=1e-14, max_steps=2))
     x = x.requires_grad_(True)
-    with pytest.warns(RuntimeWarning, match="implicit backward did not converge"):
+    with pytest.warns(RuntimeWarning, match="Implicit backward did not converge"):
         (weights * deq(x)).sum().backward()
     stats = deq.last_backward_stats
     assert bool((stats["status"] == eq.Status.MAX_STEPS).all())
     assert torch.isfinite(x.grad).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per DEQ: the second failure is silent
+        (weights * deq(x)).sum().backward()
+    assert bool((deq.last_backward_stats["status"] == eq.Status.MAX_STEPS).all())
     throwing = DEQ(cell, throw=True,
                    backward=Implicit(eq.Picard(), atol=1e-14, rtol=1e-14, max_steps=2))
     with pytest.raises(eq.EquilibriaError, match="max_steps"):
@@ -198,3 +204,50 @@ def test_strategy_objects_validate_their_fields():
         Implicit(eq.Picard(), max_steps=0)
     with pytest.raises(TypeError):
         Implicit(eq.GMRES(), tol=1e-3)  # unknown keyword
+
+
+def test_nonfinite_incoming_gradient_is_a_status_for_that_sample_only():
+    cell, x, weights = _problem()
+    deq = DEQ(cell, backward=Implicit(eq.GMRES(atol=1e-15, rtol=1e-13)), **TIGHT)
+    x = x.clone().requires_grad_(True)
+    weights = weights.clone()
+    weights[1] = float("nan")
+    with pytest.warns(RuntimeWarning, match="NONFINITE"):
+        (weights * deq(x)).sum().backward()
+    status = deq.last_backward_stats["status"].tolist()
+    assert status == [eq.Status.SUCCESS, eq.Status.NONFINITE, eq.Status.SUCCESS]
+    assert torch.isfinite(x.grad[[0, 2]]).all() and not torch.isfinite(x.grad[1]).all()
+    clean, _ = _deq_grad(cell, x.detach()[[0, 2]], weights[[0, 2]],
+                         Implicit(eq.GMRES(atol=1e-15, rtol=1e-13)))
+    torch.testing.assert_close(x.grad[[0, 2]].reshape(-1), clean[-2 * WIDTH:])
+
+
+@pytest.mark.parametrize(
+    "solver",
+    [eq.Picard(), eq.Anderson(), eq.Broyden(), eq.NewtonKrylov(), eq.SteadyState(),
+     eq.SteadyState(eq.Tsit5())],
+    ids=["picard", "anderson", "broyden", "newton-krylov", "steady-implicit", "steady-tsit5"],
+)
+@pytest.mark.parametrize("backward", ["implicit", "unrolled"])
+def test_every_forward_solver_gives_the_exact_gradient(solver, backward):
+    cell, x, weights = _problem(contraction=0.8)
+    exact, _ = _deq_grad(cell, x, weights, Implicit(eq.GMRES(atol=1e-15, rtol=1e-13)),
+                         solver=eq.Picard())
+    strategy = Implicit(eq.GMRES(atol=1e-15, rtol=1e-13)) if backward == "implicit" else Unrolled()
+    grad, deq = _deq_grad(cell, x, weights, strategy, solver=solver, atol=1e-12, rtol=1e-12)
+    assert bool(deq.last_solution.success.all())
+    # Unrolled differentiates the iterates actually taken: exact up to the forward residual.
+    assert _relative_error(grad, exact) < (1e-10 if backward == "implicit" else 1e-8)
+
+
+def test_double_backward_through_implicit_is_refused_not_wrong():
+    cell, x, weights = _problem()
+    deq = DEQ(cell)
+    x = x.clone().requires_grad_(True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad((weights * deq(x)).sum(), x, create_graph=True)
+    # Unrolled supports it: d/dx of the gradient exists
+    unrolled = DEQ(cell, backward=Unrolled(), solver=eq.Picard())
+    (grad_x,) = torch.autograd.grad((weights * unrolled(x)).sum(), x, create_graph=True)
+    grad_x.square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -15,7 +15,6 @@ OneStep takes u = g (Jacobian-free backprop), Phantom takes k damped steps of it
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 import torch
 
 from .._checks import check_positive_int, check_tolerances
-from .._solution import EquilibriaError, Solution, Status
+from .._solution import Solution, Status
 from ..equilibrium._loop import fixed_point
 from ..equilibrium._solver import FixedPointSolver
 from ..linear._gmres import GMRES
@@ -88,22 +87,17 @@ class _ImplicitGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        u = ctx.solve_adjoint(ctx.z_out, ctx.z_leaf, grad)
+        if torch.is_grad_enabled():
+            # create_graph=True: the result would treat u as a constant, silently dropping
+            # terms of the second derivative. Refuse instead.
+            raise RuntimeError(
+                "DEQ with Implicit() does not support double backward (create_graph=True): "
+                "the adjoint u comes from an iterative solve. Use backward=Unrolled() for "
+                "higher-order gradients."
+            )
+        with torch.no_grad():
+            u = ctx.solve_adjoint(ctx.z_out, ctx.z_leaf, grad)
         return u, None, None
-
-
-def _warn_or_raise(what: str, status: torch.Tensor, throw: bool) -> None:
-    failed = ~((status == Status.SUCCESS) | (status == Status.EVENT))
-    if not bool(failed.any()):
-        return
-    message = Solution(value=status, status=status).failure_message()
-    text = (
-        f"DEQ {what} did not converge for {int(failed.sum())}/{status.numel()} samples; "
-        f"their gradient is approximate (best iterate), see deq.last_backward_stats.\n{message}"
-    )
-    if throw:
-        raise EquilibriaError(text)
-    warnings.warn(text, RuntimeWarning, stacklevel=3)
 
 
 @dataclass(frozen=True)
@@ -162,8 +156,9 @@ class Implicit:
         rtol = 1e-6 if self.rtol is None else self.rtol
         return atol, rtol
 
-    def attach(self, f: Fn, z0: torch.Tensor, x: Any, solve: Solve, record: Record,
-               throw: bool) -> tuple[torch.Tensor, Solution]:
+    def attach(
+        self, f: Fn, z0: torch.Tensor, x: Any, solve: Solve, record: Record
+    ) -> tuple[torch.Tensor, Solution]:
         with torch.no_grad():
             solution = solve(z0.detach())
         z_leaf = solution.value.detach().requires_grad_(True)
@@ -174,40 +169,50 @@ class Implicit:
         def solve_adjoint(z_out: torch.Tensor, z_leaf: torch.Tensor,
                           grad: torch.Tensor) -> torch.Tensor:
             u, stats = self.solve_adjoint(z_out, z_leaf, grad)
-            record(stats)
-            _warn_or_raise("implicit backward", stats["status"], throw)
+            record(stats)  # the DEQ warns (once) or raises (throw=True) on failed samples
             return u
 
         return _ImplicitGradient.apply(z_out, z_leaf, solve_adjoint), solution
 
     def solve_adjoint(self, z_out: torch.Tensor, z_leaf: torch.Tensor,
                       grad: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Solve u = u ∂f/∂z + grad per sample; return u and the stats dict."""
+        """Solve u = u ∂f/∂z + grad per sample; return u and the stats dict.
+
+        Samples whose incoming gradient is not finite (a NaN loss) are not solved: their u
+        is the incoming gradient itself and their status NONFINITE.
+        """
 
         def vjp(u: torch.Tensor) -> torch.Tensor:
             (out,) = torch.autograd.grad(z_out, z_leaf, u, retain_graph=True, allow_unused=True)
             return torch.zeros_like(u) if out is None else out
 
         grad = grad.detach()
+        finite = torch.isfinite(grad.reshape(grad.shape[0], -1)).all(dim=1)
+        all_finite = bool(finite.all())
+        rhs = grad if all_finite else torch.where(_per_row(finite, grad), grad, 0.0)
         if callable(getattr(self.linear_solver, "solve", None)):
-            solution = self.linear_solver.solve(lambda u: u - vjp(u), grad, x0=grad)
+            solution = self.linear_solver.solve(lambda u: u - vjp(u), rhs, x0=rhs)
         else:
             atol, rtol = self._tolerances()
             solution = fixed_point(
-                lambda u: vjp(u) + grad, grad, None, solver=self.linear_solver,
+                lambda u: vjp(u) + rhs, rhs, None, solver=self.linear_solver,
                 atol=atol, rtol=rtol, max_steps=100 if self.max_steps is None else self.max_steps,
             )
+        u, status = solution.value, solution.status
+        if not all_finite:
+            u = torch.where(_per_row(finite, grad), u, grad)
+            status = torch.where(finite, status, int(Status.NONFINITE))
         # fixed_point reports nfe/n_steps, GMRES nmatvec/n_iters: one vocabulary for the logs.
         found = solution.stats
         stats = {
             "strategy": "Implicit",
-            "status": solution.status,
+            "status": status,
             "residual": found["residual"],
             "n_steps": found["n_steps"] if "n_steps" in found else found["n_iters"],
             # + 1: the final VJP through f that carries u to θ and x.
             "nfe": (found["nfe"] if "nfe" in found else found["nmatvec"]) + 1,
         }
-        return solution.value, stats
+        return u, stats
 
 
 @dataclass(frozen=True)
@@ -220,8 +225,9 @@ class Unrolled:
     backpropagated once), status SUCCESS.
     """
 
-    def attach(self, f: Fn, z0: torch.Tensor, x: Any, solve: Solve, record: Record,
-               throw: bool) -> tuple[torch.Tensor, Solution]:
+    def attach(
+        self, f: Fn, z0: torch.Tensor, x: Any, solve: Solve, record: Record
+    ) -> tuple[torch.Tensor, Solution]:
         with torch.enable_grad():
             solution = solve(z0)
         z = solution.value
@@ -241,8 +247,9 @@ class OneStep:
     Backpropagation for Implicit Networks", AAAI 2022, Thm. 3.1).
     """
 
-    def attach(self, f: Fn, z0: torch.Tensor, x: Any, solve: Solve, record: Record,
-               throw: bool) -> tuple[torch.Tensor, Solution]:
+    def attach(
+        self, f: Fn, z0: torch.Tensor, x: Any, solve: Solve, record: Record
+    ) -> tuple[torch.Tensor, Solution]:
         with torch.no_grad():
             solution = solve(z0.detach())
         z_star = solution.value.detach()
@@ -277,8 +284,9 @@ class Phantom:
         if not 0.0 < float(self.damping) <= 1.0:
             raise ValueError(f"damping must be in (0, 1], got {self.damping!r}; e.g. 0.5.")
 
-    def attach(self, f: Fn, z0: torch.Tensor, x: Any, solve: Solve, record: Record,
-               throw: bool) -> tuple[torch.Tensor, Solution]:
+    def attach(
+        self, f: Fn, z0: torch.Tensor, x: Any, solve: Solve, record: Record
+    ) -> tuple[torch.Tensor, Solution]:
         with torch.no_grad():
             solution = solve(z0.detach())
         z = solution.value.detach()
@@ -298,6 +306,10 @@ def _fixed_cost_stats(name: str, nfe: int | torch.Tensor, status: torch.Tensor) 
     else:
         nfe_tensor = torch.full((batch,), nfe, dtype=torch.int64, device=status.device)
     return {"strategy": name, "status": torch.zeros_like(status), "nfe": nfe_tensor}
+
+
+def _per_row(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return mask.reshape(mask.shape[0], *([1] * (like.dim() - 1)))
 
 
 Backward = Implicit | Unrolled | OneStep | Phantom

@@ -7,13 +7,14 @@ included) finds z* per sample. Backward: a strategy object (`Implicit`, `Unrolle
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
 from .._checks import check_positive_int, check_tolerances
-from .._solution import Solution
+from .._solution import EquilibriaError, Solution, Status
 from ..equilibrium._anderson import Anderson
 from ..equilibrium._loop import fixed_point
 from ..equilibrium._solver import FixedPointSolver
@@ -171,6 +172,7 @@ class DEQ(nn.Module):
         self.last_solution: Solution | None = None
         self.last_backward_stats: dict[str, Any] | None = None
         self._skip_pair: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._warned_backward = False
 
     def extra_repr(self) -> str:
         return (
@@ -261,11 +263,8 @@ class DEQ(nn.Module):
                 max_steps=self.max_steps, throw=self.throw, compact=self.compact,
             )
 
-        def record(stats: dict[str, Any]) -> None:
-            self.last_backward_stats = stats
-
         if torch.is_grad_enabled():
-            z_star, solution = self.backward.attach(f, start, x, solve, record, self.throw)
+            z_star, solution = self.backward.attach(f, start, x, solve, self._record_backward)
         else:
             solution = solve(start)
             z_star = solution.value
@@ -281,6 +280,25 @@ class DEQ(nn.Module):
         if prediction is not None:
             self._skip_pair = (prediction, solution.value)
         return z_star
+
+    def _record_backward(self, stats: dict[str, Any]) -> None:
+        """Keep the backward stats; raise (throw=True) or warn once when samples failed."""
+        self.last_backward_stats = stats
+        status = stats["status"]
+        failed = ~((status == Status.SUCCESS) | (status == Status.EVENT))
+        if not bool(failed.any()):
+            return
+        message = Solution(value=status, status=status).failure_message()
+        text = (
+            f"DEQ {stats['strategy']} backward did not converge for {int(failed.sum())}/"
+            f"{status.numel()} samples; their gradient uses the best iterate. Every call's "
+            f"backward status is in deq.last_backward_stats.\n{message}"
+        )
+        if self.throw:
+            raise EquilibriaError(text)
+        if not self._warned_backward:
+            self._warned_backward = True  # once per DEQ: training loops would flood the log
+            warnings.warn(text + "\n(warned once per DEQ)", RuntimeWarning, stacklevel=2)
 
     def skip_loss(self) -> torch.Tensor:
         """Skip DEQ auxiliary loss of the last call: mean over samples of RMS²(g(x) − z*).
