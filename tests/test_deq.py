@@ -255,3 +255,22 @@ def test_cuda_forward_backward(backward):
     assert cell.W.weight.grad.device.type == "cuda" and torch.isfinite(cell.W.weight.grad).all()
     cpu = DEQ(copy.deepcopy(cell).cpu(), backward=backward)
     torch.testing.assert_close(cpu(x.cpu()), z.cpu(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backward", [Implicit(), Unrolled()], ids=["implicit", "unrolled"])
+def test_compact_gives_the_same_result_and_gradient(backward):
+    cell = GainCell(10)
+    inputs = torch.randn(6, 10, dtype=torch.float64)
+    gain = torch.tensor([0.2, 0.95, 0.3, 0.9, 0.1, 0.5], dtype=torch.float64)
+    results = []
+    for compact in (False, True):
+        deq = DEQ(cell, backward=backward, solver=eq.Picard(), atol=1e-11, rtol=1e-11,
+                  max_steps=2000, compact=compact)
+        x = inputs.clone().requires_grad_(True)
+        z = deq((x, gain))
+        z.square().sum().backward()
+        results.append((z.detach(), x.grad, deq.last_solution.stats["nfe"]))
+    (z_full, grad_full, nfe_full), (z_compact, grad_compact, nfe_compact) = results
+    assert torch.equal(nfe_full, nfe_compact)
+    torch.testing.assert_close(z_compact, z_full, atol=1e-13, rtol=0)
+    torch.testing.assert_close(grad_compact, grad_full, atol=1e-11, rtol=0)
