@@ -323,67 +323,77 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
             dynamic_ncols=True,
         )
         model.train()
-        batch = first_batch
-        try:
-            for batch in range(first_batch, batches_per_epoch):
-                index = order[batch * config.batch_size : (batch + 1) * config.batch_size]
-                index = index.to(device)
-                images, labels = data["train_x"][index], data["train_y"][index]
-                z0 = None
-                if buffer is not None:
-                    z0 = torch.where(
-                        have[index].view(-1, *([1] * (buffer.dim() - 1))),
-                        buffer[index],
-                        torch.zeros_like(buffer[index]),
-                    )
-                logits = ddp(images, z0=z0)
-                loss = _classification_loss(logits, labels)
-                if penalty_fn is not None:
-                    loss = loss + config.jac_penalty * model.jacobian_penalty(penalty_fn)
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    raise TrainingDiverged(
-                        f"the loss became {loss_value} at epoch {epoch + 1}, batch {batch + 1}. "
-                        f"The last good checkpoint is kept in {run_dir}. Lower --lr, add "
-                        "--jac-penalty (e.g. 1.0) to keep f contractive, or tighten "
-                        "--atol/--rtol."
-                    )
-                forward = forward_stats(model.deq.last_solution)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                backward = backward_stats(model.deq)
-                probe = None
-                if buffer is not None:
-                    warm = have[index]
-                    buffer[index] = model.last_z
-                    have[index] = True
-                    if batch % PROBE_EVERY == 0 and bool(warm.any()):
-                        probe = _probe_cold_nfe(model, images[warm], forward["nfe"][warm.cpu()])
-                accumulator.add(
-                    loss_value, logits.detach(), labels, forward, backward, probe, index.numel()
+
+        def run_batch(batch: int, epoch: int, order: torch.Tensor, accumulator) -> None:
+            index = order[batch * config.batch_size : (batch + 1) * config.batch_size]
+            index = index.to(device)
+            images, labels = data["train_x"][index], data["train_y"][index]
+            z0 = None
+            if buffer is not None:
+                z0 = torch.where(
+                    have[index].view(-1, *([1] * (buffer.dim() - 1))),
+                    buffer[index],
+                    torch.zeros_like(buffer[index]),
                 )
-                if batch % STEP_LOG_EVERY == 0:
-                    steps.append(
-                        {
-                            "epoch": epoch + 1,
-                            "batch": batch + 1,
-                            "loss": loss_value,
-                            "forward_nfe": float(forward["nfe"].float().mean()),
-                        }
-                    )
-                bar.update(1)
-                if show_bar:
-                    bar.set_postfix(accumulator.postfix(), refresh=False)
-                if on_step is not None:
-                    on_step(epoch * batches_per_epoch + batch + 1)
+            logits = ddp(images, z0=z0)
+            loss = _classification_loss(logits, labels)
+            if penalty_fn is not None:
+                loss = loss + config.jac_penalty * model.jacobian_penalty(penalty_fn)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise TrainingDiverged(
+                    f"the loss became {loss_value} at epoch {epoch + 1}, batch {batch + 1}. "
+                    f"The last good checkpoint is kept in {run_dir}. Lower --lr, add "
+                    "--jac-penalty (e.g. 1.0) to keep f contractive, or tighten "
+                    "--atol/--rtol."
+                )
+            forward = forward_stats(model.deq.last_solution)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            backward = backward_stats(model.deq)
+            probe = None
+            if buffer is not None:
+                warm = have[index]
+                buffer[index] = model.last_z
+                have[index] = True
+                if batch % PROBE_EVERY == 0 and bool(warm.any()):
+                    probe = _probe_cold_nfe(model, images[warm], forward["nfe"][warm.cpu()])
+            accumulator.add(
+                loss_value, logits.detach(), labels, forward, backward, probe, index.numel()
+            )
+            if batch % STEP_LOG_EVERY == 0:
+                steps.append(
+                    {
+                        "epoch": epoch + 1,
+                        "batch": batch + 1,
+                        "loss": loss_value,
+                        "forward_nfe": float(forward["nfe"].float().mean()),
+                    }
+                )
+
+        completed, at_boundary = first_batch, True
+        try:
+            with _DeferredInterrupt() as interrupt:
+                for batch in range(first_batch, batches_per_epoch):
+                    at_boundary = False
+                    run_batch(batch, epoch, order, accumulator)
+                    completed, at_boundary = batch + 1, True
+                    bar.update(1)
+                    if show_bar:
+                        bar.set_postfix(accumulator.postfix(), refresh=False)
+                    if on_step is not None:
+                        on_step(epoch * batches_per_epoch + batch + 1)
+                    interrupt.check()
         except KeyboardInterrupt:
             bar.close()
             if context.distributed:
                 log("interrupted: under DDP the last epoch checkpoint is the resume point.")
+            elif not at_boundary:
+                # a second Ctrl-C stopped a batch half-way: its state is not consistent
+                log(f"interrupted mid-batch: the last checkpoint in {run_dir} is kept.")
             else:
-                # `batch` did not finish: resume re-runs it from the same state.
-                checkpoint(epoch, batch, accumulator)
+                checkpoint(epoch, completed, accumulator)
                 log(f"interrupted: checkpoint saved in {run_dir}; continue with --resume.")
             raise
         bar.close()
@@ -409,6 +419,45 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
     if context.is_main:
         _final_plots(run_dir, metrics, steps, test_result, data, config)
     return TrainResult(run_dir, metrics, test_result["accuracy"])
+
+
+class _DeferredInterrupt:
+    """Ctrl-C (SIGINT) during a batch is held until the batch has finished.
+
+    The first Ctrl-C sets a flag that `check()` turns into KeyboardInterrupt at the next
+    batch boundary, where model, optimizer, RNG and counters agree, so the checkpoint written
+    then resumes exactly. It also restores the previous handler: a second Ctrl-C interrupts
+    at once (and the last checkpoint is kept). Outside the main thread it does nothing.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> _DeferredInterrupt:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous)
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def _test_row(result: dict) -> dict:

@@ -1,0 +1,130 @@
+"""The MNIST training loop: it learns, resumes bit-exactly, and keeps checkpoints safe."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from equilibria.train import mnist_loop
+from equilibria.train.checkpoint import CheckpointError, load_checkpoint
+from equilibria.train.config import TrainConfig
+from equilibria.train.mnist_loop import TrainingDiverged, train_mnist
+
+TIMING = {"seconds"}
+
+
+def _config(tmp_path, name, **overrides) -> TrainConfig:
+    values = dict(
+        solver="picard",
+        subset=384,
+        test_subset=300,
+        batch_size=64,
+        epochs=2,
+        lr=1e-3,
+        seed=3,
+        run_name=name,
+        runs_dir=str(tmp_path),
+        quiet=True,
+        max_steps=50,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _without_timing(rows):
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+
+
+def _weights(run_dir):
+    return load_checkpoint(run_dir / "checkpoint.pt")["model"]
+
+
+def test_short_mnist_epoch_on_the_ode_path_learns(tmp_path):
+    config = _config(
+        tmp_path, "learn", solver="steady-state-tsit5", subset=640, epochs=1, batch_size=64
+    )
+    result = train_mnist(config, log=lambda _: None)
+    row = result.metrics[0]
+    assert result.test_accuracy > 0.6  # chance is 0.1
+    assert row["forward_nfe_mean"] > 0 and row["backward_nfe_mean"] > 0
+    assert row["not_converged_share"] < 0.05
+    for key in ("loss", "train_accuracy", "residual_median", "seconds", "test_loss"):
+        assert key in row
+    lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[0])["test_accuracy"] == row["test_accuracy"]
+    for png in ("curves.png", "nfe.png", "residuals.png", "digits.png"):
+        assert (result.run_dir / png).stat().st_size > 1000
+    saved = json.loads((result.run_dir / "config.json").read_text())
+    assert saved["solver"] == "steady-state-tsit5" and saved["subset"] == 640
+
+
+def test_resume_after_an_epoch_equals_uninterrupted(tmp_path):
+    whole = train_mnist(_config(tmp_path, "whole"), log=lambda _: None)
+    train_mnist(_config(tmp_path, "split", epochs=1), log=lambda _: None)
+    resumed = train_mnist(_config(tmp_path, "split", epochs=2), resume=True, log=lambda _: None)
+    assert _without_timing(resumed.metrics) == _without_timing(whole.metrics)
+    a, b = _weights(whole.run_dir), _weights(resumed.run_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ctrl_c_mid_epoch_leaves_a_checkpoint_that_resumes_exactly(tmp_path):
+    reference = train_mnist(_config(tmp_path, "ref", reuse_fixed_points=True), log=lambda _: None)
+
+    def interrupt(step: int) -> None:
+        if step == 8:  # after epoch 2, batch 2 of 6
+            raise KeyboardInterrupt
+
+    config = _config(tmp_path, "cut", reuse_fixed_points=True)
+    with pytest.raises(KeyboardInterrupt):
+        train_mnist(config, on_step=interrupt, log=lambda _: None)
+    state = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    assert (state["epoch"], state["batch_in_epoch"]) == (1, 2)
+    resumed = train_mnist(
+        _config(tmp_path, "cut", reuse_fixed_points=True), resume=True, log=lambda _: None
+    )
+    assert _without_timing(resumed.metrics) == _without_timing(reference.metrics)
+    a, b = _weights(reference.run_dir), _weights(resumed.run_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # fixed-point reuse measured what it saves
+    assert "reuse_nfe_saved_share" in resumed.metrics[1]
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    train_mnist(_config(tmp_path, "nan", epochs=1), log=lambda _: None)
+    before = (tmp_path / "nan" / "checkpoint.pt").read_bytes()
+    real = mnist_loop._classification_loss
+    calls = {"n": 0}
+
+    def poisoned(logits, labels):
+        calls["n"] += 1
+        loss = real(logits, labels)
+        return loss * float("nan") if calls["n"] >= 2 else loss
+
+    monkeypatch.setattr(mnist_loop, "_classification_loss", poisoned)
+    with pytest.raises(TrainingDiverged, match="loss became nan at epoch 2, batch 2"):
+        train_mnist(_config(tmp_path, "nan", epochs=2), resume=True, log=lambda _: None)
+    assert (tmp_path / "nan" / "checkpoint.pt").read_bytes() == before
+
+
+def test_checkpoint_of_another_model_and_truncated_file_are_refused(tmp_path):
+    train_mnist(_config(tmp_path, "a", epochs=1), log=lambda _: None)
+    path = tmp_path / "a" / "checkpoint.pt"
+    other = _config(tmp_path, "b", model="conv", channels=8).asdict()
+    with pytest.raises(CheckpointError, match="another model/configuration: model"):
+        load_checkpoint(path, expected_config=other, identity_fields=("model",))
+    from equilibria.train.models import build_model
+
+    with pytest.raises(CheckpointError, match="weights of another model"):
+        load_checkpoint(path, model=build_model(TrainConfig(model="conv", channels=8)))
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="truncated or damaged"):
+        load_checkpoint(truncated)
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    train_mnist(_config(tmp_path, "once", epochs=1, subset=64), log=lambda _: None)
+    with pytest.raises(mnist_loop.RunDirError, match="already holds a run"):
+        train_mnist(_config(tmp_path, "once", epochs=1, subset=64), log=lambda _: None)
