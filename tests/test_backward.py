@@ -14,6 +14,7 @@ from deq_problems import (
     flat_grad,
     one_thread,  # noqa: F401  (autouse fixture: active here)
 )
+from equilibria.equilibrium._solver import FixedPointSolver
 from equilibria.nn import DEQ, Implicit, OneStep, Phantom, Unrolled
 
 WIDTH, BATCH = 5, 3
@@ -68,14 +69,32 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+class InterleavedPicard(FixedPointSolver):
+    """Picard that evaluates f on the even and the odd rows separately (fn(z_rows, rows)),
+    as line searches and compaction do: the adjoint map must accept row subsets."""
+
+    def init(self, fn, z, fz):
+        return {"z": z, "fz": fz}
+
+    def step(self, fn, state, step_index):
+        z = state["fz"]
+        even = torch.arange(0, z.shape[0], 2)
+        odd = torch.arange(1, z.shape[0], 2)
+        fz = torch.zeros_like(z).index_copy(0, even, fn(z[even], even))
+        return {"z": z, "fz": fz.index_copy(0, odd, fn(z[odd], odd))}, 1
+
+
 @pytest.mark.parametrize(
     "backward",
     [
         Implicit(eq.GMRES(atol=1e-15, rtol=1e-13)),
         Implicit(eq.Picard(), atol=1e-15, rtol=1e-14, max_steps=500),
         Implicit(eq.Anderson(), atol=1e-15, rtol=1e-14, max_steps=200),
+        Implicit(eq.Broyden(), atol=1e-15, rtol=1e-14, max_steps=200),
+        Implicit(eq.NewtonKrylov(), atol=1e-15, rtol=1e-14, max_steps=50),
+        Implicit(InterleavedPicard(), atol=1e-15, rtol=1e-14, max_steps=500),
     ],
-    ids=["gmres", "picard", "anderson"],
+    ids=["gmres", "picard", "anderson", "broyden", "newton-krylov", "row-subsets"],
 )
 def test_implicit_gradient_matches_central_differences(backward):
     cell, x, weights = _problem()  # the same problem in every case (seeded per test)

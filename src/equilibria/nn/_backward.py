@@ -193,9 +193,22 @@ class Implicit:
         if callable(getattr(self.linear_solver, "solve", None)):
             solution = self.linear_solver.solve(lambda u: u - vjp(u), rhs, x0=rhs)
         else:
+            batch = rhs.shape[0]
+
+            def adjoint_map(u: torch.Tensor, data: tuple[torch.Tensor, torch.Tensor]):
+                # The solver may evaluate a subset of rows (compaction, line searches): the
+                # VJP graph covers the whole batch, so embed the rows, take the full VJP
+                # (it acts row by row: zero rows stay zero) and read the rows back.
+                rhs_rows, rows = data
+                if rows.shape[0] == batch:
+                    return vjp(u) + rhs_rows
+                full = u.new_zeros((batch, *u.shape[1:])).index_copy(0, rows, u)
+                return vjp(full).index_select(0, rows) + rhs_rows
+
             atol, rtol = self._tolerances()
+            rows = torch.arange(batch, device=rhs.device)
             solution = fixed_point(
-                lambda u: vjp(u) + rhs, rhs, None, solver=self.linear_solver,
+                adjoint_map, rhs, (rhs, rows), solver=self.linear_solver,
                 atol=atol, rtol=rtol, max_steps=100 if self.max_steps is None else self.max_steps,
             )
         u, status = solution.value, solution.status
