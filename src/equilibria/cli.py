@@ -315,7 +315,7 @@ def _cobweb(args: argparse.Namespace) -> int:
         raise _UserError(f"--x0 must be finite, got {args.x0}.")
     iterates = cobweb_iterates(args.x0)
     solution = eq.fixed_point(
-        lambda z, x: torch.cos(z),
+        torch.cos,  # x is None: fixed_point calls f(z)
         torch.tensor([[args.x0]], dtype=torch.float64),
         None,
         solver=eq.Picard(),
