@@ -25,11 +25,13 @@ def _scaled_error(value, ref, rtol, atol):
 
 @pytest.mark.parametrize("solver", ADAPTIVE, ids=_name)
 @pytest.mark.parametrize("problem", ADAPTIVE_PROBLEMS, ids=lambda p: p.name)
-@pytest.mark.parametrize("rtol", [1e-4, 1e-7])
-def test_accuracy_against_reference(problem, solver, rtol):
+@pytest.mark.parametrize("tight", [False, True], ids=["loose", "tight"])
+def test_accuracy_against_reference(problem, solver, tight):
     """Global error at t1, in units of the tolerance, is small and no worse than scipy's
     solver of the same order at the same tolerances (global error can exceed the local
     tolerance: it accumulates over the oscillations of these problems)."""
+    # tight: 1e-7 (1e-6 for the 3rd-order Bosh3, whose cost grows fastest) ; loose: 1e-4
+    rtol = (1e-6 if solver.order == 3 else 1e-7) if tight else 1e-4
     atol = rtol * 1e-2
     sol = odeint(problem.f, problem.initial(), problem.t_span, solver=solver, rtol=rtol,
                  atol=atol)
@@ -78,9 +80,11 @@ def _rotation(t, y, omega):
 @pytest.mark.parametrize("solver", ADAPTIVE, ids=_name)
 def test_sample_does_not_depend_on_batch_mates(solver):
     y0 = torch.tensor([[1.0, 0.5], [0.3, -1.0]], dtype=torch.float64)
-    omega = torch.tensor([1.0, 30.0], dtype=torch.float64)  # the second varies much faster
-    alone = odeint(_rotation, y0[:1], (0.0, 2.0), solver=solver, args=(omega[:1],))
-    both = odeint(_rotation, y0, (0.0, 2.0), solver=solver, args=(omega,), compact=False)
+    omega = torch.tensor([1.0, 20.0], dtype=torch.float64)  # the second varies much faster
+    tol = {"rtol": 1e-5, "atol": 1e-7}
+    alone = odeint(_rotation, y0[:1], (0.0, 1.5), solver=solver, args=(omega[:1],), **tol)
+    both = odeint(_rotation, y0, (0.0, 1.5), solver=solver, args=(omega,), compact=False,
+                  **tol)
     assert torch.allclose(alone.value[0], both.value[0], rtol=0, atol=1e-12)
     for key in ("nfe", "n_steps", "n_rejected"):
         assert alone.stats[key][0] == both.stats[key][0]
@@ -95,10 +99,10 @@ def test_compaction_saves_work_and_changes_nothing():
         return _rotation(t, y, omega)
 
     y0 = torch.randn(8, 2, dtype=torch.float64)
-    omega = torch.tensor([1.0] * 7 + [30.0], dtype=torch.float64)
-    compacted = odeint(field, y0, (0.0, 2.0), args=(omega,))
+    omega = torch.tensor([1.0] * 7 + [20.0], dtype=torch.float64)
+    compacted = odeint(field, y0, (0.0, 1.5), args=(omega,), rtol=1e-5)
     work_compacted, rows_seen[:] = sum(rows_seen), []
-    full = odeint(field, y0, (0.0, 2.0), args=(omega,), compact=False)
+    full = odeint(field, y0, (0.0, 1.5), args=(omega,), rtol=1e-5, compact=False)
     work_full = sum(rows_seen)
     # Same steps; values equal up to the last bits (CPU kernels for pow in the controller round
     # differently on a vectorised body and a scalar tail, so dt can differ by an ulp).
@@ -109,11 +113,12 @@ def test_compaction_saves_work_and_changes_nothing():
 
 
 def test_closure_over_batch_tensor_gets_a_clear_error_when_compacted():
-    omega = torch.tensor([1.0, 1.0, 1.0, 60.0], dtype=torch.float64)
+    omega = torch.tensor([1.0, 1.0, 1.0, 20.0], dtype=torch.float64)
     y0 = torch.ones(4, 2, dtype=torch.float64)
     with pytest.raises(ValueError, match="args="):
-        odeint(lambda t, y: _rotation(t, y, omega), y0, (0.0, 2.0))
-    sol = odeint(lambda t, y: _rotation(t, y, omega), y0, (0.0, 2.0), compact=False)
+        odeint(lambda t, y: _rotation(t, y, omega), y0, (0.0, 1.5), rtol=1e-5)
+    sol = odeint(lambda t, y: _rotation(t, y, omega), y0, (0.0, 1.5), rtol=1e-5,
+                 compact=False)
     assert bool(sol.success.all())
 
 
@@ -121,9 +126,10 @@ def test_closure_over_batch_tensor_gets_a_clear_error_when_compacted():
 def test_t_eval_dense_output(solver):
     """Values at t_eval are as accurate as scipy's dense output at the same tolerances."""
     problem = VAN_DER_POL
-    rtol, atol = 1e-7, 1e-9
+    rtol = 1e-6 if solver.order == 3 else 1e-7
+    atol = rtol * 1e-2
     t_eval = torch.linspace(0.0, 6.0, 41, dtype=torch.float64)
-    extra = {} if solver.adaptive else {"dt0": 0.01}
+    extra = {} if solver.adaptive else {"dt0": 0.02}
     sol = odeint(problem.f, problem.initial(), problem.t_span, solver=solver, rtol=rtol,
                  atol=atol, t_eval=t_eval, **extra)
     plain = odeint(problem.f, problem.initial(), problem.t_span, solver=solver, rtol=rtol,
@@ -141,7 +147,7 @@ def test_t_eval_dense_output(solver):
                                                          rtol, atol))
         assert ours <= 2.0 * scipy_worst + 1.0, (ours, scipy_worst)
     else:
-        assert float((sol.value - ref).abs().max()) < 1e-7  # RK4, dt = 0.01: error ~ dt^4
+        assert float((sol.value - ref).abs().max()) < 2e-6  # RK4, dt = 0.02: error ~ dt^4
     # t_eval does not change the steps, and the last point is the end state exactly
     assert torch.equal(sol.stats["nfe"], plain.stats["nfe"])
     assert torch.equal(sol.value[-1], plain.value)
