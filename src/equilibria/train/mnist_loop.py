@@ -138,8 +138,8 @@ def evaluate(
     """Accuracy, loss, forward NFE and residuals on a set, sharded over ranks under DDP.
 
     Returns:
-        dict with accuracy, loss, forward_nfe_mean, not_converged_share, and the local
-        (this rank's) per-sample `residuals` and `predictions` tensors for plots.
+        dict with accuracy, loss, forward_nfe_mean, not_converged_share, and per-sample
+        `residuals` and `predictions` (in the set's order, gathered over ranks) for plots.
     """
     context = context or DistContext(0, 1, images.device, False)
     core = getattr(model, "module", model)
@@ -167,14 +167,27 @@ def evaluate(
         predictions.append(logits.argmax(1).cpu())
     core.train(was_training)
     sums = all_reduce_sum(context, sums)
+    residuals = torch.cat(residuals) if residuals else torch.zeros(0, dtype=torch.float64)
+    predictions = torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long)
+    if context.distributed:
+        # reassemble the per-sample results in the test set's order on every rank
+        import torch.distributed as dist
+
+        parts = [None] * context.world_size
+        dist.all_gather_object(parts, (shard, residuals, predictions))
+        residuals = torch.zeros(images.shape[0], dtype=torch.float64)
+        predictions = torch.zeros(images.shape[0], dtype=torch.long)
+        for part_shard, part_residuals, part_predictions in parts:
+            residuals[part_shard] = part_residuals
+            predictions[part_shard] = part_predictions
     count = max(sums[4].item(), 1.0)
     return {
         "accuracy": sums[0].item() / count,
         "loss": sums[1].item() / count,
         "forward_nfe_mean": sums[2].item() / count,
         "not_converged_share": sums[3].item() / count,
-        "residuals": torch.cat(residuals) if residuals else torch.zeros(0),
-        "predictions": torch.cat(predictions) if predictions else torch.zeros(0),
+        "residuals": residuals,
+        "predictions": predictions,
     }
 
 
@@ -501,7 +514,7 @@ def _sync_buffer(context, buffer, have, order) -> None:
 
 
 def _write_rank_summary(run_dir: Path, context, model, metrics) -> None:
-    checksum = float(sum(p.double().sum() for p in model.parameters()))
+    checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
     summary = {"rank": context.rank, "parameter_checksum": checksum, "metrics": metrics}
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / f"rank{context.rank}_summary.json").write_text(json.dumps(summary) + "\n")

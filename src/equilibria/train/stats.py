@@ -133,6 +133,12 @@ class EpochAccumulator:
             residual_max = residual_max.to(context.device)
             dist.all_reduce(residual_max, op=dist.ReduceOp.MAX)
         local = self._residuals()
+        if context.distributed:  # the median needs every rank's residuals
+            import torch.distributed as dist
+
+            parts = [None] * context.world_size
+            dist.all_gather_object(parts, local)
+            local = torch.cat(parts)
 
         def value(name: str) -> float:
             return float(sums[_FIELDS.index(name)])
