@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .train.config import MODEL_CHOICES, PRESETS, TrainConfig
+from .train.config import LR_SCHEDULES, MODEL_CHOICES, PRESETS, TrainConfig
 from .train.solvers import BACKWARD_CHOICES, SOLVER_CHOICES
 
 __all__ = ["build_parser", "main"]
@@ -77,6 +77,7 @@ def _add_mnist_options(parser: argparse.ArgumentParser) -> None:
     add("--epochs", type=_positive_int, help=f"total epochs (default {d.epochs})")
     add("--batch-size", type=_positive_int, help=f"per-process batch (default {d.batch_size})")
     add("--lr", type=_positive_float, help=f"Adam learning rate (default {d.lr})")
+    add("--lr-schedule", choices=LR_SCHEDULES, help=f"(default {d.lr_schedule})")
     add("--seed", type=int, help=f"random seed (default {d.seed})")
     add("--subset", type=_positive_int, help="train on N training images (default: all 60k)")
     add("--test-subset", type=_positive_int, help="test on N images (default: all 10k)")

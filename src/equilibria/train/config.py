@@ -8,9 +8,17 @@ from dataclasses import dataclass
 from .._checks import check_positive, check_positive_int
 from .solvers import BACKWARD_CHOICES, SOLVER_CHOICES
 
-__all__ = ["IDENTITY_FIELDS", "MODEL_CHOICES", "PRESETS", "TrainConfig", "config_differences"]
+__all__ = [
+    "IDENTITY_FIELDS",
+    "LR_SCHEDULES",
+    "MODEL_CHOICES",
+    "PRESETS",
+    "TrainConfig",
+    "config_differences",
+]
 
 MODEL_CHOICES = ("seed", "conv")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -23,6 +31,8 @@ class TrainConfig:
         atol, rtol, max_steps: the forward solve's per-sample tolerance test and step bound.
         epochs: total epochs of the run (a resume may raise it to train further).
         batch_size, lr: Adam with this learning rate, per-process batch size.
+        lr_schedule: "constant" (the seed's) or "cosine": lr * (1 + cos(pi * step / total)) / 2
+            over the configured epochs (computed from the step, so resume stays exact).
         seed: seeds torch, numpy and random; with the same seed a run is repeatable.
         subset: train on this many training images (a fixed random subset), None = 60k.
         test_subset: evaluate on this many test images, None = the full 10k.
@@ -45,6 +55,7 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 128
     lr: float = 3e-4
+    lr_schedule: str = "constant"
     seed: int = 0
     subset: int | None = None
     test_subset: int | None = None
@@ -73,6 +84,10 @@ class TrainConfig:
         check_positive("atol", self.atol)
         check_positive("rtol", self.rtol)
         check_positive("lr", self.lr)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"unknown lr_schedule {self.lr_schedule!r}; choose one of {LR_SCHEDULES}."
+            )
         for name in ("max_steps", "epochs", "batch_size", "width", "hidden", "channels"):
             check_positive_int(name, getattr(self, name))
         check_positive_int("seed", self.seed, minimum=0)
@@ -113,6 +128,7 @@ IDENTITY_FIELDS = (
     "max_steps",
     "batch_size",
     "lr",
+    "lr_schedule",
     "seed",
     "subset",
     "test_subset",

@@ -363,6 +363,10 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
             forward = forward_stats(model.deq.last_solution)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if config.lr_schedule == "cosine":
+                progress = (epoch * batches_per_epoch + batch) / (config.epochs * batches_per_epoch)
+                for group in optimizer.param_groups:
+                    group["lr"] = config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
             optimizer.step()
             backward = backward_stats(model.deq)
             probe = None
