@@ -8,6 +8,7 @@ next iterate (see `_solver.FixedPointSolver`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -215,11 +216,52 @@ def fixed_point(
         for key in solver.stat_keys:
             extra[key] = _put(extra[key], rows, state[key].detach().to(residual0.dtype))
 
+    # On CPU a host sync is free, so the common step (every row still running, every residual
+    # improving, none finished) takes a path with no torch.where over the batch at all.
+    fast = device.type == "cpu"
+    all_running = state is not None and bool(_take(active, rows).all())
+    width = z0[0].numel()
+    inverse_sqrt = 1.0 / math.sqrt(width) if width else 0.0
     for step_index in range(max_steps if state is not None else 0):
         state, step_nfe = solver.step(_bind(f, x_rows), state, step_index)
         z, fz = state["z"], state["fz"]
-        residual = rms_norm(fz - z).detach()
-        tolerance = atol + rtol * rms_norm(z).detach()
+        with torch.no_grad():
+            g = state.get("g")  # a solver may hand over f(z) - z, already computed
+            g = fz - z if g is None else g
+            residual = torch.linalg.vector_norm(g.reshape(z.shape[0], -1), dim=1)
+            residual = residual * inverse_sqrt
+            tolerance = torch.linalg.vector_norm(z.reshape(z.shape[0], -1), dim=1)
+            tolerance = atol + rtol * inverse_sqrt * tolerance
+        if fast and all_running:
+            # NaN compares False, so a non-finite residual leaves the fast path too.
+            going = (residual > tolerance) & (
+                residual <= divergence_factor * _take(residual0, rows)
+            )
+            if bool(going.all()):
+                # No sample stops this step: only the best iterate and the counters change.
+                improved = residual < _take(best_residual, rows)
+                if bool(improved.all()):
+                    best_value = _put(best_value, rows, z)
+                    best_residual = _put(best_residual, rows, residual)
+                else:
+                    keep = expand_as_batch(improved, z)
+                    best_value = _put(
+                        best_value, rows, torch.where(keep, z, _take(best_value, rows))
+                    )
+                    best_residual = _put(
+                        best_residual,
+                        rows,
+                        torch.where(improved, residual, _take(best_residual, rows)),
+                    )
+                residual_now = _put(residual_now, rows, residual)
+                n_steps = _put(n_steps, rows, _take(n_steps, rows) + 1)
+                nfe = _put(nfe, rows, _take(nfe, rows) + step_nfe)
+                for key in solver.stat_keys:
+                    value = state[key].detach().to(residual0.dtype)
+                    extra[key] = _put(extra[key], rows, value)
+                if residual_trace is not None:
+                    residual_trace.append(residual_now)
+                continue
         running = _take(active, rows)
         finite = torch.isfinite(residual)
         converged = running & finite & (residual <= tolerance)
@@ -242,13 +284,16 @@ def fixed_point(
         step_status = torch.where(diverged, int(Status.DIVERGED), step_status)
         step_status = torch.where(nonfinite, int(Status.NONFINITE), step_status)
         status = _put(status, rows, step_status)
-        n_steps = _put(n_steps, rows, _take(n_steps, rows) + running.long())
-        nfe = _put(nfe, rows, _take(nfe, rows) + running.long() * step_nfe)
+        n_steps = _put(n_steps, rows, _take(n_steps, rows) + running)
+        nfe = _put(nfe, rows, _take(nfe, rows) + running * step_nfe)
         for key in solver.stat_keys:
             value = state[key].detach().to(residual0.dtype)
             kept = torch.where(running, value, _take(extra[key], rows))
             extra[key] = _put(extra[key], rows, kept)
-        active = _put(active, rows, running & ~(converged | diverged | nonfinite))
+        still_running = running & ~(converged | diverged | nonfinite)
+        active = _put(active, rows, still_running)
+        if fast:
+            all_running = bool(still_running.all())
         if residual_trace is not None:
             residual_trace.append(residual_now)
 
@@ -265,6 +310,7 @@ def fixed_point(
                 rows = keep if rows is None else rows.index_select(0, keep)
                 x_rows = _select_rows(x, rows)
                 state = {key: value.index_select(0, keep) for key, value in state.items()}
+                all_running = fast
 
     stats: dict[str, Any] = {"residual": best_residual, "n_steps": n_steps, "nfe": nfe}
     stats.update(extra)

@@ -37,6 +37,9 @@ class FixedPointSolver:
     retries the samples whose trial step failed. `step_index` counts the loop's steps from
     0; it is the same for every row still in the state.
 
+    A solver may also put "g" = fz - z in the state when it computes it anyway (the loop
+    then reuses it for the residual instead of subtracting again).
+
     `stat_keys` names (batch,) state entries the loop copies into `Solution.stats` (e.g. "t",
     the ODE time reached by SteadyState).
     """

@@ -1,0 +1,235 @@
+"""Equilibrium solvers side by side with TorchDEQ 0.1.0 and torchdiffeq 0.2.5.
+
+f(z, x) = tanh(W z + U x + b), width 512, batch 256, float32, CPU, under torch.no_grad; stop
+at relative residual ||f(z) - z|| / ||z|| <= 1e-4 per sample. Two cases:
+
+- easy: random W scaled to spectral norm 0.9, x ~ N(0, 1);
+- hard: symmetric W = Q diag(linspace(-0.99, 0.99)) Q^T, x scaled by 0.1.
+
+For each solver: batched f calls (JVPs included; each call evaluates all rows), per-sample nfe
+(ours), wall time (median of repeats), overhead = wall / (calls x one f evaluation), and the
+relative residual actually reached (max and median over samples, recomputed here).
+
+Run:  .venv/bin/python benchmarks/equilibrium_bench.py [--repeats 5] [--quick]
+Writes benchmarks/results/equilibrium.md and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import signal
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import equilibria as eq
+
+WIDTH, BATCH, TOL = 512, 256, 1e-4
+RESULTS = Path(__file__).parent / "results" / "equilibrium.md"
+
+
+def make_case(name: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W, c) with c = U x + b precomputed (the injection is fixed during a solve)."""
+    generator = torch.Generator().manual_seed(seed)
+    n = WIDTH
+    if name == "easy":
+        w = torch.randn(n, n, generator=generator)
+        w = 0.9 * w / torch.linalg.matrix_norm(w, ord=2)
+        x = torch.randn(BATCH, n, generator=generator)
+    else:
+        q, _ = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+        w = (q @ torch.diag(torch.linspace(-0.99, 0.99, n, dtype=torch.float64)) @ q.T).float()
+        x = 0.1 * torch.randn(BATCH, n, generator=generator)
+    u = torch.randn(n, n, generator=generator) / math.sqrt(n)
+    b = 0.1 * torch.randn(n, generator=generator)
+    return w, x @ u.T + b
+
+
+class Counter:
+    """f(z) = tanh(z W^T + c) counting batched calls (JVPs through torch.func count too)."""
+
+    def __init__(self, w: torch.Tensor, c: torch.Tensor) -> None:
+        self.wt, self.c, self.calls = w.T.contiguous(), c, 0
+
+    def __call__(self, z: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        self.calls += 1
+        return torch.tanh(torch.addmm(self.c if c is None else c, z, self.wt))
+
+
+def relative_residual(w: torch.Tensor, c: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    r = torch.tanh(z @ w.T + c) - z
+    return r.norm(dim=1) / z.norm(dim=1).clamp_min(1e-30)
+
+
+def time_f(w: torch.Tensor, c: torch.Tensor, repeats: int = 200) -> float:
+    f = Counter(w, c)
+    z = torch.randn(BATCH, WIDTH)
+    for _ in range(20):
+        f(z)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        f(z)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class Timeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):  # noqa: ARG001
+    raise Timeout
+
+
+def measure(run: Callable[[Counter], tuple[torch.Tensor, dict]], w, c, repeats: int,
+            timeout: float | None = None):
+    """Run `run` `repeats` times; return calls, extra, wall (median), z of the last run."""
+    walls, calls, z, extra = [], 0, None, {}
+    for _ in range(repeats):
+        f = Counter(w, c)
+        if timeout:
+            signal.signal(signal.SIGALRM, _alarm)
+            signal.setitimer(signal.ITIMER_REAL, timeout)
+        start = time.perf_counter()
+        try:
+            with torch.no_grad():
+                z, extra = run(f)
+        except Timeout:
+            return f.calls, {"note": f"no result within {timeout:.0f} s"}, None, None
+        finally:
+            if timeout:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        walls.append(time.perf_counter() - start)
+        calls = f.calls
+    return calls, extra, statistics.median(walls), z
+
+
+def ours(solver, max_steps: int = 500):
+    def run(f: Counter):
+        z0 = torch.zeros(BATCH, WIDTH)
+        sol = eq.fixed_point(f, z0, f.c, solver=solver, atol=1e-30, rtol=TOL,
+                             max_steps=max_steps)
+        nfe = sol.stats["nfe"].float()
+        ok = int((sol.status == eq.Status.SUCCESS).sum())
+        return sol.value, {"nfe": f"{nfe.mean():.0f} / {nfe.max():.0f}",
+                           "note": f"{ok}/{BATCH} SUCCESS"}
+    return run
+
+
+def torchdeq_solver(name: str, max_iter: int = 500):
+    from torchdeq.solver import get_solver
+
+    solve = get_solver(name)
+
+    def run(f: Counter):
+        z0 = torch.zeros(BATCH, WIDTH)
+        z, _, info = solve(f, z0, max_iter=max_iter, tol=TOL, stop_mode="rel")
+        return z, {"note": "batch-level stop on ||f(z)-z||/||f(z)|| max"}
+    return run
+
+
+def torchdiffeq_dopri5(t_end: float, rtol: float, atol: float):
+    from torchdiffeq import odeint
+
+    def run(f: Counter):
+        z0 = torch.zeros(BATCH, WIDTH)
+        t = torch.tensor([0.0, t_end])
+        z = odeint(lambda t, z: f(z) - z, z0, t, method="dopri5", rtol=rtol, atol=atol)[-1]
+        return z, {"note": f"odeint to t={t_end:g}, rtol={rtol:g}, atol={atol:g}"}
+    return run
+
+
+def torchdiffeq_event(rtol: float, atol: float):
+    from torchdiffeq import odeint_event
+
+    def run(f: Counter):
+        z0 = torch.zeros(BATCH, WIDTH)
+
+        def event(t, z):
+            r = (f(z) - z).norm(dim=1) / z.norm(dim=1).clamp_min(1e-30)
+            return torch.log(r.max() / TOL)  # crosses 0 when every sample passes
+
+        _, z = odeint_event(lambda t, z: f(z) - z, z0, torch.tensor(0.0), event_fn=event,
+                            method="dopri5", rtol=rtol, atol=atol)
+        return z[-1], {"note": "odeint_event on max relative residual (event calls counted)"}
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="1 repeat, no torchdiffeq event")
+    parser.add_argument("--event-timeout", type=float, default=60.0)
+    args = parser.parse_args()
+    repeats = 1 if args.quick else args.repeats
+    torch.manual_seed(0)
+    lines = [
+        "# Equilibrium solvers vs TorchDEQ and torchdiffeq",
+        "",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- torch {torch.__version__}, threads {torch.get_num_threads()}, CPU shared with other "
+        "engineers' jobs (timings are noisy)",
+        f"- command: `.venv/bin/python benchmarks/equilibrium_bench.py --repeats {args.repeats}"
+        f"{' --quick' if args.quick else ''}`",
+        f"- f(z, x) = tanh(W z + U x + b), width {WIDTH}, batch {BATCH}, float32, no_grad; "
+        f"target: per-sample ||f(z) - z|| / ||z|| <= {TOL:g} (ours: atol=1e-30, rtol={TOL:g}; "
+        "TorchDEQ: stop_mode='rel', stops when the batch max of ||f(z) - z|| / ||f(z)|| < tol)",
+        "- calls = batched f evaluations (JVPs included, each about 2 f evaluations in cost); "
+        "nfe = our per-sample count (mean / max); overhead = wall / (calls x one f eval); "
+        "residual = relative residual reached, max and median over samples",
+        "",
+    ]
+    for case in ("easy", "hard"):
+        w, c = make_case(case)
+        t_f = time_f(w, c)
+        rows = [
+            ("equilibria Picard", ours(eq.Picard()), repeats, None),
+            ("equilibria Anderson(m=5)", ours(eq.Anderson()), repeats, None),
+            ("equilibria Broyden(memory=20)", ours(eq.Broyden()), repeats, None),
+            ("equilibria NewtonKrylov", ours(eq.NewtonKrylov()), repeats, None),
+            ("equilibria SteadyState(ImplicitEuler)", ours(eq.SteadyState()), repeats, None),
+            ("equilibria SteadyState(Tsit5)", ours(eq.SteadyState(eq.Tsit5()), 2000), repeats,
+             None),
+            ("TorchDEQ anderson", torchdeq_solver("anderson"), repeats, None),
+            ("TorchDEQ broyden", torchdeq_solver("broyden"), repeats, None),
+            ("TorchDEQ fixed_point_iter", torchdeq_solver("fixed_point_iter"), repeats, None),
+            ("torchdiffeq dopri5 (t=100)", torchdiffeq_dopri5(100.0, 1e-4, 1e-6), 1, None),
+        ]
+        if not args.quick:
+            rows.append(("torchdiffeq odeint_event", torchdiffeq_event(1e-4, 1e-6), 1,
+                         args.event_timeout))
+        lines += [
+            f"## {case} case (one f evaluation: {t_f * 1e3:.2f} ms)",
+            "",
+            "| solver | calls | nfe (mean / max) | wall ms | overhead | residual max | "
+            "residual median | note |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, run, reps, timeout in rows:
+            calls, extra, wall, z = measure(run, w, c, reps, timeout)
+            if z is None:
+                lines.append(f"| {name} | {calls} | | > {timeout:.0f} s | | | | "
+                             f"{extra.get('note', '')} |")
+            else:
+                res = relative_residual(w, c, z)
+                lines.append(
+                    f"| {name} | {calls} | {extra.get('nfe', '')} | {wall * 1e3:.0f} | "
+                    f"{wall / (calls * t_f):.2f} | {res.max():.1e} | {res.median():.1e} | "
+                    f"{extra.get('note', '')} |"
+                )
+            print(lines[-1], flush=True)
+        lines.append("")
+    text = "\n".join(lines)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
