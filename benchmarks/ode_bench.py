@@ -80,10 +80,11 @@ def _time(fn, repeats: int) -> tuple[float, object]:
     return statistics.median(times), result
 
 
-def run_ours(field: Counted, y0, solver):
+def run_ours(field: Counted, y0, solver, loosen: float = 1.0):
     def go():
         with torch.no_grad():
-            return eq.odeint(field, y0, T_SPAN, solver=solver, rtol=RTOL, atol=ATOL)
+            return eq.odeint(field, y0, T_SPAN, solver=solver, rtol=RTOL * loosen,
+                             atol=ATOL * loosen)
 
     return go
 
@@ -137,6 +138,12 @@ def main_table(repeats: int) -> tuple[list[str], dict]:
     rows, walls = [], {}
     entries = [("equilibria", "Dopri5", lambda c: run_ours(c, y0, eq.Dopri5())),
                ("equilibria", "Tsit5", lambda c: run_ours(c, y0, eq.Tsit5()))]
+    # Per-sample error control is stricter than a batch-wide norm (torchdiffeq): the same
+    # tolerances give us a smaller error. These rows loosen ours 3x, for an equal-error view.
+    entries += [("equilibria (tol x3)", "Dopri5",
+                 lambda c: run_ours(c, y0, eq.Dopri5(), loosen=3.0)),
+                ("equilibria (tol x3)", "Tsit5",
+                 lambda c: run_ours(c, y0, eq.Tsit5(), loosen=3.0))]
     if torchdiffeq is not None:
         entries.append(("torchdiffeq", "Dopri5", lambda c: run_torchdiffeq(c, y0, "dopri5")))
     if torchode is not None:
@@ -148,7 +155,7 @@ def main_table(repeats: int) -> tuple[list[str], dict]:
         counter.calls = counter.rows = 0
         wall, result = _time(go, repeats)
         calls = counter.calls // (repeats + 1)
-        if library == "equilibria":
+        if library.startswith("equilibria"):
             value, per_sample = result.value, result.stats["nfe"].float()
             ok = bool(result.success.all())
         elif library == "torchode":
@@ -162,15 +169,17 @@ def main_table(repeats: int) -> tuple[list[str], dict]:
                      wall * 1e3, float(error.max()), float(error.pow(2).mean().sqrt()), ok))
     lines = [
         "| library | method | f calls (batch) | NFE/sample mean | NFE/sample max | wall ms "
-        "(median) | max abs err | RMS err | all ok | wall ours / peer |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "(median) | max abs err | RMS err | all ok | wall ours / peer (same tol) | "
+        "wall ours (tol x3) / peer |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for library, method, calls, mean, top, ms, err_max, err_rms, ok in rows:
-        ratio = ""
-        if library != "equilibria" and ("equilibria", method) in walls:
+        ratio = ratio3 = ""
+        if not library.startswith("equilibria"):
             ratio = f"{walls['equilibria', method] / walls[library, method]:.2f}"
+            ratio3 = f"{walls['equilibria (tol x3)', method] / walls[library, method]:.2f}"
         lines.append(f"| {library} | {method} | {calls} | {mean:.0f} | {top:.0f} | {ms:.1f} | "
-                     f"{err_max:.2e} | {err_rms:.2e} | {ok} | {ratio} |")
+                     f"{err_max:.2e} | {err_rms:.2e} | {ok} | {ratio} | {ratio3} |")
     lines.append("")
     lines.append(f"Reference: equilibria Dopri5 float64 at rtol 1e-10, atol 1e-12; it differs "
                  f"from torchdiffeq's dopri5 at the same tolerances by {cross:.1e} (max abs).")

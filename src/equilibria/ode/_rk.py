@@ -67,7 +67,7 @@ def rk_stages(
     for i in range(1, s):
         incr = _weighted_sum(ks, tableau.a[i])
         y_i = y if incr is None else torch.addcmul(y, dt_b, incr)
-        k_i = f(t_f + tableau.c[i] * dt_y, y_i)
+        k_i = f(torch.add(t_f, dt_y, alpha=tableau.c[i]), y_i)
         nfe += 1
         ks.append(k_i)
         y_last = y_i
