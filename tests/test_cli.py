@@ -231,3 +231,20 @@ def test_linear2x_seed_settings(tmp_path):
     result = train_linear2x(tmp_path, epochs=1000, lr=0.05, log=lambda _: None)
     assert abs(result["deq_at_minus_5"] + 10) <= 0.05
     assert abs(result["a"] - 2 / 3) < 1e-3
+
+
+def test_mechanics_command_calls_the_demo(tmp_path, capsys, monkeypatch):
+    from pathlib import Path
+
+    from equilibria.mechanics import _demo
+
+    calls = []
+
+    def fake_run(out_dir, quick):
+        calls.append((out_dir, quick))
+        return {"figures": {"phase": str(out_dir / "phase.png")}, "seconds": 0.0}
+
+    monkeypatch.setattr(_demo, "run", fake_run)
+    code, out, _ = _run(capsys, "mechanics", "--out", str(tmp_path), "--quick")
+    assert code == 0 and calls == [(Path(tmp_path), True)]
+    assert "phase.png" in out

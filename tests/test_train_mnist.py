@@ -88,7 +88,7 @@ def test_ctrl_c_mid_epoch_leaves_a_checkpoint_that_resumes_exactly(tmp_path):
     a, b = _weights(reference.run_dir), _weights(resumed.run_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
     # fixed-point reuse measured what it saves
-    assert "reuse_nfe_saved_share" in resumed.metrics[1]
+    assert resumed.metrics[1]["reuse_nfe_saved_share"] > 0
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, monkeypatch):
@@ -128,3 +128,32 @@ def test_existing_run_is_not_overwritten(tmp_path):
     train_mnist(_config(tmp_path, "once", epochs=1, subset=64), log=lambda _: None)
     with pytest.raises(mnist_loop.RunDirError, match="already holds a run"):
         train_mnist(_config(tmp_path, "once", epochs=1, subset=64), log=lambda _: None)
+
+
+@pytest.mark.cuda
+def test_short_run_on_cuda_learns_and_resumes(tmp_path):
+    config = _config(tmp_path, "gpu", device="cuda", epochs=1, reuse_fixed_points=True)
+    first = train_mnist(config, log=lambda _: None)
+    assert first.test_accuracy > 0.3
+    resumed = train_mnist(
+        _config(tmp_path, "gpu", device="cuda", epochs=2, reuse_fixed_points=True),
+        resume=True,
+        log=lambda _: None,
+    )
+    assert [row["epoch"] for row in resumed.metrics] == [1, 2]
+    assert resumed.test_accuracy > first.test_accuracy - 0.05
+
+
+@pytest.mark.cuda
+def test_conv_model_forward_on_cuda_matches_cpu():
+    from equilibria.train.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(
+        TrainConfig(model="conv", channels=8, solver="anderson", atol=1e-6, rtol=1e-6)
+    )
+    images = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        on_cpu = model(images)
+        on_gpu = model.to("cuda")(images.to("cuda")).cpu()
+    assert torch.allclose(on_cpu, on_gpu, atol=1e-3)

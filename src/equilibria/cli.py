@@ -350,6 +350,6 @@ def _mechanics(args: argparse.Namespace) -> int:
         summary = _demo.run(Path(args.out), quick=args.quick)
     except _user_errors() as error:
         raise _UserError(str(error)) from error
-    for key, value in summary.items():
-        print(f"{key}: {value}")
+    print(json.dumps(summary, indent=1, default=str))
+    print(f"figures in {args.out}")
     return 0
