@@ -233,6 +233,19 @@ def test_statuses_and_last_good_state():
         odeint(VAN_DER_POL.f, VAN_DER_POL.initial(), (0.0, 6.0), max_steps=5, throw=True)
 
 
+def test_empty_span_and_single_tensor_args():
+    y0 = torch.randn(3, 2, dtype=torch.float64)
+    same = odeint(_ok, y0, (1.0, 1.0), t_eval=[1.0])
+    assert torch.equal(same.value[0], y0) and bool(same.success.all())
+    assert torch.all(same.stats["nfe"] == 0)
+    omega = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    sol = odeint(_rotation, y0, (0.0, 1.0), args=omega, rtol=1e-9, atol=1e-11)
+    angle = omega[:, None]
+    expected = torch.cat([y0[:, :1] * torch.cos(angle) + y0[:, 1:] * torch.sin(angle),
+                          -y0[:, :1] * torch.sin(angle) + y0[:, 1:] * torch.cos(angle)], dim=1)
+    assert torch.allclose(sol.value, expected, atol=1e-8)
+
+
 def test_float32_and_stats():
     y0 = VAN_DER_POL.initial(torch.float32)
     sol = odeint(VAN_DER_POL.f, y0, (0.0, 6.0), rtol=1e-5, atol=1e-6)

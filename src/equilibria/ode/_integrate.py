@@ -199,6 +199,7 @@ def odeint(
         terminate: optional hook terminate(t, y, dydt) -> (batch,) bool, called after every
             accepted step (t: (batch,), dydt = f(t, y)); True stops that sample with
             Status.EVENT. The continuous DEQ path stops at ||dy/dt|| <= atol + rtol ||y||.
+            Like f, it sees only the rows still running and must be row-wise.
         throw: raise EquilibriaError when any sample failed.
         controller: the PIController for adaptive methods.
         args: tensors with the batch in dim 0, passed as f(t, y, *args) and sliced together
@@ -401,8 +402,15 @@ def _call_terminate(terminate, t, y, dydt, dtype) -> torch.Tensor:
     hit = terminate(t.to(dtype), y, dydt)
     if not isinstance(hit, torch.Tensor) or hit.shape != (y.shape[0],):
         shape = tuple(hit.shape) if isinstance(hit, torch.Tensor) else type(hit).__name__
+        hint = (
+            " It is called on the rows still running (finished ones are dropped): compute "
+            "it row-wise from (t, y, dydt), or use compact=False."
+            if isinstance(hit, torch.Tensor) and hit.dim() == 1
+            else ""
+        )
         raise ValueError(
             f"terminate must return a (batch,) = ({y.shape[0]},) bool tensor, got {shape}."
+            + hint
         )
     return hit.to(torch.bool)
 
