@@ -255,3 +255,17 @@ def test_discrete_pairing_on_cuda_float32():
     pairing = discrete_pairing(step, start, v0, squared, n_steps=10)
     assert pairing.values.device.type == "cuda"
     assert float(pairing.relative_drift.max()) <= 1e-5
+
+
+def test_costate_agrees_with_the_ode_core_adjoint_trajectory():
+    """Peer check: the per-sample costate vs equilibria.ode.adjoint_trajectory (whole batch)."""
+    from equilibria.ode import adjoint_trajectory
+
+    f = field()
+    start = x0()
+    cs = costate(f, start, (0.0, 1.0), loss_fn=squared, rtol=RTOL, atol=ATOL, n_points=9)
+    grid = cs.t.flip(0).tolist()
+    peer = adjoint_trajectory(
+        f, cs.x[-1], cs.p[-1], (1.0, 0.0), t_record=grid, rtol=RTOL, atol=ATOL
+    )
+    assert torch.allclose(peer.a.flip(0), cs.p, rtol=1e-6, atol=1e-8)

@@ -25,7 +25,7 @@ def one_thread():
 
 def test_augmented_separates_rings_and_2d_flow_cannot(one_thread):
     # A fast, smaller variant of the demo (the full quick demo is the slow test below).
-    config = RingsConfig(n_train=128, n_test=1000, train_steps=100, hidden=16, flow_steps=5)
+    config = RingsConfig(n_train=128, n_test=1000, train_steps=100, hidden=16)
     _, metrics_3d = train_rings_model("node_3d", config)
     assert metrics_3d["accuracy"] > 0.95
     model_2d, metrics_2d = train_rings_model("node_2d", config)
@@ -37,7 +37,7 @@ def test_augmented_separates_rings_and_2d_flow_cannot(one_thread):
 
 
 def test_separation_gap_of_the_identity_flow_and_of_a_radial_classifier():
-    identity = FlowClassifier(augment=0, hidden=4, flow_steps=2)
+    identity = FlowClassifier(augment=0, hidden=4)
     for module in identity.field.modules():
         if isinstance(module, torch.nn.Linear):
             torch.nn.init.zeros_(module.weight)
