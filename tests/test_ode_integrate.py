@@ -1,6 +1,8 @@
 """odeint: accuracy against references, convergence order, per-sample semantics, statuses."""
 
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -231,6 +233,16 @@ def test_statuses_and_last_good_state():
     assert torch.all(capped.stats["n_steps"] + capped.stats["n_rejected"] == 5)
     with pytest.raises(eq.EquilibriaError, match="MAX_STEPS"):
         odeint(VAN_DER_POL.f, VAN_DER_POL.initial(), (0.0, 6.0), max_steps=5, throw=True)
+
+
+@pytest.mark.parametrize("t_span", [(0.0, 0.3), (1.0, -0.7)])
+def test_n_steps_takes_exactly_n_steps_and_lands_on_t1(t_span):
+    y0 = torch.ones(2, 1, dtype=torch.float64)
+    for n in (7, 333):
+        sol = odeint(_ok, y0, t_span, solver=eq.RK4(), n_steps=n)
+        assert torch.all(sol.stats["n_steps"] == n) and torch.all(sol.stats["t"] == t_span[1])
+        exact = math.exp(-(t_span[1] - t_span[0]))
+        assert abs(float(sol.value[0, 0]) - exact) < 1e-8
 
 
 def test_empty_span_and_single_tensor_args():

@@ -305,11 +305,21 @@ def odeint(
         active = status == _RUNNING
         with torch.no_grad():
             remaining = (t1 - t) * direction
-            last = remaining <= dt.abs()
+            if n_steps is not None:
+                # exactly n_steps steps; times t0 + k dt computed, not accumulated
+                last = n_accepted + 1 >= n_steps
+            else:
+                # a remainder longer than dt only by rounding is taken as the last step,
+                # not followed by a spurious ~1e-16 step
+                last = remaining <= dt.abs() * (1.0 + 1e-9)
             dt_step = torch.where(active, torch.where(last, remaining, dt.abs()) * direction,
                                   torch.zeros_like(dt))
         y_new, y_err, stages, _ = rk_stages(field, t, y, dt_step, tab, k1)
-        t_new = torch.where(last, torch.full_like(t, t1), t + dt_step)
+        if n_steps is not None:
+            t_new = torch.where(last, torch.full_like(t, t1),
+                                t0 + (n_accepted + 1).double() * (direction * dt0))
+        else:
+            t_new = torch.where(last, torch.full_like(t, t1), t + dt_step)
         k_next = stages[-1] if tab.fsal else field(t_new.to(dtype), y_new)
         with torch.no_grad():
             finite = _row_finite(y_new) & _row_finite(k_next)
