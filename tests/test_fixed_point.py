@@ -87,12 +87,19 @@ def test_divergent_samples_flagged_others_converge(solver):
                                    atol=2.1e-6, rtol=0)
         return
     if isinstance(solver, eq.SteadyState) and isinstance(solver.solver, eq.ImplicitEuler):
-        # Pseudo-transient continuation follows the unstable flow but shrinks dt as the
-        # residual grows (SER), so within 200 steps the residual grows ~50-fold, short of the
-        # 1e3 divergence factor: MAX_STEPS, with the best iterate (z0) returned.
-        assert bool((sol.status[flags] == Status.MAX_STEPS).all())
-        assert bool((sol.value[flags] == 0).all())
-        assert bool((sol.stats["residual"][flags] == 1).all())
+        # Implicit Euler with dt > 1 / (2 - 1) on the unstable mode dz/dt = z + 1 steps
+        # *towards* its equilibrium (z_new + 1 = (z + 1) / (1 - dt)): pseudo-transient
+        # continuation, like Newton, finds the unstable fixed point z = -1.
+        assert bool((sol.status[flags] == Status.SUCCESS).all())
+        torch.testing.assert_close(sol.value[flags], -torch.ones_like(sol.value[flags]),
+                                   atol=2.1e-6, rtol=0)
+        # With a first step below 1 it follows the unstable flow instead, shrinking dt as the
+        # residual grows (SER): no divergence within 200 steps, MAX_STEPS and the best
+        # iterate (z0).
+        small = eq.fixed_point(problem.f, problem.z0, problem.x, max_steps=200,
+                               solver=eq.SteadyState(eq.ImplicitEuler(dt0=0.5)))
+        assert bool((small.status[flags] == Status.MAX_STEPS).all())
+        assert bool((small.value[flags] == 0).all())
         return
     assert bool((sol.status[flags] == Status.DIVERGED).all())
     assert float(sol.stats["residual"][flags].max()) <= 1.0  # the best iterate: z0's residual
@@ -273,6 +280,7 @@ def test_linear_problem_helper_is_right():
         (lambda: eq.Broyden(memory=0), ValueError, "memory"),
         (lambda: eq.Broyden(alphas=(0.5, 1.0)), ValueError, "alphas"),
         (lambda: eq.Broyden(alphas=[1.0]), TypeError, "alphas"),
+        (lambda: eq.Broyden(growth=0.5), ValueError, "growth"),
         (lambda: eq.NewtonKrylov(linear_solver="gmres"), TypeError, "GMRES"),
         (lambda: eq.NewtonKrylov(eta_max=1.0), ValueError, "eta_max"),
         (lambda: eq.NewtonKrylov(max_backtracks=-1), ValueError, "max_backtracks"),
@@ -327,10 +335,11 @@ def test_steady_state_time_follows_the_flow():
     implicit = eq.fixed_point(lambda z: torch.ones_like(z), z0, solver=eq.SteadyState(),
                               atol=1e-6, rtol=1e-12)
     assert bool((implicit.status == Status.SUCCESS).all())
-    # Implicit Euler gives r <- r / (1 + dt) and SER dt <- dt (1 + dt): dt = 1, 2, 6, 42,
-    # 1806, so residuals 1/2, 1/6, 1/42, 1/1806, ~3e-7 after 5 steps, at t ~ 1857.
-    assert implicit.stats["n_steps"].tolist() == [5, 5]
-    assert float(implicit.stats["t"][0]) > 1000
+    # Implicit Euler gives r <- r / (1 + dt) and SER dt <- dt (1 + dt): dt = 3, 12, 156,
+    # 24492, so residuals 1/4, 1/52, 1/8164 (1.2e-4), ~5e-9 after 4 steps, at t ~ 24663.
+    assert implicit.stats["n_steps"].tolist() == [4, 4]
+    torch.testing.assert_close(implicit.stats["t"], torch.full((2,), 3.0 + 12 + 156 + 24492,
+                               dtype=torch.float64))
 
 
 def test_newton_krylov_counts_jvps_in_nfe():
@@ -341,8 +350,31 @@ def test_newton_krylov_counts_jvps_in_nfe():
         return 0.5 * torch.sin(z) + 1
 
     z0 = torch.zeros(3, 4, dtype=torch.float64)
+    # With autograd recording, JVPs are forward-mode calls of f: every call (value or JVP)
+    # was on all 3 rows and is counted once per sample.
     sol = eq.fixed_point(f, z0, solver=eq.NewtonKrylov(), atol=1e-12, rtol=1e-12)
     assert bool((sol.status == Status.SUCCESS).all())
-    # Every call (value or JVP) was on all 3 rows and is counted once per sample.
     assert int(sol.stats["nfe"][0]) == len(calls)
     assert int(sol.stats["nfe"][0]) > int(sol.stats["n_steps"][0]) + 1
+    # Under no_grad the double-VJP trick makes the same products (same iterates) with a
+    # setup of one forward + one VJP per step, counted as 2.
+    with torch.no_grad():
+        cheap = eq.fixed_point(f, z0, solver=eq.NewtonKrylov(), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(cheap.value, sol.value, atol=1e-14, rtol=0)
+    assert torch.equal(cheap.stats["n_steps"], sol.stats["n_steps"])
+    assert torch.equal(cheap.stats["nfe"], sol.stats["nfe"] + 2 * sol.stats["n_steps"])
+
+
+def test_jvp_products_match_forward_mode():
+    from equilibria.equilibrium._newton_krylov import jvp_of
+
+    w = torch.randn(5, 5, dtype=torch.float64)
+    fn = lambda z: torch.tanh(z @ w.T) * z  # noqa: E731
+    z, v = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    expected = torch.func.jvp(fn, (z,), (v,))[1]
+    with torch.no_grad():
+        product, setup = jvp_of(fn, z)
+        torch.testing.assert_close(product(v), expected)
+        assert setup == 2
+        constant, _ = jvp_of(lambda z: torch.ones_like(z), z)
+        assert bool((constant(v) == 0).all())

@@ -212,6 +212,7 @@ def fixed_point(
             state = solver.init(_bind(f, x_rows), z0.index_select(0, rows), fz0[rows])
         else:
             state = solver.init(_bind(f, x), z0, fz0)
+        state["tolerance"] = _take(tolerance0, rows)
         extra = {key: torch.zeros_like(residual0) for key in solver.stat_keys}
         for key in solver.stat_keys:
             extra[key] = _put(extra[key], rows, state[key].detach().to(residual0.dtype))
@@ -232,6 +233,9 @@ def fixed_point(
             residual = residual * inverse_sqrt
             tolerance = torch.linalg.vector_norm(z.reshape(z.shape[0], -1), dim=1)
             tolerance = atol + rtol * inverse_sqrt * tolerance
+        # Solvers with an inner iteration (Newton-Krylov forcing terms) use the target to
+        # avoid solving the linear systems more accurately than the answer needs.
+        state["tolerance"] = tolerance
         if fast and all_running:
             # NaN compares False, so a non-finite residual leaves the fast path too.
             going = (residual > tolerance) & (

@@ -37,6 +37,9 @@ class FixedPointSolver:
     retries the samples whose trial step failed. `step_index` counts the loop's steps from
     0; it is the same for every row still in the state.
 
+    The loop writes "tolerance" into the state before every step: each row's current
+    target atol + rtol ||z|| (RMS), for solvers that size an inner iteration by it.
+
     A solver may also put "g" = fz - z in the state when it computes it anyway (the loop
     then reuses it for the residual instead of subtracting again).
 
