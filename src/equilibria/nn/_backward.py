@@ -183,7 +183,10 @@ class Implicit:
         """
 
         def vjp(u: torch.Tensor) -> torch.Tensor:
-            (out,) = torch.autograd.grad(z_out, z_leaf, u, retain_graph=True, allow_unused=True)
+            # Differentiable in u when a solver records it (NewtonKrylov's JVPs of the
+            # adjoint map): then its Newton step is exact on this linear problem.
+            (out,) = torch.autograd.grad(z_out, z_leaf, u, retain_graph=True, allow_unused=True,
+                                         create_graph=torch.is_grad_enabled())
             return torch.zeros_like(u) if out is None else out
 
         grad = grad.detach()
