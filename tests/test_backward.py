@@ -270,3 +270,14 @@ def test_double_backward_through_implicit_is_refused_not_wrong():
     (grad_x,) = torch.autograd.grad((weights * unrolled(x)).sum(), x, create_graph=True)
     grad_x.square().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_newton_krylov_adjoint_solves_the_linear_system_in_a_few_newton_steps():
+    cell, x, weights = _problem(contraction=0.8)
+    exact, _ = _deq_grad(cell, x, weights, Implicit(eq.GMRES(atol=1e-15, rtol=1e-13)))
+    grad, deq = _deq_grad(cell, x, weights,
+                          Implicit(eq.NewtonKrylov(), atol=1e-15, rtol=1e-14, max_steps=50))
+    # the adjoint map is linear: Newton converges at once up to the inner GMRES forcing;
+    # Picard would need ~50 steps at this contraction
+    assert int(deq.last_backward_stats["n_steps"].max()) <= 6
+    assert _relative_error(grad, exact) < 1e-10
