@@ -112,7 +112,8 @@ def residual_histogram(residuals: torch.Tensor, path: str | Path, atol: float | 
         bins = [10 ** (lo + (hi - lo + 1e-9) * k / 40) for k in range(41)]
         ax.hist(values.numpy(), bins=bins)
     if atol is not None:
-        ax.axvline(atol, color="k", ls="--", lw=1, label=f"atol = {atol:g}")
+        # the per-sample test is residual <= atol + rtol * RMS(z): atol is its floor
+        ax.axvline(atol, color="k", ls="--", lw=1, label=f"atol = {atol:g} (+ rtol·RMS(z))")
         ax.legend()
     ax.set(xscale="log", xlabel="residual at z* (RMS)", ylabel="test samples")
     ax.set_title("forward residual distribution")
