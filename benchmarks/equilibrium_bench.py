@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
+import os
 import signal
 import statistics
 import time
@@ -66,17 +67,19 @@ def relative_residual(w: torch.Tensor, c: torch.Tensor, z: torch.Tensor) -> torc
     return r.norm(dim=1) / z.norm(dim=1).clamp_min(1e-30)
 
 
-def time_f(w: torch.Tensor, c: torch.Tensor, repeats: int = 200) -> float:
+def time_f(w: torch.Tensor, c: torch.Tensor, repeats: int = 200) -> tuple[float, float]:
+    """Median wall and CPU (process) time of one f evaluation."""
     f = Counter(w, c)
     z = torch.randn(BATCH, WIDTH)
     for _ in range(20):
         f(z)
-    times = []
+    walls, cpus = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         f(z)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - start_cpu)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 class Timeout(Exception):
@@ -89,25 +92,29 @@ def _alarm(signum, frame):  # noqa: ARG001
 
 def measure(run: Callable[[Counter], tuple[torch.Tensor, dict]], w, c, repeats: int,
             timeout: float | None = None):
-    """Run `run` `repeats` times; return calls, extra, wall (median), z of the last run."""
-    walls, calls, z, extra = [], 0, None, {}
+    """Run `run` `repeats` times; return calls, extra, (wall, cpu) medians, z of the last run.
+
+    CPU time (time.process_time, all threads of this process) is reported next to wall time
+    because the machine is shared: other jobs inflate wall time, much less CPU time."""
+    walls, cpus, calls, z, extra = [], [], 0, None, {}
     for _ in range(repeats):
         f = Counter(w, c)
         if timeout:
             signal.signal(signal.SIGALRM, _alarm)
             signal.setitimer(signal.ITIMER_REAL, timeout)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         try:
             with torch.no_grad():
                 z, extra = run(f)
         except Timeout:
-            return f.calls, {"note": f"no result within {timeout:.0f} s"}, None, None
+            return f.calls, {"note": f"no result within {timeout:.0f} s wall"}, None, None
         finally:
             if timeout:
                 signal.setitimer(signal.ITIMER_REAL, 0)
         walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - start_cpu)
         calls = f.calls
-    return calls, extra, statistics.median(walls), z
+    return calls, extra, (statistics.median(walls), statistics.median(cpus)), z
 
 
 def ours(solver, max_steps: int = 500):
@@ -169,7 +176,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="1 repeat, no torchdiffeq event")
     parser.add_argument("--event-timeout", type=float, default=60.0)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     repeats = 1 if args.quick else args.repeats
     torch.manual_seed(0)
     lines = [
@@ -179,7 +189,10 @@ def main() -> None:
         f"- torch {torch.__version__}, threads {torch.get_num_threads()}, CPU shared with other "
         "engineers' jobs (timings are noisy)",
         f"- command: `.venv/bin/python benchmarks/equilibrium_bench.py --repeats {args.repeats}"
-        f"{' --quick' if args.quick else ''}`",
+        f"{' --quick' if args.quick else ''}"
+        f"{f' --threads {args.threads}' if args.threads else ''}`",
+        f"- load average at start: {' '.join(f'{x:.1f}' for x in os.getloadavg())} "
+        f"({os.cpu_count()} CPUs)",
         f"- f(z, x) = tanh(W z + U x + b), width {WIDTH}, batch {BATCH}, float32, no_grad; "
         f"target: per-sample ||f(z) - z|| / ||z|| <= {TOL:g} (ours: atol=1e-30, rtol={TOL:g}; "
         "TorchDEQ: stop_mode='rel', stops when the batch max of ||f(z) - z|| / ||f(z)|| < tol)",
@@ -192,7 +205,7 @@ def main() -> None:
     ]
     for case in ("easy", "hard"):
         w, c = make_case(case)
-        t_f = time_f(w, c)
+        t_f, t_f_cpu = time_f(w, c)
         rows = [
             ("equilibria Picard", ours(eq.Picard()), repeats, None),
             ("equilibria Anderson(m=5)", ours(eq.Anderson()), repeats, None),
@@ -210,23 +223,26 @@ def main() -> None:
             rows.append(("torchdiffeq odeint_event", torchdiffeq_event(1e-4, 1e-6), 1,
                          args.event_timeout))
         lines += [
-            f"## {case} case (one f evaluation: {t_f * 1e3:.2f} ms)",
+            f"## {case} case (one f evaluation: {t_f * 1e3:.2f} ms wall, "
+            f"{t_f_cpu * 1e3:.2f} ms CPU)",
             "",
-            "| solver | evals | nfe (mean / max) | wall ms | overhead | residual max | "
-            "residual median | note |",
-            "|---|---|---|---|---|---|---|---|",
+            "| solver | evals | nfe (mean / max) | wall ms | CPU ms | overhead wall | "
+            "overhead CPU | residual max | residual median | note |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, run, reps, timeout in rows:
-            calls, extra, wall, z = measure(run, w, c, reps, timeout)
+            calls, extra, times, z = measure(run, w, c, reps, timeout)
             calls = extra.get("evaluations", calls)
             if z is None:
-                lines.append(f"| {name} | {calls} | | > {timeout:.0f} s | | | | "
+                lines.append(f"| {name} | > {calls} | | > {timeout * 1e3:.0f} | | | | | | "
                              f"{extra.get('note', '')} |")
             else:
+                wall, cpu = times
                 res = relative_residual(w, c, z)
                 lines.append(
                     f"| {name} | {calls} | {extra.get('nfe', '')} | {wall * 1e3:.0f} | "
-                    f"{wall / (calls * t_f):.2f} | {res.max():.1e} | {res.median():.1e} | "
+                    f"{cpu * 1e3:.0f} | {wall / (calls * t_f):.2f} | "
+                    f"{cpu / (calls * t_f_cpu):.2f} | {res.max():.1e} | {res.median():.1e} | "
                     f"{extra.get('note', '')} |"
                 )
             print(lines[-1], flush=True)

@@ -378,3 +378,60 @@ def test_jvp_products_match_forward_mode():
         assert setup == 2
         constant, _ = jvp_of(lambda z: torch.ones_like(z), z)
         assert bool((constant(v) == 0).all())
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_device_path_without_host_syncs_gives_the_same_answer(solver, monkeypatch):
+    # On CUDA the loop never takes the CPU fast path and checks "all done?" every 4 steps
+    # only. Run that path here on CPU: per-sample results must be identical (a sample is
+    # frozen exactly when it passes, whatever the check cadence).
+    from equilibria.equilibrium import _loop
+
+    rates = torch.tensor([0.0, 0.1, 0.3, 0.6, 0.95], dtype=torch.float64)
+    z0 = torch.ones(5, 3, dtype=torch.float64)
+
+    def f(z, rate):
+        return rate[:, None] * torch.sin(z) + 1
+
+    kwargs = dict(atol=1e-10, rtol=1e-10, max_steps=1000, trace=True)
+    reference = eq.fixed_point(f, z0, rates, solver=solver, **kwargs)
+    monkeypatch.setattr(_loop, "_cheap_sync", lambda device: False)
+    for compact in (False, True):
+        sol = eq.fixed_point(f, z0, rates, solver=solver, compact=compact, **kwargs)
+        torch.testing.assert_close(sol.value, reference.value, atol=1e-13, rtol=0)
+        assert torch.equal(sol.status, reference.status)
+        assert torch.equal(sol.stats["n_steps"], reference.stats["n_steps"])
+        torch.testing.assert_close(sol.stats["residual"], reference.stats["residual"])
+
+
+# --- CUDA (skipped without a GPU) ----------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_cuda_float32_matches_cpu(solver):
+    problem = contractive_linear(batch=6, n=16)
+    a = problem.f(torch.eye(16, dtype=torch.float64), torch.zeros(16, 16, dtype=torch.float64))
+    a = a.T.float()  # f(e_i) = A e_i: recover A
+    b = problem.x.float()
+
+    def f(z, x):
+        return z @ a.to(z.device).T + x
+
+    kwargs = dict(atol=1e-5, rtol=1e-5, max_steps=2000)
+    cpu = eq.fixed_point(f, torch.zeros(6, 16), b, solver=solver, **kwargs)
+    gpu = eq.fixed_point(f, torch.zeros(6, 16, device="cuda"), b.cuda(), solver=solver,
+                         compact=True, trace=True, **kwargs)
+    assert gpu.value.device.type == "cuda" and gpu.status.device.type == "cuda"
+    assert bool((gpu.status == Status.SUCCESS).all())
+    torch.testing.assert_close(gpu.value.cpu(), cpu.value, atol=1e-4, rtol=0)
+    torch.testing.assert_close(gpu.value.cpu().double(), problem.solution, atol=1e-3, rtol=0)
+
+
+@pytest.mark.cuda
+def test_cuda_divergence_is_per_sample():
+    problem = divergent_problem()
+    sol = eq.fixed_point(problem.f, problem.z0.cuda(), problem.x.cuda(), solver=eq.Picard(),
+                         max_steps=200)
+    flags = problem.x.cuda()
+    assert bool((sol.status[flags] == Status.DIVERGED).all())
+    assert bool((sol.status[~flags] == Status.SUCCESS).all())

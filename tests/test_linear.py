@@ -113,3 +113,12 @@ def test_bad_solve_input():
         solver.solve(lambda v: v[:, :1], b)
     with pytest.raises(TypeError, match="unexpected keyword"):
         solver.solve(lambda v: v, b, tol=1e-3)
+
+
+@pytest.mark.cuda
+def test_cuda_matches_dense_solve():
+    a, b = _systems(batch=4, n=32)
+    sol = eq.GMRES(atol=1e-12, rtol=1e-12).solve(_matvec(a.cuda()), b.cuda())
+    assert sol.value.device.type == "cuda"
+    assert bool((sol.status == Status.SUCCESS).all())
+    torch.testing.assert_close(sol.value.cpu(), torch.linalg.solve(a, b), atol=1e-10, rtol=0)

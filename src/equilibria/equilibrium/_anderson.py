@@ -7,14 +7,9 @@ from dataclasses import dataclass
 import torch
 
 from .._checks import check_positive_int
-from ._solver import FixedPointSolver, Fn, State, check_damping, expand_as_batch
+from ._solver import FixedPointSolver, Fn, State, check_damping, expand_as_batch, mutable
 
 __all__ = ["Anderson"]
-
-
-def _mutable(*tensors: torch.Tensor) -> bool:
-    """True when the history may be updated in place (nothing is being recorded)."""
-    return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
 
 
 @dataclass(frozen=True)
@@ -83,7 +78,7 @@ class Anderson(FixedPointSolver):
         # Slots fill in order 0, 1, ..., so the first `count` hold the valid history (the same
         # count for every row: all rows in the state have taken the same number of steps).
         count = min(step_index + 1, self.m)
-        in_place = _mutable(z, fz, values, residuals, gram)
+        in_place = mutable(z, fz, values, residuals, gram)
         if in_place:
             values[:, slot] = f_flat
             residuals[:, slot] = g_flat

@@ -23,7 +23,12 @@ __all__ = ["fixed_point"]
 
 # On CUDA `bool(tensor)` waits for the device, so "is every sample done?" is asked every few
 # steps only; per-sample freezing is exact regardless (it uses torch.where, no host sync).
-_CHECK_EVERY_CUDA = 4
+_CHECK_EVERY_WITHOUT_SYNC = 4
+
+
+def _cheap_sync(device: torch.device) -> bool:
+    """Whether reading a tensor on the host costs nothing (CPU) or waits for a device."""
+    return device.type == "cpu"
 
 
 def _solver_choices() -> str:
@@ -199,7 +204,8 @@ def fixed_point(
     nfe = torch.ones(batch, dtype=torch.int64, device=device)
     residual_now = residual0
     residual_trace = [residual0] if trace else None
-    check_every = _CHECK_EVERY_CUDA if device.type == "cuda" else 1
+    fast = _cheap_sync(device)
+    check_every = 1 if fast else _CHECK_EVERY_WITHOUT_SYNC
 
     rows: torch.Tensor | None = None  # full-batch index of each state row; None = all rows
     x_rows = x
@@ -219,7 +225,6 @@ def fixed_point(
 
     # On CPU a host sync is free, so the common step (every row still running, every residual
     # improving, none finished) takes a path with no torch.where over the batch at all.
-    fast = device.type == "cpu"
     all_running = state is not None and bool(_take(active, rows).all())
     width = z0[0].numel()
     inverse_sqrt = 1.0 / math.sqrt(width) if width else 0.0

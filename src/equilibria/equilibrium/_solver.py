@@ -65,6 +65,11 @@ def check_damping(name: str, value: object) -> float:
     return float(value)
 
 
+def mutable(*tensors: torch.Tensor) -> bool:
+    """True when solver memory may be updated in place (autograd records none of it)."""
+    return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
+
+
 def batch_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-sample inner product of two (batch, ...) tensors: shape (batch,)."""
     return (a.reshape(a.shape[0], -1) * b.reshape(b.shape[0], -1)).sum(dim=1)

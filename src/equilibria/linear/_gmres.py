@@ -162,9 +162,12 @@ class GMRES:
                 w = apply(basis[j])
                 nmatvec += 1
                 stacked = torch.stack(basis, dim=1)  # (batch, j+1, n)
-                h = torch.bmm(stacked, w.unsqueeze(2)).squeeze(2)
+                # Projections as w^T V^T (batch, 1, j+1): on CPU this bmm orientation is
+                # several times faster than V w.
+                across = stacked.transpose(1, 2)
+                h = torch.bmm(w.unsqueeze(1), across).squeeze(1)
                 w = w - torch.bmm(h.unsqueeze(1), stacked).squeeze(1)
-                h_again = torch.bmm(stacked, w.unsqueeze(2)).squeeze(2)
+                h_again = torch.bmm(w.unsqueeze(1), across).squeeze(1)
                 w = w - torch.bmm(h_again.unsqueeze(1), stacked).squeeze(1)
                 h = h + h_again
                 h_next = w.norm(dim=1)
