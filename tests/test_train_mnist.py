@@ -28,6 +28,7 @@ def _config(tmp_path, name, **overrides) -> TrainConfig:
         runs_dir=str(tmp_path),
         quiet=True,
         max_steps=50,
+        plots=False,
     )
     values.update(overrides)
     return TrainConfig(**values)
@@ -43,11 +44,17 @@ def _weights(run_dir):
 
 def test_short_mnist_epoch_on_the_ode_path_learns(tmp_path):
     config = _config(
-        tmp_path, "learn", solver="steady-state-tsit5", subset=640, epochs=1, batch_size=64
+        tmp_path,
+        "learn",
+        solver="steady-state-tsit5",
+        subset=512,
+        epochs=1,
+        lr=2e-3,
+        plots=True,
     )
     result = train_mnist(config, log=lambda _: None)
     row = result.metrics[0]
-    assert result.test_accuracy > 0.6  # chance is 0.1
+    assert result.test_accuracy > 0.5  # chance is 0.1; 8 steps of Adam
     assert row["forward_nfe_mean"] > 0 and row["backward_nfe_mean"] > 0
     assert row["not_converged_share"] < 0.05
     for key in ("loss", "train_accuracy", "residual_median", "seconds", "test_loss"):
@@ -57,7 +64,7 @@ def test_short_mnist_epoch_on_the_ode_path_learns(tmp_path):
     for png in ("curves.png", "nfe.png", "residuals.png", "digits.png"):
         assert (result.run_dir / png).stat().st_size > 1000
     saved = json.loads((result.run_dir / "config.json").read_text())
-    assert saved["solver"] == "steady-state-tsit5" and saved["subset"] == 640
+    assert saved["solver"] == "steady-state-tsit5" and saved["subset"] == 512
 
 
 def test_resume_after_an_epoch_equals_uninterrupted(tmp_path):

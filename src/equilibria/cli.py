@@ -97,6 +97,7 @@ def _add_mnist_options(parser: argparse.ArgumentParser) -> None:
     add("--runs-dir", help="where runs live (default runs)")
     add("--resume", action="store_true", help="continue --run-name from its checkpoint")
     add("--quiet", action="store_const", const=True, help="no progress bars")
+    add("--no-plots", dest="plots", action="store_const", const=False, help="skip the PNGs")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -243,13 +244,11 @@ def _train_mnist(args: argparse.Namespace) -> int:
             f"({total:.0f} s in all)"
         )
         print(f"run directory: {result.run_dir}")
-        print(
-            "plots: "
-            + ", ".join(
-                str(result.run_dir / n)
-                for n in ("curves.png", "nfe.png", "residuals.png", "digits.png")
-            )
-        )
+        names = ("curves.png", "nfe.png", "residuals.png", "digits.png")
+        if config.plots:
+            print("plots: " + ", ".join(str(result.run_dir / name) for name in names))
+        else:
+            print("plots: skipped (--no-plots)")
     return 0
 
 

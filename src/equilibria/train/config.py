@@ -43,6 +43,7 @@ class TrainConfig:
         device: "cpu", "cuda", "cuda:1", ... ; under torchrun the local rank picks the GPU.
         run_name, runs_dir: where the run lives (runs_dir/run_name).
         quiet: no progress bars.
+        plots: draw the PNGs at the end of the run (tests switch it off to save time).
         preset: the preset these settings came from, if any (for the record).
     """
 
@@ -69,6 +70,7 @@ class TrainConfig:
     run_name: str = ""
     runs_dir: str = "runs"
     quiet: bool = False
+    plots: bool = True
     preset: str | None = None
 
     def validate(self) -> TrainConfig:

@@ -433,7 +433,7 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
         test_result = evaluate(ddp, data["test_x"], data["test_y"], context)
     if context.distributed:
         _write_rank_summary(run_dir, context, model, metrics)
-    if context.is_main:
+    if context.is_main and config.plots:
         _final_plots(run_dir, metrics, steps, test_result, data, config)
     return TrainResult(run_dir, metrics, test_result["accuracy"])
 
