@@ -281,3 +281,35 @@ def test_newton_krylov_adjoint_solves_the_linear_system_in_a_few_newton_steps():
     # Picard would need ~50 steps at this contraction
     assert int(deq.last_backward_stats["n_steps"].max()) <= 6
     assert _relative_error(grad, exact) < 1e-10
+
+
+def test_gmres_adjoint_works_where_the_adjoint_iteration_diverges():
+    """Eigenvalues of ∂f/∂z with modulus > 1 but real part < 1: SteadyState finds z*, the
+    adjoint fixed-point iteration u ← u J + g diverges, GMRES on (I − Jᵀ) u = g does not."""
+
+    class Linear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            q, _ = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64))
+            spectrum = torch.tensor([-1.5, -1.2, 0.3, 0.5], dtype=torch.float64)
+            self.A = torch.nn.Parameter(q @ torch.diag(spectrum) @ q.T)
+
+        def forward(self, z, x):
+            return z @ self.A.T + x
+
+    cell = Linear()
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(3, 4, dtype=torch.float64)
+    eye = torch.eye(4, dtype=torch.float64)
+    expected = torch.linalg.solve(eye - cell.A.detach().T, weights.T).T  # dL/dx = (I − A)^-T w
+    deq = DEQ(cell, solver=eq.SteadyState(), atol=1e-12, rtol=1e-12, max_steps=200,
+              backward=Implicit(eq.GMRES(atol=1e-14, rtol=1e-13)))
+    (weights * deq(x)).sum().backward()
+    assert bool(deq.last_solution.success.all())
+    torch.testing.assert_close(x.grad, expected, atol=1e-10, rtol=0)
+    x.grad = None
+    diverging = DEQ(cell, solver=eq.SteadyState(), atol=1e-12, rtol=1e-12, max_steps=200,
+                    backward=Implicit(eq.Picard(), max_steps=200))
+    with pytest.warns(RuntimeWarning, match="DIVERGED"):
+        (weights * diverging(x)).sum().backward()
+    assert bool((diverging.last_backward_stats["status"] == eq.Status.DIVERGED).all())

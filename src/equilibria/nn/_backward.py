@@ -117,6 +117,13 @@ class Implicit:
               `fixed_point`, under `atol`/`rtol`/`max_steps` (defaults 1e-6, 1e-6, 100).
         atol, rtol, max_steps: the fixed-point solve's per-sample tolerance and step bound.
 
+    Why GMRES by default: it needs only that I − ∂f/∂z be invertible, whereas iterating
+    u ← u ∂f/∂z + g (Picard, Anderson's base step) needs the spectral radius of ∂f/∂z below 1
+    — and the ODE path (SteadyState) also finds equilibria where it is not (eigenvalues of
+    real part < 1 but modulus > 1); there the fixed-point adjoint ends DIVERGED. On
+    contractive problems Anderson is as accurate per VJP and has less overhead per step
+    (benchmarks/results/backward.md).
+
     Backward stats (`deq.last_backward_stats`): status, residual, n_steps and nfe per sample,
     nfe counting the VJPs of the linear solve plus the final one through f.
     A sample whose linear solve fails does not crash training: its best iterate is used, the
