@@ -248,6 +248,8 @@ class DEQ(nn.Module):
         """z* = f_module(z*, x) per sample; see the class docstring."""
         self.last_backward_stats = None
         self._skip_pair = None
+        if isinstance(x, list):  # f_module sees the same structure in the solve and after it
+            x = tuple(x)
         start, prediction = self._start(x, z0)
         f = self.f_module
         if x is None:  # fixed_point calls f(z) when x is None
