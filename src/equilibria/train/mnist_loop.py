@@ -428,6 +428,12 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
             f"{row['train_accuracy']:.4f}, test acc {row['test_accuracy']:.4f}, forward NFE "
             f"{row['forward_nfe_mean']:.1f}, backward NFE {row['backward_nfe_mean']:.1f}, "
             f"{row['seconds']:.1f} s"
+            + (
+                f"; fixed-point reuse saved {row['reuse_nfe_saved_share']:.0%} of forward NFE "
+                f"(~{row['reuse_nfe_saved_epoch']:.0f} evaluations this epoch)"
+                if "reuse_nfe_saved_share" in row
+                else ""
+            )
         )
     if test_result is None:  # resumed an already finished run: just evaluate
         test_result = evaluate(ddp, data["test_x"], data["test_y"], context)
