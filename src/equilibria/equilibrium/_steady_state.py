@@ -29,7 +29,10 @@ class SteadyState(FixedPointSolver):
 
     - `ImplicitEuler` (default): pseudo-transient continuation (implicit Euler steps solved
       with GMRES on JVPs, dt grown as the residual falls until the step is Newton's). Not
-      limited by stability, so its step grows without bound near the steady state.
+      limited by stability, so its step grows without bound near the steady state. Chosen
+      as the default by measurement (benchmarks/results/equilibrium.md): on the hard case
+      (spectrum of df/dz up to 0.99) it needs about 1.5x the evaluations of Anderson,
+      JVPs included, where Tsit5 needs about 11x, held at its stability limit.
     - an explicit Runge–Kutta method from `equilibria.ode` (Tsit5, Dopri5, Bosh3, ... or a
       fixed-step one: Euler, RK4): each step is `equilibria.ode.rk_step`; adaptive methods
       use the embedded error estimate with this object's ``rtol``/``atol`` (a step is accepted
