@@ -10,7 +10,8 @@ where a quarter of the samples vary 4x faster, and a third measures the solver's
 overhead with a cheap field (64 x 64 tanh layer), where f costs little and the per-step
 bookkeeping of each library dominates.
 
-Run: .venv/bin/python benchmarks/ode_bench.py [--repeats 7] [--out benchmarks/results/ode.md]
+Run: .venv/bin/python benchmarks/ode_bench.py [--repeats 7] [--threads 1]
+         [--out benchmarks/results/ode.md]
 (needs `pip install torch==2.13.0 torchdiffeq==0.2.5 torchode==1.0.1`, `make bench` does it).
 """
 
@@ -292,7 +293,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", default="benchmarks/results/ode.md")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1: on a shared CPU, two threads "
+                             "wait on each other at every op barrier and timings swing 5x)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     table, _ = main_table(args.repeats)
     compaction = compaction_table(max(3, args.repeats // 2))
