@@ -75,8 +75,10 @@ def test_adjoint_backprop_and_finite_differences_agree(with_t_eval):
 def test_adjoint_backwards_in_time_and_fixed_step():
     field = MLPField(dim=2, hidden=6)
     y0 = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
-    for kwargs in ({"t_span": (1.0, -0.5), **TIGHT}, {"t_span": (0.0, 1.0), "solver": eq.RK4(),
-                                                      "dt0": 0.01}):
+    backwards_eval = torch.tensor([0.8, 0.1, -0.5], dtype=torch.float64)
+    for kwargs in ({"t_span": (1.0, -0.5), **TIGHT},
+                   {"t_span": (1.0, -0.5), "t_eval": backwards_eval, **TIGHT},
+                   {"t_span": (0.0, 1.0), "solver": eq.RK4(), "dt0": 0.01}):
         back = odeint(field, y0, **kwargs)
         grads_b = torch.autograd.grad(back.value.pow(2).sum(), [y0, *field.parameters()])
         adj_kwargs = dict(kwargs)
