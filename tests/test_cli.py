@@ -11,7 +11,18 @@ from equilibria.cli import build_parser, cobweb_iterates, main
 from equilibria.train import mnist_loop
 from equilibria.train.solvers import BACKWARD_CHOICES, SOLVER_CHOICES, make_backward, make_solver
 
-SMALL = ["--subset", "256", "--test-subset", "200", "--batch-size", "64", "--quiet", "--no-plots"]
+SMALL = [
+    "--subset",
+    "256",
+    "--test-subset",
+    "200",
+    "--batch-size",
+    "64",
+    "--quiet",
+    "--no-plots",
+    "--threads",
+    "1",
+]
 
 
 def _run(capsys, *argv):

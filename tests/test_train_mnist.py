@@ -29,6 +29,7 @@ def _config(tmp_path, name, **overrides) -> TrainConfig:
         quiet=True,
         max_steps=50,
         plots=False,
+        threads=1,
     )
     values.update(overrides)
     return TrainConfig(**values)
