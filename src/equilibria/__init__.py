@@ -48,6 +48,7 @@ from .nn import jacobian_penalty as jacobian_penalty
 from .nn import spectral_radius as spectral_radius
 
 # --- mechanics (owned by mechanics) ---
+# isort: split
 from . import mechanics as mechanics
 
 __version__ = "0.1.0"
