@@ -259,3 +259,38 @@ def test_mechanics_command_calls_the_demo(tmp_path, capsys, monkeypatch):
     code, out, _ = _run(capsys, "mechanics", "--out", str(tmp_path), "--quick")
     assert code == 0 and calls == [(Path(tmp_path), True)]
     assert "phase.png" in out
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--backward", "unrolled"],
+        ["--backward", "one-step", "--jac-penalty", "0.5"],
+        ["--backward", "phantom"],
+        ["--model", "conv", "--channels", "8", "--reuse-fixed-points", "--jac-penalty", "0.5"],
+    ],
+)
+def test_backward_strategies_penalty_and_conv_model_run(extra, tmp_path, capsys):
+    code, out, err = _run(
+        capsys,
+        "train",
+        "mnist",
+        "--subset",
+        "64",
+        "--test-subset",
+        "50",
+        "--epochs",
+        "1",
+        "--solver",
+        "anderson",
+        "--quiet",
+        "--no-plots",
+        "--threads",
+        "1",
+        "--runs-dir",
+        str(tmp_path),
+        *extra,
+    )
+    assert code == 0, err
+    row = json.loads(next(tmp_path.glob("*/metrics.jsonl")).read_text())
+    assert row["backward_nfe_mean"] >= 1 and math.isfinite(row["loss"])

@@ -66,9 +66,9 @@ class SeedMnistDEQ(nn.Module):
         return self.head(z_star)
 
     def jacobian_penalty(self, penalty_fn) -> torch.Tensor:
-        """penalty_fn(f, z*, x) (eq.jacobian_penalty) at the last forward's equilibrium."""
+        """Batch mean of penalty_fn(f, z*, x) (eq.jacobian_penalty, per sample) at the last z*."""
         z_star, x = self._last_pair
-        return penalty_fn(self._cell[0], z_star, x)
+        return penalty_fn(self._cell[0], z_star, x).mean()
 
 
 class ConvCell(nn.Module):
@@ -136,6 +136,6 @@ class ConvMnistDEQ(nn.Module):
         return self.head(z_star)
 
     def jacobian_penalty(self, penalty_fn) -> torch.Tensor:
-        """penalty_fn(f, z*, x) (eq.jacobian_penalty) at the last forward's equilibrium."""
+        """Batch mean of penalty_fn(f, z*, x) (eq.jacobian_penalty, per sample) at the last z*."""
         z_star, x = self._last_pair
-        return penalty_fn(self._cell[0], z_star, x)
+        return penalty_fn(self._cell[0], z_star, x).mean()
