@@ -171,8 +171,9 @@ def torchdiffeq_event(rtol: float, atol: float):
     return run
 
 
-def targets(found: dict) -> list[str]:
-    """The issue's targets, checked on this run's numbers (wall and CPU)."""
+def targets(found: dict, case: str) -> list[str]:
+    """The issue's targets, checked on this run's numbers (wall and CPU). The time-ratio
+    target is set for the hard case only."""
     ours_ = {k: v for k, v in found.items() if k.startswith("equilibria")}
     peers = {k: v for k, v in found.items() if k.startswith("TorchDEQ")}
     if not ours_ or not peers:
@@ -182,10 +183,11 @@ def targets(found: dict) -> list[str]:
         best = min(ours_, key=lambda k: ours_[k][index])
         peer = min(peers, key=lambda k: peers[k][index])
         ratio = ours_[best][index] / peers[peer][index]
+        verdict = f"target <= 0.5: {'met' if ratio <= 0.5 else 'NOT met'}"
         lines.append(
             f"- best {label} time: {best} {ours_[best][index] * 1e3:.0f} ms vs {peer} "
-            f"{peers[peer][index] * 1e3:.0f} ms: ratio {ratio:.2f} (target <= 0.5: "
-            f"{'met' if ratio <= 0.5 else 'NOT met'})"
+            f"{peers[peer][index] * 1e3:.0f} ms: ratio {ratio:.2f}"
+            + (f" ({verdict})" if case == "hard" else " (no target on this case)")
         )
     for name in ("equilibria Picard", "equilibria Anderson(m=5)"):
         if name in ours_:
@@ -230,6 +232,11 @@ def main() -> None:
         f"- f(z, x) = tanh(W z + U x + b), width {WIDTH}, batch {BATCH}, float32, no_grad; "
         f"target: per-sample ||f(z) - z|| / ||z|| <= {TOL:g} (ours: atol=1e-30, rtol={TOL:g}; "
         "TorchDEQ: stop_mode='rel', stops when the batch max of ||f(z) - z|| / ||f(z)|| < tol)",
+        "- run with --threads 1 on this shared 2-core machine: with 2 threads and other jobs "
+        "running, every small op's OpenMP region waits for a second core to be scheduled, "
+        "which made loops of many small ops many times slower (our Picard, easy case: 2.2 s "
+        "wall with 2 threads against 0.06 s with 1 in an earlier run); "
+        "CPU time is the steadier measure here, wall time is inflated ~2x by the other jobs",
         "- evals = batched f evaluations, JVPs included (ours: the max over samples of our "
         "per-sample nfe, which counts each JVP and 2 per Newton/implicit step for setting up "
         "the JVPs; peers: calls of f); nfe = our per-sample count (mean / max); "
@@ -282,7 +289,7 @@ def main() -> None:
                     f"{extra.get('note', '')} |"
                 )
             print(lines[-1], flush=True)
-        lines += ["", *targets(found), ""]
+        lines += ["", *targets(found, case), ""]
     text = "\n".join(lines)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(text + "\n")
