@@ -165,3 +165,54 @@ def test_conv_model_forward_on_cuda_matches_cpu():
         on_cpu = model(images)
         on_gpu = model.to("cuda")(images.to("cuda")).cpu()
     assert torch.allclose(on_cpu, on_gpu, atol=1e-3)
+
+
+def test_real_ctrl_c_exits_130_with_a_resumable_checkpoint(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    command = [
+        sys.executable,
+        "-m",
+        "equilibria",
+        "train",
+        "mnist",
+        "--subset",
+        "256",
+        "--test-subset",
+        "100",
+        "--batch-size",
+        "32",
+        "--epochs",
+        "40",
+        "--solver",
+        "picard",
+        "--threads",
+        "1",
+        "--quiet",
+        "--no-plots",
+        "--runs-dir",
+        str(tmp_path),
+        "--run-name",
+        "sig",
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "sig" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not metrics.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    assert "checkpoint saved" in err or "checkpoint saved" in _
+    state = load_checkpoint(tmp_path / "sig" / "checkpoint.pt")
+    assert state["epoch"] >= 1
+    from equilibria.cli import main
+
+    epochs = state["epoch"] + 1
+    argv = ["train", "mnist", "--resume", "--run-name", "sig", "--runs-dir", str(tmp_path)]
+    assert main([*argv, "--epochs", str(epochs)]) == 0
+    lines = metrics.read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == list(range(1, epochs + 1))

@@ -323,77 +323,80 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
 
     show_bar = context.is_main and not config.quiet and sys.stderr.isatty()
     test_result = None
-    for epoch in range(start_epoch, config.epochs):
-        sampler.set_epoch(epoch)
-        order = torch.tensor(list(iter(sampler)), dtype=torch.long)
-        accumulator = EpochAccumulator.from_state(partial)
-        partial = None
-        first_batch = start_batch if epoch == start_epoch else 0
-        bar = tqdm(
-            total=batches_per_epoch,
-            initial=first_batch,
-            desc=f"epoch {epoch + 1}/{config.epochs}",
-            disable=not show_bar,
-            leave=True,
-            dynamic_ncols=True,
-        )
-        model.train()
-
-        def run_batch(batch: int, epoch: int, order: torch.Tensor, accumulator) -> None:
-            index = order[batch * config.batch_size : (batch + 1) * config.batch_size]
-            index = index.to(device)
-            images, labels = data["train_x"][index], data["train_y"][index]
-            z0 = None
-            if buffer is not None:
-                z0 = torch.where(
-                    have[index].view(-1, *([1] * (buffer.dim() - 1))),
-                    buffer[index],
-                    torch.zeros_like(buffer[index]),
-                )
-            logits = ddp(images, z0=z0)
-            loss = _classification_loss(logits, labels)
-            if penalty_fn is not None:
-                loss = loss + config.jac_penalty * model.jacobian_penalty(penalty_fn)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise TrainingDiverged(
-                    f"the loss became {loss_value} at epoch {epoch + 1}, batch {batch + 1}. "
-                    f"The last good checkpoint is kept in {run_dir}. Lower --lr, add "
-                    "--jac-penalty (e.g. 1.0) to keep f contractive, or tighten "
-                    "--atol/--rtol."
-                )
-            forward = forward_stats(model.deq.last_solution)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.lr_schedule == "cosine":
-                progress = (epoch * batches_per_epoch + batch) / (config.epochs * batches_per_epoch)
-                for group in optimizer.param_groups:
-                    group["lr"] = config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-            optimizer.step()
-            backward = backward_stats(model.deq)
-            probe = None
-            if buffer is not None:
-                warm = have[index]
-                buffer[index] = model.last_z
-                have[index] = True
-                if batch % PROBE_EVERY == 0 and bool(warm.any()):
-                    probe = _probe_cold_nfe(model, images[warm], forward["nfe"][warm.cpu()])
-            accumulator.add(
-                loss_value, logits.detach(), labels, forward, backward, probe, index.numel()
+    # Under DDP every rank must stop at the same point: no deferral, the epoch checkpoint stays.
+    with _DeferredInterrupt(enabled=not context.distributed) as interrupt:
+        for epoch in range(start_epoch, config.epochs):
+            sampler.set_epoch(epoch)
+            order = torch.tensor(list(iter(sampler)), dtype=torch.long)
+            accumulator = EpochAccumulator.from_state(partial)
+            partial = None
+            first_batch = start_batch if epoch == start_epoch else 0
+            bar = tqdm(
+                total=batches_per_epoch,
+                initial=first_batch,
+                desc=f"epoch {epoch + 1}/{config.epochs}",
+                disable=not show_bar,
+                leave=True,
+                dynamic_ncols=True,
             )
-            if batch % STEP_LOG_EVERY == 0:
-                steps.append(
-                    {
-                        "epoch": epoch + 1,
-                        "batch": batch + 1,
-                        "loss": loss_value,
-                        "forward_nfe": float(forward["nfe"].float().mean()),
-                    }
-                )
+            model.train()
 
-        completed, at_boundary = first_batch, True
-        try:
-            with _DeferredInterrupt() as interrupt:
+            def run_batch(batch: int, epoch: int, order: torch.Tensor, accumulator) -> None:
+                index = order[batch * config.batch_size : (batch + 1) * config.batch_size]
+                index = index.to(device)
+                images, labels = data["train_x"][index], data["train_y"][index]
+                z0 = None
+                if buffer is not None:
+                    z0 = torch.where(
+                        have[index].view(-1, *([1] * (buffer.dim() - 1))),
+                        buffer[index],
+                        torch.zeros_like(buffer[index]),
+                    )
+                logits = ddp(images, z0=z0)
+                loss = _classification_loss(logits, labels)
+                if penalty_fn is not None:
+                    loss = loss + config.jac_penalty * model.jacobian_penalty(penalty_fn)
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    raise TrainingDiverged(
+                        f"the loss became {loss_value} at epoch {epoch + 1}, batch {batch + 1}. "
+                        f"The last good checkpoint is kept in {run_dir}. Lower --lr, add "
+                        "--jac-penalty (e.g. 1.0) to keep f contractive, or tighten "
+                        "--atol/--rtol."
+                    )
+                forward = forward_stats(model.deq.last_solution)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.lr_schedule == "cosine":
+                    progress = (epoch * batches_per_epoch + batch) / (
+                        config.epochs * batches_per_epoch
+                    )
+                    for group in optimizer.param_groups:
+                        group["lr"] = config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+                optimizer.step()
+                backward = backward_stats(model.deq)
+                probe = None
+                if buffer is not None:
+                    warm = have[index]
+                    buffer[index] = model.last_z
+                    have[index] = True
+                    if batch % PROBE_EVERY == 0 and bool(warm.any()):
+                        probe = _probe_cold_nfe(model, images[warm], forward["nfe"][warm.cpu()])
+                accumulator.add(
+                    loss_value, logits.detach(), labels, forward, backward, probe, index.numel()
+                )
+                if batch % STEP_LOG_EVERY == 0:
+                    steps.append(
+                        {
+                            "epoch": epoch + 1,
+                            "batch": batch + 1,
+                            "loss": loss_value,
+                            "forward_nfe": float(forward["nfe"].float().mean()),
+                        }
+                    )
+
+            completed, at_boundary = first_batch, True
+            try:
                 for batch in range(first_batch, batches_per_epoch):
                     at_boundary = False
                     run_batch(batch, epoch, order, accumulator)
@@ -404,39 +407,42 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
                     if on_step is not None:
                         on_step(epoch * batches_per_epoch + batch + 1)
                     interrupt.check()
-        except KeyboardInterrupt:
+            except KeyboardInterrupt:
+                bar.close()
+                if context.distributed:
+                    log("interrupted: under DDP the last epoch checkpoint is the resume point.")
+                elif not at_boundary:
+                    # a second Ctrl-C stopped a batch half-way: its state is not consistent
+                    log(f"interrupted mid-batch: the last checkpoint in {run_dir} is kept.")
+                else:
+                    checkpoint(epoch, completed, accumulator)
+                    log(f"interrupted: checkpoint saved in {run_dir}; continue with --resume.")
+                raise
             bar.close()
-            if context.distributed:
-                log("interrupted: under DDP the last epoch checkpoint is the resume point.")
-            elif not at_boundary:
-                # a second Ctrl-C stopped a batch half-way: its state is not consistent
-                log(f"interrupted mid-batch: the last checkpoint in {run_dir} is kept.")
-            else:
-                checkpoint(epoch, completed, accumulator)
-                log(f"interrupted: checkpoint saved in {run_dir}; continue with --resume.")
-            raise
-        bar.close()
-        if buffer is not None and context.distributed:
-            _sync_buffer(context, buffer, have, order)
-        test_result = evaluate(ddp, data["test_x"], data["test_y"], context)
-        row = {"epoch": epoch + 1, **accumulator.summary(context), **_test_row(test_result)}
-        metrics.append(row)
-        checkpoint(epoch + 1, 0, None)
-        if context.is_main:
-            _write_jsonl(run_dir / "metrics.jsonl", metrics)
-            _write_jsonl(run_dir / "steps.jsonl", steps)
-        log(
-            f"epoch {epoch + 1}/{config.epochs}: loss {row['loss']:.4f}, train acc "
-            f"{row['train_accuracy']:.4f}, test acc {row['test_accuracy']:.4f}, forward NFE "
-            f"{row['forward_nfe_mean']:.1f}, backward NFE {row['backward_nfe_mean']:.1f}, "
-            f"{row['seconds']:.1f} s"
-            + (
-                f"; fixed-point reuse saved {row['reuse_nfe_saved_share']:.0%} of forward NFE "
-                f"(~{row['reuse_nfe_saved_epoch']:.0f} evaluations this epoch)"
-                if "reuse_nfe_saved_share" in row
-                else ""
+            if buffer is not None and context.distributed:
+                _sync_buffer(context, buffer, have, order)
+            test_result = evaluate(ddp, data["test_x"], data["test_y"], context)
+            row = {"epoch": epoch + 1, **accumulator.summary(context), **_test_row(test_result)}
+            metrics.append(row)
+            checkpoint(epoch + 1, 0, None)
+            if context.is_main:
+                _write_jsonl(run_dir / "metrics.jsonl", metrics)
+                _write_jsonl(run_dir / "steps.jsonl", steps)
+            log(
+                f"epoch {epoch + 1}/{config.epochs}: loss {row['loss']:.4f}, train acc "
+                f"{row['train_accuracy']:.4f}, test acc {row['test_accuracy']:.4f}, forward NFE "
+                f"{row['forward_nfe_mean']:.1f}, backward NFE {row['backward_nfe_mean']:.1f}, "
+                f"{row['seconds']:.1f} s"
+                + (
+                    f"; fixed-point reuse saved {row['reuse_nfe_saved_share']:.0%} of forward NFE "
+                    f"(~{row['reuse_nfe_saved_epoch']:.0f} evaluations this epoch)"
+                    if "reuse_nfe_saved_share" in row
+                    else ""
+                )
             )
-        )
+            if interrupt.requested:  # Ctrl-C during the evaluation or the checkpoint
+                log(f"interrupted: checkpoint saved in {run_dir}; continue with --resume.")
+                raise KeyboardInterrupt
     if test_result is None:  # resumed an already finished run: just evaluate
         test_result = evaluate(ddp, data["test_x"], data["test_y"], context)
     if context.distributed:
@@ -447,7 +453,7 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
 
 
 class _DeferredInterrupt:
-    """Ctrl-C (SIGINT) during a batch is held until the batch has finished.
+    """Ctrl-C (SIGINT) during a batch (or an epoch's evaluation) is held until it has finished.
 
     The first Ctrl-C sets a flag that `check()` turns into KeyboardInterrupt at the next
     batch boundary, where model, optimizer, RNG and counters agree, so the checkpoint written
@@ -455,15 +461,16 @@ class _DeferredInterrupt:
     at once (and the last checkpoint is kept). Outside the main thread it does nothing.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
         self.requested = False
+        self.enabled = enabled
         self._previous = None
 
     def __enter__(self) -> _DeferredInterrupt:
         import signal
         import threading
 
-        if threading.current_thread() is threading.main_thread():
+        if self.enabled and threading.current_thread() is threading.main_thread():
             self._previous = signal.getsignal(signal.SIGINT)
             signal.signal(signal.SIGINT, self._handle)
         return self
