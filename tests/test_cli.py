@@ -294,3 +294,21 @@ def test_backward_strategies_penalty_and_conv_model_run(extra, tmp_path, capsys)
     assert code == 0, err
     row = json.loads(next(tmp_path.glob("*/metrics.jsonl")).read_text())
     assert row["backward_nfe_mean"] >= 1 and math.isfinite(row["loss"])
+
+
+def test_demo_preset_is_the_seed_continuous_deq_and_options_override_it():
+    from equilibria.cli import mnist_config
+
+    parser = build_parser()
+    config, resume = mnist_config(parser.parse_args(["train", "mnist", "--preset", "demo"]))
+    assert (config.model, config.solver, config.backward) == (
+        "seed",
+        "steady-state-tsit5",
+        "implicit",
+    )
+    assert config.epochs == 1 and config.subset is None and config.test_subset is None
+    assert config.run_name.startswith("demo-") and not resume
+    config, _ = mnist_config(
+        parser.parse_args(["train", "mnist", "--preset", "demo", "--subset", "1000"])
+    )
+    assert config.subset == 1000 and config.solver == "steady-state-tsit5"
