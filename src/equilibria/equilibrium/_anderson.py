@@ -64,7 +64,6 @@ class Anderson(FixedPointSolver):
         return {
             "z": z,
             "fz": fz,
-            "values": z.new_empty(batch, self.m, width),  # f(z_i), flattened
             "residuals": z.new_empty(batch, self.m, width),  # g_i = f(z_i) - z_i, flattened
             "gram": z.new_zeros(batch, self.m, self.m),  # g_i . g_j, kept up to date
         }
@@ -73,20 +72,25 @@ class Anderson(FixedPointSolver):
         z, fz = state["z"], state["fz"]
         batch = z.shape[0]
         f_flat = fz.reshape(batch, -1)
-        g = state.get("g")
-        g_flat = (fz - z if g is None else g).reshape(batch, -1)
-        values, residuals, gram = state["values"], state["residuals"], state["gram"]
+        residuals, gram = state["residuals"], state["gram"]
         slot = step_index % self.m
         # Slots fill in order 0, 1, ..., so the first `count` hold the valid history (the same
         # count for every row: all rows in the state have taken the same number of steps).
         count = min(step_index + 1, self.m)
-        in_place = mutable(z, fz, values, residuals, gram)
+        g = state.get("g")
+        in_place = mutable(z, fz, residuals, gram)
         if in_place:
-            values[:, slot] = f_flat
-            residuals[:, slot] = g_flat
+            target = residuals[:, slot]
+            # The previous step wrote g = f(z) - z straight into this slot (saving a 0.5 MB
+            # allocation and copy per step); after compaction or at step 0 it is elsewhere.
+            if g is None:
+                torch.sub(f_flat, z.reshape(batch, -1), out=target)
+            elif g.data_ptr() != target.data_ptr():
+                target.copy_(g.reshape(batch, -1))
+            g_flat = target
         else:
+            g_flat = (fz - z if g is None else g).reshape(batch, -1)
             index = torch.tensor([slot], device=z.device)
-            values = values.index_copy(1, index, f_flat.unsqueeze(1))
             residuals = residuals.index_copy(1, index, g_flat.unsqueeze(1))
         # Only the new residual's row of the Gram matrix changes: O(m n) instead of O(m^2 n).
         # Computed as g^T G^T: on CPU this bmm orientation is ~10x faster than G g.
@@ -100,30 +104,61 @@ class Anderson(FixedPointSolver):
             gram = gram.index_copy(1, index, row.unsqueeze(1))
             gram = gram.index_copy(2, index, row.unsqueeze(2))
         beta = self.damping
-        new_state = {"values": values, "residuals": residuals, "gram": gram}
+        # f(z_i) is kept as the tensor f returned, one state entry per slot (every state entry
+        # must be a batch-first tensor for the loop's compaction): copying it into a history
+        # buffer cost a 0.5 MB read and write per step, and the mixing reads it only once.
+        values = [fz if i == slot else state[f"f{i}"] for i in range(count)]
+        new_state = {"residuals": residuals, "gram": gram, f"f{slot}": fz}
+        new_state.update({f"f{i}": state[f"f{i}"] for i in range(count) if i != slot})
         if count == 1:
             z_next = torch.lerp(z, fz, beta) if beta != 1.0 else fz
-            fz_next = fn(z_next)
-            new_state.update(z=z_next, fz=fz_next, g=fz_next - z_next)
-            return new_state, 1
-        system = gram[:, :count, :count]
-        scale = system.diagonal(dim1=1, dim2=2).amax(dim=1)
-        eye = torch.eye(count, dtype=z.dtype, device=z.device)
-        system = system + (self.regularization * scale)[:, None, None] * eye
-        a, info = torch.linalg.solve_ex(system, z.new_ones(batch, count, 1), check_errors=False)
-        a = a.squeeze(2)
-        total = a.sum(dim=1, keepdim=True)
-        alpha = a / total
-        ok = (info == 0) & torch.isfinite(alpha).all(dim=1) & (total.squeeze(1).abs() > 0)
-        alpha = torch.where(ok[:, None], alpha, torch.zeros_like(alpha)).unsqueeze(1)
+        else:
+            z_next = self._mix(z, fz, values, residuals[:, :count],
+                               gram[:, :count, :count])
+        fz_next = fn(z_next)
+        if in_place and not fz_next.requires_grad:
+            # g for the next step, written into the slot that step fills (its oldest entry,
+            # which nothing reads any more: this step's Gram row and mixing are done).
+            target = residuals[:, (step_index + 1) % self.m]
+            torch.sub(fz_next.reshape(batch, -1), z_next.reshape(batch, -1), out=target)
+            g_next = target.view(z.shape)
+        else:
+            g_next = fz_next - z_next
+        new_state.update(z=z_next, fz=fz_next, g=g_next)
+        return new_state, 1
+
+    def _mix(self, z: torch.Tensor, fz: torch.Tensor, values: list[torch.Tensor],
+             residuals: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+        """The Anderson iterate from the c values f(z_i), the (batch, c, n) residual history
+        and its (batch, c, c) Gram matrix; a sample whose mixing system fails (singular,
+        non-finite solution, sum(a) = 0) takes the damped Picard step instead."""
+        # Regularise by lambda max_i ||g_i||^2 on a copy's diagonal (no eye, no broadcast).
+        scale = self.regularization * gram.diagonal(dim1=1, dim2=2).amax(dim=1, keepdim=True)
+        # In place on a fresh copy: autograd has saved nothing of it yet (amax read `gram`).
+        system = gram.clone()
+        system.diagonal(dim1=1, dim2=2).add_(scale)
+        ones = z.new_ones(z.shape[0], gram.shape[1], 1)
+        a, info = torch.linalg.solve_ex(system, ones, check_errors=False)
+        # sum(a) = 0 makes alpha non-finite, so the finiteness test also catches it.
+        alpha = (a / a.sum(dim=1, keepdim=True)).transpose(1, 2)  # (batch, 1, c)
+        ok = torch.isfinite(alpha).all(dim=2).squeeze(1) & (info == 0)
+        # On CPU the check is free and almost always passes: then no masking at all.
+        all_ok = z.device.type == "cpu" and bool(ok.all())
+        if not all_ok:
+            alpha = torch.where(ok[:, None, None], alpha, torch.zeros_like(alpha))
         # sum_i alpha_i (z_i + beta g_i) = sum_i alpha_i (f_i - (1 - beta) g_i).
-        mixed = torch.bmm(alpha, values[:, :count]).squeeze(1)
+        batch = z.shape[0]
+        weights = alpha.squeeze(1)
+        mixed = values[0].reshape(batch, -1) * weights[:, :1]
+        accumulate = mixed.addcmul_ if mutable(mixed) else mixed.addcmul
+        for i in range(1, len(values)):
+            mixed = accumulate(values[i].reshape(batch, -1), weights[:, i : i + 1])
+            accumulate = mixed.addcmul_ if mutable(mixed) else mixed.addcmul
+        beta = self.damping
         if beta != 1.0:
-            mixed = mixed - (1 - beta) * torch.bmm(alpha, residuals[:, :count]).squeeze(1)
+            mixed = mixed - (1 - beta) * torch.bmm(alpha, residuals).squeeze(1)
         mixed = mixed.reshape(z.shape)
-        if not (z.device.type == "cpu" and bool(ok.all())):
+        if not all_ok:
             picard = torch.lerp(z, fz, beta) if beta != 1.0 else fz
             mixed = torch.where(expand_as_batch(ok, z), mixed, picard)
-        fz_next = fn(mixed)
-        new_state.update(z=mixed, fz=fz_next, g=fz_next - mixed)
-        return new_state, 1
+        return mixed
