@@ -36,7 +36,34 @@ class SeedCell(nn.Module):
         return self.outer(torch.tanh(self.inner(z + x)))
 
 
-class SeedMnistDEQ(nn.Module):
+class _EquilibriumClassifier(nn.Module):
+    """inject(images) -> x; z* = DEQ(x); logits = head(z*). Subclasses build the pieces.
+
+    forward(images, z0=None) -> logits (batch, 10). `z0` warm-starts the solve (fixed-point
+    reuse); the equilibrium of the last call is kept, detached, in `last_z`.
+    """
+
+    deq: nn.Module
+    head: nn.Module
+    _cell: tuple[nn.Module]  # unregistered reference: the DEQ owns the cell's parameters
+
+    def inject(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor, z0: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.inject(images)
+        z_star = self.deq(x, z0=torch.zeros_like(x) if z0 is None else z0)
+        self.last_z = z_star.detach()
+        self._last_pair = (z_star, x)
+        return self.head(z_star)
+
+    def jacobian_penalty(self, penalty_fn) -> torch.Tensor:
+        """Batch mean of penalty_fn(f, z*, x) (eq.jacobian_penalty, per sample) at the last z*."""
+        z_star, x = self._last_pair
+        return penalty_fn(self._cell[0], z_star, x).mean()
+
+
+class SeedMnistDEQ(_EquilibriumClassifier):
     """flatten -> Linear(784, width) -> DEQ(SeedCell) -> Linear(width, 10).
 
     Arguments:
@@ -54,21 +81,12 @@ class SeedMnistDEQ(nn.Module):
         self.embed = nn.Linear(28 * 28, width)
         cell = SeedCell(width, hidden)
         self.deq = deq_factory(cell)
-        self._cell = (cell,)  # unregistered reference: the DEQ owns the parameters
+        self._cell = (cell,)
         self.head = nn.Linear(width, 10)
         self.last_z: torch.Tensor | None = None
 
-    def forward(self, images: torch.Tensor, z0: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.embed(images.flatten(1))
-        z_star = self.deq(x, z0=torch.zeros_like(x) if z0 is None else z0)
-        self.last_z = z_star.detach()
-        self._last_pair = (z_star, x)
-        return self.head(z_star)
-
-    def jacobian_penalty(self, penalty_fn) -> torch.Tensor:
-        """Batch mean of penalty_fn(f, z*, x) (eq.jacobian_penalty, per sample) at the last z*."""
-        z_star, x = self._last_pair
-        return penalty_fn(self._cell[0], z_star, x).mean()
+    def inject(self, images: torch.Tensor) -> torch.Tensor:
+        return self.embed(images.flatten(1))
 
 
 class ConvCell(nn.Module):
@@ -96,7 +114,7 @@ class ConvCell(nn.Module):
         return self.norm3(torch.relu(z + self.norm2(x + self.conv2(y))))
 
 
-class ConvMnistDEQ(nn.Module):
+class ConvMnistDEQ(_EquilibriumClassifier):
     """conv stem to (channels, 14, 14) -> DEQ(ConvCell) -> GN, relu, 2x2 average pool -> linear.
 
     forward(images, z0=None) -> logits (batch, 10); z0 (batch, channels, 14, 14).
@@ -128,14 +146,5 @@ class ConvMnistDEQ(nn.Module):
         )
         self.last_z: torch.Tensor | None = None
 
-    def forward(self, images: torch.Tensor, z0: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.stem(images)
-        z_star = self.deq(x, z0=torch.zeros_like(x) if z0 is None else z0)
-        self.last_z = z_star.detach()
-        self._last_pair = (z_star, x)
-        return self.head(z_star)
-
-    def jacobian_penalty(self, penalty_fn) -> torch.Tensor:
-        """Batch mean of penalty_fn(f, z*, x) (eq.jacobian_penalty, per sample) at the last z*."""
-        z_star, x = self._last_pair
-        return penalty_fn(self._cell[0], z_star, x).mean()
+    def inject(self, images: torch.Tensor) -> torch.Tensor:
+        return self.stem(images)
