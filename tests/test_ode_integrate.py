@@ -279,7 +279,7 @@ def _ok(t, y):
     [
         ({"y0": torch.tensor([[1.0, float("nan")]])}, ValueError, "y0 contains inf or NaN"),
         ({"y0": [[1.0]]}, TypeError, "y0 must be a torch.Tensor"),
-        ({"y0": torch.tensor(1.0)}, ValueError, "batch dimension"),
+        ({"y0": torch.tensor(1.0)}, ValueError, "batch in dim 0"),
         ({"rtol": 0.0}, ValueError, "rtol"),
         ({"atol": -1e-9}, ValueError, "atol"),
         ({"max_steps": 0}, ValueError, "max_steps"),

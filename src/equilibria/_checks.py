@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "check_batched_state",
     "check_finite",
     "check_positive",
     "check_positive_int",
@@ -64,3 +65,22 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
         else:
             where = ""
         raise ValueError(f"{name} contains inf or NaN{where}; pass finite values.")
+
+
+def check_batched_state(name: str, tensor: object) -> torch.Tensor:
+    """A finite floating tensor with the batch in dim 0 (the state of every solver)."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor of shape (batch, ...), got {type(tensor).__name__}."
+        )
+    if tensor.dim() == 0:
+        raise ValueError(
+            f"{name} must have the batch in dim 0: shape (batch, ...), got a 0-dim tensor; "
+            f"use {name}.reshape(1, 1) for a single sample."
+        )
+    if not tensor.is_floating_point():
+        raise TypeError(
+            f"{name} must be a floating tensor, got {tensor.dtype}; use {name}.float()."
+        )
+    check_finite(name, tensor)
+    return tensor

@@ -14,7 +14,14 @@ from typing import Any
 
 import torch
 
-from .._checks import check_finite, check_positive, check_positive_int, check_tolerances, rms_norm
+from .._checks import (
+    check_batched_state,
+    check_finite,
+    check_positive,
+    check_positive_int,
+    check_tolerances,
+    rms_norm,
+)
 from .._solution import Solution, Status
 from ._anderson import Anderson
 from ._solver import FixedPointSolver, State, expand_as_batch
@@ -152,13 +159,7 @@ def fixed_point(
     """
     if not callable(f):
         raise TypeError(f"f must be callable f(z, x) -> z, got {type(f).__name__}.")
-    if not isinstance(z0, torch.Tensor):
-        raise TypeError(f"z0 must be a torch.Tensor, got {type(z0).__name__}.")
-    if z0.dim() == 0:
-        raise ValueError("z0 must have the batch in dim 0, got a scalar; use z0.reshape(1, 1).")
-    if not z0.is_floating_point():
-        raise TypeError(f"z0 must be a floating tensor, got {z0.dtype}; use z0.float().")
-    check_finite("z0", z0)
+    check_batched_state("z0", z0)
     if not isinstance(solver, FixedPointSolver):
         raise TypeError(
             f"solver must be a solver object, got {type(solver).__name__} {solver!r}; "

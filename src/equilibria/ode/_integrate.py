@@ -14,7 +14,12 @@ from typing import Any
 
 import torch
 
-from .._checks import check_finite, check_positive, check_positive_int, check_tolerances
+from .._checks import (
+    check_batched_state,
+    check_positive,
+    check_positive_int,
+    check_tolerances,
+)
 from .._solution import Solution, Status
 from ._controller import PIController, initial_step, scaled_error
 from ._interp import dense_value
@@ -110,16 +115,7 @@ def _check_t_eval(t_eval: Any, t0: float, t1: float) -> torch.Tensor:
 def _check_inputs(f, y0, t_span, solver, rtol, atol, max_steps, dt0, n_steps, terminate, args):
     if not callable(f):
         raise TypeError(f"f must be callable f(t, y), got {type(f).__name__}.")
-    if not isinstance(y0, torch.Tensor):
-        raise TypeError(
-            f"y0 must be a torch.Tensor of shape (batch, ...), got {type(y0).__name__}."
-        )
-    if y0.dim() == 0:
-        raise ValueError("y0 must have a batch dimension: shape (batch, ...), got a 0-dim tensor; "
-                         "use y0[None] for a single sample.")
-    if not y0.is_floating_point():
-        raise TypeError(f"y0 must be a floating-point tensor, got {y0.dtype}.")
-    check_finite("y0", y0)
+    check_batched_state("y0", y0)
     if not isinstance(solver, RungeKutta):
         raise TypeError(
             f"solver must be an equilibria.ode solver object (Euler(), RK4(), Tsit5(), ...), "
