@@ -37,8 +37,9 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 bench: $(VENV)/.bench
-	$(PY) benchmarks/ode_bench.py
-	$(PY) benchmarks/equilibrium_bench.py
+	$(PY) benchmarks/ode_bench.py --threads 1
+	$(PY) benchmarks/equilibrium_bench.py --threads 1
+	$(PY) benchmarks/backward_bench.py --threads 1
 
 clean:
 	rm -rf $(VENV)
