@@ -16,6 +16,7 @@ __all__ = [
     "check_positive",
     "check_positive_int",
     "check_tolerances",
+    "check_unit_interval",
     "rms_norm",
 ]
 
@@ -84,3 +85,13 @@ def check_batched_state(name: str, tensor: object) -> torch.Tensor:
         )
     check_finite(name, tensor)
     return tensor
+
+
+def check_unit_interval(name: str, value: object, closed_top: bool = True) -> float:
+    """A number in (0, 1] (or (0, 1) with closed_top=False), else an error naming `name`."""
+    interval = "(0, 1]" if closed_top else "(0, 1)"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number in {interval}, got {type(value).__name__}.")
+    if not (0.0 < float(value) < 1.0 or (closed_top and float(value) == 1.0)):
+        raise ValueError(f"{name} must be in {interval}, got {value!r}; e.g. {name}=0.5.")
+    return float(value)

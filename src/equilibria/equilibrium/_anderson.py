@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .._checks import check_positive_int
-from ._solver import FixedPointSolver, Fn, State, check_damping, expand_as_batch, mutable
+from .._checks import check_positive_int, check_unit_interval
+from ._solver import FixedPointSolver, Fn, State, expand_as_batch, mutable
 
 __all__ = ["Anderson"]
 
@@ -54,7 +54,7 @@ class Anderson(FixedPointSolver):
             raise TypeError(f"regularization must be a number >= 0, got {type(reg).__name__}.")
         if not reg >= 0 or reg == float("inf"):
             raise ValueError(f"regularization must be finite and >= 0, got {reg!r}; e.g. 1e-8.")
-        check_damping("damping", self.damping)
+        check_unit_interval("damping", self.damping)
 
     def init(self, fn: Fn, z: torch.Tensor, fz: torch.Tensor) -> State:
         batch = z.shape[0]

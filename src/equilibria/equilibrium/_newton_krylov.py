@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .._checks import rms_norm
+from .._checks import check_unit_interval, rms_norm
 from ..linear import GMRES
 from ._linesearch import backtrack
 from ._solver import FixedPointSolver, Fn, State
@@ -74,13 +74,6 @@ def jvp_of(fn: Fn, z: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.Tens
     return product, 2
 
 
-def _check_unit_interval(name: str, value: object, closed_top: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}.")
-    if not (0 < value < 1 or (closed_top and value == 1)):
-        raise ValueError(f"{name} must be in (0, 1{']' if closed_top else ')'}, got {value!r}.")
-
-
 @dataclass(frozen=True)
 class NewtonKrylov(FixedPointSolver):
     """Newton's method on g(z) = f(z) - z, each linear system solved inexactly by GMRES.
@@ -122,7 +115,7 @@ class NewtonKrylov(FixedPointSolver):
             raise TypeError(
                 f"linear_solver must be a GMRES(...), got {type(self.linear_solver).__name__}."
             )
-        _check_unit_interval("eta_max", self.eta_max)
+        check_unit_interval("eta_max", self.eta_max, closed_top=False)
         if self.linear_solver.rtol > self.eta_max:
             raise ValueError(
                 f"eta_max ({self.eta_max}) must be >= linear_solver.rtol "

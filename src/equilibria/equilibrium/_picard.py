@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ._solver import FixedPointSolver, Fn, State, check_damping
+from .._checks import check_unit_interval
+from ._solver import FixedPointSolver, Fn, State
 
 __all__ = ["Picard"]
 
@@ -33,7 +34,7 @@ class Picard(FixedPointSolver):
     damping: float = 1.0
 
     def __post_init__(self) -> None:
-        check_damping("damping", self.damping)
+        check_unit_interval("damping", self.damping)
 
     def init(self, fn: Fn, z: torch.Tensor, fz: torch.Tensor) -> State:
         return {"z": z, "fz": fz}

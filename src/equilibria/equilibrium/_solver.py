@@ -56,15 +56,6 @@ class FixedPointSolver:
         raise NotImplementedError
 
 
-def check_damping(name: str, value: object) -> float:
-    """A damping factor beta in (0, 1], else ValueError naming the field."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number in (0, 1], got {type(value).__name__}.")
-    if not 0.0 < float(value) <= 1.0:
-        raise ValueError(f"{name} must be in (0, 1], got {value!r}; e.g. {name}=0.5.")
-    return float(value)
-
-
 def mutable(*tensors: torch.Tensor) -> bool:
     """True when solver memory may be updated in place (autograd records none of it)."""
     return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .._checks import check_positive_int, check_tolerances
+from .._checks import check_positive_int, check_tolerances, check_unit_interval
 from .._solution import Solution, Status
 from ..equilibrium._loop import fixed_point
 from ..equilibrium._solver import FixedPointSolver
@@ -302,10 +302,7 @@ class Phantom:
 
     def __post_init__(self) -> None:
         check_positive_int("k", self.k)
-        if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)):
-            raise TypeError(f"damping must be a number in (0, 1], got {self.damping!r}.")
-        if not 0.0 < float(self.damping) <= 1.0:
-            raise ValueError(f"damping must be in (0, 1], got {self.damping!r}; e.g. 0.5.")
+        check_unit_interval("damping", self.damping)
 
     def attach(
         self, f: Fn, z0: torch.Tensor, x: Any, solve: Solve, record: Record
