@@ -233,10 +233,13 @@ def fixed_point(
         state, step_nfe = solver.step(_bind(f, x_rows), state, step_index)
         z, fz = state["z"], state["fz"]
         with torch.no_grad():
-            g = state.get("g")  # a solver may hand over f(z) - z, already computed
-            g = fz - z if g is None else g
-            residual = torch.linalg.vector_norm(g.reshape(z.shape[0], -1), dim=1)
-            residual = residual * inverse_sqrt
+            # A solver may hand over the RMS residual, or f(z) - z, already computed.
+            residual = state.get("residual")
+            if residual is None:
+                g = state.get("g")
+                g = fz - z if g is None else g
+                residual = torch.linalg.vector_norm(g.reshape(z.shape[0], -1), dim=1)
+                residual = residual * inverse_sqrt
             tolerance = torch.linalg.vector_norm(z.reshape(z.shape[0], -1), dim=1)
             tolerance = atol + rtol * inverse_sqrt * tolerance
         # Solvers with an inner iteration (Newton-Krylov forcing terms) use the target to

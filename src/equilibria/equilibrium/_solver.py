@@ -41,7 +41,8 @@ class FixedPointSolver:
     target atol + rtol ||z|| (RMS), for solvers that size an inner iteration by it.
 
     A solver may also put "g" = fz - z in the state when it computes it anyway (the loop
-    then reuses it for the residual instead of subtracting again).
+    then reuses it for the residual instead of subtracting again), or "residual", the
+    (batch,) RMS norm of fz - z, detached (then the loop reads no g at all).
 
     `stat_keys` names (batch,) state entries the loop copies into `Solution.stats` (e.g. "t",
     the ODE time reached by SteadyState).
