@@ -7,7 +7,9 @@ fixed so that a resumed run computes exactly what the uninterrupted run would ha
   the batches of any epoch can be rebuilt without replaying earlier ones;
 - a checkpoint holds the model, Adam's state, the python/numpy/torch RNG states, the epoch
   and the batch reached within it, the running sums of that epoch, the fixed-point buffer
-  and the metrics so far. It is written at every epoch end and on Ctrl-C (mid-epoch).
+  and the metrics so far. It is written at every epoch end and on Ctrl-C or SIGTERM
+  (mid-epoch, at the next batch boundary; under DDP at the same boundary on every rank, with
+  each rank's RNG state and partial sums).
 
 Per epoch, metrics.jsonl gets: loss, train/test accuracy, forward and backward NFE means (per
 sample), forward residual statistics, the share of samples whose solve did not converge,
@@ -32,7 +34,14 @@ import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
 from ..data.mnist import load_mnist, normalize_images
-from .checkpoint import CHECKPOINT_NAME, capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    capture_rng,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
 from .config import IDENTITY_FIELDS, TrainConfig
 from .distributed import DistContext, all_reduce_sum, setup_distributed, teardown_distributed
 from .models import build_model
@@ -270,9 +279,11 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
             run_dir / CHECKPOINT_NAME, model, config.asdict(), identity_fields=IDENTITY_FIELDS
         )
         optimizer.load_state_dict(state["optimizer"])
-        restore_rng(state["rng"])
         start_epoch, start_batch = state["epoch"], state["batch_in_epoch"]
-        metrics, steps, partial = state["metrics"], state["steps"], state["partial"]
+        metrics, steps = state["metrics"], state["steps"]
+        mine = _rank_state(state, context)
+        restore_rng(mine["rng"])
+        partial = mine["partial"]
         if buffer is not None:
             buffer.copy_(state["fp_buffer"])
             have.copy_(state["fp_have"])
@@ -300,6 +311,18 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
         penalty_fn = eq.jacobian_penalty
 
     def checkpoint(epoch: int, batch_in_epoch: int, accumulator: EpochAccumulator | None):
+        """Rank 0 writes the run's state; under DDP every rank must call this (it gathers
+        each rank's RNG and partial epoch sums, which differ between ranks mid-epoch)."""
+        mine = {
+            "rng": capture_rng(),
+            "partial": None if accumulator is None else accumulator.state(),
+        }
+        ranks = [mine]
+        if context.distributed:
+            import torch.distributed as dist
+
+            ranks = [None] * context.world_size
+            dist.all_gather_object(ranks, mine)
         if not context.is_main:
             return
         save_checkpoint(
@@ -308,10 +331,11 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
                 "config": config.asdict(),
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
-                "rng": capture_rng(),
+                "rng": mine["rng"],
                 "epoch": epoch,
                 "batch_in_epoch": batch_in_epoch,
-                "partial": None if accumulator is None else accumulator.state(),
+                "partial": mine["partial"],
+                "ranks": ranks,
                 "metrics": metrics,
                 "steps": steps,
                 "fp_buffer": buffer,
@@ -323,8 +347,10 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
 
     show_bar = context.is_main and not config.quiet and sys.stderr.isatty()
     test_result = None
-    # Under DDP every rank must stop at the same point: no deferral, the epoch checkpoint stays.
-    with _DeferredInterrupt(enabled=not context.distributed) as interrupt:
+    # Ctrl-C or SIGTERM is held until the batch has finished; under DDP the ranks agree at
+    # every batch boundary (torchrun forwards the signal to each worker, not at the same
+    # batch) and all stop there together, so the checkpoint is consistent.
+    with _DeferredInterrupt() as interrupt:
         for epoch in range(start_epoch, config.epochs):
             sampler.set_epoch(epoch)
             order = torch.tensor(list(iter(sampler)), dtype=torch.long)
@@ -406,15 +432,22 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
                         bar.set_postfix(accumulator.postfix(), refresh=False)
                     if on_step is not None:
                         on_step(epoch * batches_per_epoch + batch + 1)
-                    interrupt.check()
-            except KeyboardInterrupt:
+                    if interrupt.agreed(context):
+                        raise _AgreedStop
+            except KeyboardInterrupt as stop:
                 bar.close()
-                if context.distributed:
-                    log("interrupted: under DDP the last epoch checkpoint is the resume point.")
-                elif not at_boundary:
+                # Under DDP only a stop all ranks agreed on may checkpoint (that takes
+                # collectives); elsewhere any interrupt between batches may.
+                consistent = at_boundary and (
+                    isinstance(stop, _AgreedStop) or not context.distributed
+                )
+                if not consistent:
                     # a second Ctrl-C stopped a batch half-way: its state is not consistent
                     log(f"interrupted mid-batch: the last checkpoint in {run_dir} is kept.")
                 else:
+                    if buffer is not None and context.distributed:
+                        visited = order[: completed * config.batch_size]
+                        _sync_buffer(context, buffer, have, visited)
                     checkpoint(epoch, completed, accumulator)
                     log(f"interrupted: checkpoint saved in {run_dir}; continue with --resume.")
                 raise
@@ -440,7 +473,7 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
                     else ""
                 )
             )
-            if interrupt.requested:  # Ctrl-C during the evaluation or the checkpoint
+            if interrupt.agreed(context):  # Ctrl-C during the evaluation or the checkpoint
                 log(f"interrupted: checkpoint saved in {run_dir}; continue with --resume.")
                 raise KeyboardInterrupt
     if test_result is None:  # resumed an already finished run: just evaluate
@@ -452,44 +485,79 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
     return TrainResult(run_dir, metrics, test_result["accuracy"])
 
 
-class _DeferredInterrupt:
-    """Ctrl-C (SIGINT) during a batch (or an epoch's evaluation) is held until it has finished.
+class _AgreedStop(KeyboardInterrupt):
+    """An interrupt every rank saw at the same batch boundary (safe to checkpoint)."""
 
-    The first Ctrl-C sets a flag that `check()` turns into KeyboardInterrupt at the next
-    batch boundary, where model, optimizer, RNG and counters agree, so the checkpoint written
-    then resumes exactly. It also restores the previous handler: a second Ctrl-C interrupts
-    at once (and the last checkpoint is kept). Outside the main thread it does nothing.
+
+_STOP_SIGNALS = ("SIGINT", "SIGTERM")
+
+
+class _DeferredInterrupt:
+    """Ctrl-C (SIGINT) or SIGTERM during a batch (or an epoch's evaluation) is held until it
+    has finished.
+
+    The first signal sets a flag that the loop turns into a stop at the next batch boundary,
+    where model, optimizer, RNG and counters agree, so the checkpoint written then resumes
+    exactly. Under torchrun a Ctrl-C reaches torchrun, which forwards it to every worker
+    (then kills them after 30 s): `agreed()` all-reduces the flags so that all ranks stop at
+    the same boundary. The first signal also restores the previous handlers: a second one
+    interrupts at once (and the last checkpoint is kept). Outside the main thread it does
+    nothing.
     """
 
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self) -> None:
         self.requested = False
-        self.enabled = enabled
-        self._previous = None
+        self._previous: dict = {}
 
     def __enter__(self) -> _DeferredInterrupt:
         import signal
         import threading
 
-        if self.enabled and threading.current_thread() is threading.main_thread():
-            self._previous = signal.getsignal(signal.SIGINT)
-            signal.signal(signal.SIGINT, self._handle)
+        if threading.current_thread() is threading.main_thread():
+            for name in _STOP_SIGNALS:
+                number = getattr(signal, name)
+                self._previous[number] = signal.getsignal(number)
+                signal.signal(number, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
+        self._restore()
+        self.requested = True
+
+    def agreed(self, context: DistContext) -> bool:
+        """Whether any rank was asked to stop (a collective under DDP: all ranks call it)."""
+        if not context.distributed:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], dtype=torch.float64)
+        return bool(all_reduce_sum(context, flag).item() > 0)
+
+    def _restore(self) -> None:
         import signal
 
-        self.requested = True
-        signal.signal(signal.SIGINT, self._previous)
-
-    def check(self) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
 
     def __exit__(self, *exc) -> None:
-        import signal
+        self._restore()
 
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+
+def _rank_state(state: dict, context: DistContext) -> dict:
+    """This rank's RNG state and partial epoch sums from a checkpoint.
+
+    Mid-epoch they differ between ranks, so the run must resume with as many processes as
+    it was interrupted with; at an epoch boundary every rank's are the same (rank 0's)."""
+    ranks = state.get("ranks") or [{"rng": state["rng"], "partial": state["partial"]}]
+    if len(ranks) == context.world_size:
+        return ranks[context.rank]
+    if state["batch_in_epoch"] == 0:
+        return ranks[0]
+    raise CheckpointError(
+        f"this checkpoint was written mid-epoch by {len(ranks)} process(es); resume it with "
+        f"the same number (torchrun --nproc-per-node {len(ranks)}"
+        + (", or without torchrun" if len(ranks) == 1 else "")
+        + f"), not {context.world_size}."
+    )
 
 
 def _test_row(result: dict) -> dict:
