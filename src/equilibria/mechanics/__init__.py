@@ -4,7 +4,8 @@ Seed paper: J. Ruseckas, "Differential equations as models of deep neural networ
 arXiv 1909.03767. For dx/dt = F(t, x) and a loss L(x(T)), p(t) = ∂L/∂x(t) is the momentum
 conjugate to x under H = p·F: `costate` computes it, `hamiltonian` evaluates H, and the
 conservation diagnostics (H drift, the H balance for time-dependent F, the p·v pairing, the
-Noether charge x·p) turn Hamilton's mechanics into checks of gradient code. The converters
+Noether charge x·p, and Liouville's phase-volume formula in `liouville`) turn Hamilton's
+mechanics into checks of gradient code. The converters
 read a stack of near-identity layers as the ODE dx/dt = w(t) x + b(t) + g(x) and back.
 """
 
@@ -24,3 +25,5 @@ from ._feedforward import ODELikeness as ODELikeness
 from ._feedforward import layers_to_ode as layers_to_ode
 from ._feedforward import ode_likeness as ode_likeness
 from ._feedforward import ode_to_layers as ode_to_layers
+from ._liouville import PhaseVolume as PhaseVolume
+from ._liouville import liouville as liouville
