@@ -441,3 +441,27 @@ def test_cuda_divergence_is_per_sample():
     flags = problem.x.cuda()
     assert bool((sol.status[flags] == Status.DIVERGED).all())
     assert bool((sol.status[~flags] == Status.SUCCESS).all())
+
+
+@pytest.mark.parametrize("solver", [eq.Anderson(), eq.Anderson(m=3, damping=0.7)],
+                         ids=["anderson", "anderson-damped"])
+def test_anderson_in_place_and_recorded_histories_take_the_same_steps(solver):
+    # Without autograd the history is updated in place; with it, out of place so the
+    # iterations can be differentiated (Unrolled). Same arithmetic, same iterates.
+    generator = torch.Generator().manual_seed(4)
+    w = 0.8 * torch.randn(6, 6, dtype=torch.float64, generator=generator) / 6**0.5
+    x = torch.randn(5, 6, dtype=torch.float64, generator=generator)
+
+    def f(z, x):
+        return torch.tanh(z @ w.T + x)
+
+    z0 = torch.zeros(5, 6, dtype=torch.float64)
+    kwargs = dict(solver=solver, atol=1e-11, rtol=1e-11, max_steps=60, trace=True)
+    with torch.no_grad():
+        in_place = eq.fixed_point(f, z0, x, **kwargs)
+    recorded = eq.fixed_point(f, z0, x.clone().requires_grad_(True), **kwargs)
+    assert recorded.value.requires_grad and bool((in_place.status == Status.SUCCESS).all())
+    assert in_place.stats["n_steps"].tolist() == recorded.stats["n_steps"].tolist()
+    torch.testing.assert_close(recorded.value.detach(), in_place.value, atol=1e-13, rtol=0)
+    for a, b in zip(in_place.trace, recorded.trace):
+        torch.testing.assert_close(a, b, atol=1e-13, rtol=1e-10)
