@@ -10,8 +10,8 @@ For each solver: batched f calls (JVPs included; each call evaluates all rows), 
 (ours), wall time (median of repeats), overhead = wall / (calls x one f evaluation), and the
 relative residual actually reached (max and median over samples, recomputed here).
 
-Run:  .venv/bin/python benchmarks/equilibrium_bench.py [--repeats 5] [--quick]
-Writes benchmarks/results/equilibrium.md and prints it.
+Run:  .venv/bin/python benchmarks/equilibrium_bench.py [--repeats 5] [--quick] [--device cuda]
+Writes benchmarks/results/equilibrium.md (equilibrium_cuda.md with --device cuda) and prints it.
 """
 
 from __future__ import annotations
@@ -32,6 +32,13 @@ import equilibria as eq
 
 WIDTH, BATCH, TOL = 512, 256, 1e-4
 RESULTS = Path(__file__).parent / "results" / "equilibrium.md"
+DEVICE = torch.device("cpu")  # set by --device
+
+
+def _sync() -> None:
+    """Wait for queued GPU work, so that a timer stopped next measures it."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def make_case(name: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,7 +55,7 @@ def make_case(name: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         x = 0.1 * torch.randn(BATCH, n, generator=generator)
     u = torch.randn(n, n, generator=generator) / math.sqrt(n)
     b = 0.1 * torch.randn(n, generator=generator)
-    return w, x @ u.T + b
+    return w.to(DEVICE), (x @ u.T + b).to(DEVICE)
 
 
 class Counter:
@@ -70,13 +77,15 @@ def relative_residual(w: torch.Tensor, c: torch.Tensor, z: torch.Tensor) -> torc
 def time_f(w: torch.Tensor, c: torch.Tensor, repeats: int = 200) -> tuple[float, float]:
     """Median wall and CPU (process) time of one f evaluation."""
     f = Counter(w, c)
-    z = torch.randn(BATCH, WIDTH)
+    z = torch.randn(BATCH, WIDTH, device=DEVICE)
     for _ in range(20):
         f(z)
     walls, cpus = [], []
     for _ in range(repeats):
+        _sync()
         start, start_cpu = time.perf_counter(), time.process_time()
         f(z)
+        _sync()
         walls.append(time.perf_counter() - start)
         cpus.append(time.process_time() - start_cpu)
     return statistics.median(walls), statistics.median(cpus)
@@ -102,10 +111,12 @@ def measure(run: Callable[[Counter], tuple[torch.Tensor, dict]], w, c, repeats: 
         if timeout:
             signal.signal(signal.SIGALRM, _alarm)
             signal.setitimer(signal.ITIMER_REAL, timeout)
+        _sync()
         start, start_cpu = time.perf_counter(), time.process_time()
         try:
             with torch.no_grad():
                 z, extra = run(f)
+            _sync()
         except Timeout:
             return f.calls, {"note": f"no result within {timeout:.0f} s wall"}, None, None
         finally:
@@ -119,7 +130,7 @@ def measure(run: Callable[[Counter], tuple[torch.Tensor, dict]], w, c, repeats: 
 
 def ours(solver, max_steps: int = 500):
     def run(f: Counter):
-        z0 = torch.zeros(BATCH, WIDTH)
+        z0 = torch.zeros(BATCH, WIDTH, device=DEVICE)
         sol = eq.fixed_point(f, z0, f.c, solver=solver, atol=1e-30, rtol=TOL,
                              max_steps=max_steps)
         nfe = sol.stats["nfe"].float()
@@ -138,7 +149,7 @@ def torchdeq_solver(name: str, max_iter: int = 500):
     solve = get_solver(name)
 
     def run(f: Counter):
-        z0 = torch.zeros(BATCH, WIDTH)
+        z0 = torch.zeros(BATCH, WIDTH, device=DEVICE)
         z, _, info = solve(f, z0, max_iter=max_iter, tol=TOL, stop_mode="rel")
         return z, {"note": "batch-level stop on ||f(z)-z||/||f(z)|| max"}
     return run
@@ -148,8 +159,8 @@ def torchdiffeq_dopri5(t_end: float, rtol: float, atol: float):
     from torchdiffeq import odeint
 
     def run(f: Counter):
-        z0 = torch.zeros(BATCH, WIDTH)
-        t = torch.tensor([0.0, t_end])
+        z0 = torch.zeros(BATCH, WIDTH, device=DEVICE)
+        t = torch.tensor([0.0, t_end], device=DEVICE)
         z = odeint(lambda t, z: f(z) - z, z0, t, method="dopri5", rtol=rtol, atol=atol)[-1]
         return z, {"note": f"odeint to t={t_end:g}, rtol={rtol:g}, atol={atol:g}"}
     return run
@@ -159,13 +170,14 @@ def torchdiffeq_event(rtol: float, atol: float):
     from torchdiffeq import odeint_event
 
     def run(f: Counter):
-        z0 = torch.zeros(BATCH, WIDTH)
+        z0 = torch.zeros(BATCH, WIDTH, device=DEVICE)
 
         def event(t, z):
             r = (f(z) - z).norm(dim=1) / z.norm(dim=1).clamp_min(1e-30)
             return torch.log(r.max() / TOL)  # crosses 0 when every sample passes
 
-        _, z = odeint_event(lambda t, z: f(z) - z, z0, torch.tensor(0.0), event_fn=event,
+        _, z = odeint_event(lambda t, z: f(z) - z, z0, torch.tensor(0.0, device=DEVICE),
+                            event_fn=event,
                             method="dopri5", rtol=rtol, atol=atol)
         return z[-1], {"note": "odeint_event on max relative residual (event calls counted)"}
     return run
@@ -213,7 +225,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 repeat, no torchdiffeq event")
     parser.add_argument("--event-timeout", type=float, default=60.0)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available here")
+    where = (
+        torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"CPU, threads "
+        f"{torch.get_num_threads() if not args.threads else args.threads}"
+    )
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = 1 if args.quick else args.repeats
@@ -222,21 +243,21 @@ def main() -> None:
         "# Equilibrium solvers vs TorchDEQ and torchdiffeq",
         "",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"- torch {torch.__version__}, threads {torch.get_num_threads()}, CPU shared with other "
-        "engineers' jobs (timings are noisy)",
+        f"- torch {torch.__version__}, {where}",
         f"- command: `.venv/bin/python benchmarks/equilibrium_bench.py --repeats {args.repeats}"
         f"{' --quick' if args.quick else ''}"
-        f"{f' --threads {args.threads}' if args.threads else ''}`",
+        f"{f' --threads {args.threads}' if args.threads else ''}"
+        f"{f' --device {args.device}' if DEVICE.type != 'cpu' else ''}`",
         f"- load average at start: {' '.join(f'{x:.1f}' for x in os.getloadavg())} "
         f"({os.cpu_count()} CPUs)",
         f"- f(z, x) = tanh(W z + U x + b), width {WIDTH}, batch {BATCH}, float32, no_grad; "
         f"target: per-sample ||f(z) - z|| / ||z|| <= {TOL:g} (ours: atol=1e-30, rtol={TOL:g}; "
         "TorchDEQ: stop_mode='rel', stops when the batch max of ||f(z) - z|| / ||f(z)|| < tol)",
-        "- run with --threads 1 on this shared 2-core machine: with 2 threads and other jobs "
+        "- on CPU, run with --threads 1 on a 2-core machine: with 2 threads and any other job "
         "running, every small op's OpenMP region waits for a second core to be scheduled, "
         "which made loops of many small ops many times slower (our Picard, easy case: 2.2 s "
         "wall with 2 threads against 0.06 s with 1 in an earlier run); "
-        "CPU time is the steadier measure here, wall time is inflated ~2x by the other jobs",
+        "CPU time is the steadier measure when the machine is shared (on CUDA it is host time)",
         "- evals = batched f evaluations, JVPs included (ours: the max over samples of our "
         "per-sample nfe, which counts each JVP and 2 per Newton/implicit step for setting up "
         "the JVPs; peers: calls of f); nfe = our per-sample count (mean / max); "
@@ -250,6 +271,7 @@ def main() -> None:
         rows = [
             ("equilibria Picard", ours(eq.Picard()), repeats, None),
             ("equilibria Anderson(m=5)", ours(eq.Anderson()), repeats, None),
+            ("equilibria Anderson(m=2)", ours(eq.Anderson(m=2)), repeats, None),
             ("equilibria Broyden(memory=10)", ours(eq.Broyden()), repeats, None),
             ("equilibria NewtonKrylov", ours(eq.NewtonKrylov()), repeats, None),
             ("equilibria SteadyState(ImplicitEuler)", ours(eq.SteadyState()), repeats, None),
@@ -291,8 +313,9 @@ def main() -> None:
             print(lines[-1], flush=True)
         lines += ["", *targets(found, case), ""]
     text = "\n".join(lines)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(text + "\n")
+    results = RESULTS if DEVICE.type == "cpu" else RESULTS.with_name("equilibrium_cuda.md")
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(text + "\n")
     print(text)
 
 
