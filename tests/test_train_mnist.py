@@ -216,3 +216,27 @@ def test_real_ctrl_c_exits_130_with_a_resumable_checkpoint(tmp_path):
     assert main([*argv, "--epochs", str(epochs)]) == 0
     lines = metrics.read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == list(range(1, epochs + 1))
+
+
+def test_a_looser_backward_tolerance_takes_fewer_vjps(tmp_path):
+    # the adjoint solved to the forward's 1e-3 instead of GMRES's 1e-6
+    rows = {}
+    for name, rtol in (("tight", None), ("loose", 1e-3)):
+        config = _config(tmp_path, name, epochs=1, subset=256, backward_rtol=rtol)
+        rows[name] = train_mnist(config, log=lambda _: None).metrics[0]
+    assert rows["loose"]["backward_nfe_mean"] < 0.8 * rows["tight"]["backward_nfe_mean"]
+    assert rows["loose"]["test_accuracy"] > 0.3  # still learns (chance 0.1)
+    config = json.loads((tmp_path / "loose" / "config.json").read_text())
+    assert config["backward_rtol"] == 1e-3
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"backward_rtol": 0.0}, "backward_rtol"),
+        ({"backward_rtol": 1e-3, "backward": "phantom"}, "Drop --backward-rtol"),
+    ],
+)
+def test_bad_backward_rtol_names_the_option(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        _config(tmp_path, "bad", **overrides).validate()

@@ -28,6 +28,9 @@ class TrainConfig:
     Attributes:
         model: "seed" (the seed's MLP DEQ) or "conv" (a convolutional DEQ).
         solver, backward: command-line names, see `equilibria.train.solvers`.
+        backward_rtol: relative tolerance of the implicit backward's GMRES solve (None:
+            GMRES's default 1e-6). Training rarely needs the adjoint more accurate than the
+            forward solve; a looser one saves VJPs.
         atol, rtol, max_steps: the forward solve's per-sample tolerance test and step bound.
         epochs: total epochs of the run (a resume may raise it to train further).
         batch_size, lr: Adam with this learning rate, per-process batch size.
@@ -52,6 +55,7 @@ class TrainConfig:
     model: str = "seed"
     solver: str = "steady-state-tsit5"
     backward: str = "implicit"
+    backward_rtol: float | None = None
     atol: float = 1e-3
     rtol: float = 1e-3
     max_steps: int = 100
@@ -86,6 +90,14 @@ class TrainConfig:
             raise ValueError(
                 f"unknown backward {self.backward!r}; choose one of {BACKWARD_CHOICES}."
             )
+        if self.backward_rtol is not None:
+            check_positive("backward_rtol", self.backward_rtol)
+            if self.backward != "implicit":
+                raise ValueError(
+                    f"backward_rtol is the tolerance of the implicit backward's linear solve; "
+                    f"backward {self.backward!r} solves none. Drop --backward-rtol or use "
+                    "--backward implicit."
+                )
         check_positive("atol", self.atol)
         check_positive("rtol", self.rtol)
         check_positive("lr", self.lr)
@@ -130,6 +142,7 @@ IDENTITY_FIELDS = (
     "model",
     "solver",
     "backward",
+    "backward_rtol",
     "atol",
     "rtol",
     "max_steps",

@@ -13,7 +13,14 @@ __all__ = ["build_model"]
 
 def build_model(config: TrainConfig) -> nn.Module:
     """SeedMnistDEQ or ConvMnistDEQ with the config's solver, backward and tolerances."""
-    factory = make_deq(config.solver, config.backward, config.atol, config.rtol, config.max_steps)
+    factory = make_deq(
+        config.solver,
+        config.backward,
+        config.atol,
+        config.rtol,
+        config.max_steps,
+        backward_rtol=config.backward_rtol,
+    )
     if config.model == "seed":
         return SeedMnistDEQ(factory, width=config.width, hidden=config.hidden)
     if config.model == "conv":

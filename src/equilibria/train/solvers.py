@@ -51,18 +51,33 @@ def make_solver(name: str):
     return _solvers()[name]()
 
 
-def make_backward(name: str):
-    """The backward-strategy object for a command-line name."""
+def make_backward(name: str, rtol: float | None = None):
+    """The backward-strategy object for a command-line name; `rtol` sets the tolerance of
+    the implicit strategy's GMRES solve (ValueError for strategies that solve nothing)."""
     if name not in BACKWARD_CHOICES:
         raise ValueError(f"unknown backward {name!r}; choose one of {', '.join(BACKWARD_CHOICES)}.")
-    return _backwards()[name]()
+    if rtol is None:
+        return _backwards()[name]()
+    if name != "implicit":
+        raise ValueError(f"a backward rtol applies to 'implicit' only, not {name!r}.")
+    import equilibria as eq
+
+    return eq.Implicit(eq.GMRES(rtol=rtol))
 
 
-def make_deq(solver: str, backward: str, atol: float, rtol: float, max_steps: int):
+def make_deq(
+    solver: str,
+    backward: str,
+    atol: float,
+    rtol: float,
+    max_steps: int,
+    backward_rtol: float | None = None,
+):
     """A factory cell -> eq.DEQ(cell, solver, backward, atol, rtol, max_steps) for the models."""
     import equilibria as eq
 
-    solver_object, backward_object = make_solver(solver), make_backward(backward)
+    solver_object = make_solver(solver)
+    backward_object = make_backward(backward, backward_rtol)
 
     def factory(cell):
         return eq.DEQ(
