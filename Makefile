@@ -40,6 +40,7 @@ bench: $(VENV)/.bench
 	$(PY) benchmarks/ode_bench.py --threads 1
 	$(PY) benchmarks/equilibrium_bench.py --threads 1
 	$(PY) benchmarks/backward_bench.py --threads 1
+	$(PY) benchmarks/adjoint_bench.py --threads 1
 
 clean:
 	rm -rf $(VENV)

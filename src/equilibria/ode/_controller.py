@@ -86,11 +86,24 @@ class PIController:
 
 
 def scaled_error(
-    y_err: torch.Tensor, y: torch.Tensor, y_new: torch.Tensor, rtol: float, atol: float
+    y_err: torch.Tensor,
+    y: torch.Tensor,
+    y_new: torch.Tensor,
+    rtol: float,
+    atol: float,
+    norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """(batch,) RMS of y_err / (atol + rtol * max(|y|, |y_new|)) per sample."""
+    """(batch,) norm (default RMS) of y_err / (atol + rtol * max(|y|, |y_new|)) per sample."""
     scale = torch.maximum(y.abs(), y_new.abs()).mul_(rtol).add_(atol)
-    return rms_norm(y_err / scale)
+    if norm is None:
+        return rms_norm(y_err / scale)
+    value = norm(y_err / scale)
+    if not isinstance(value, torch.Tensor) or value.shape != y.shape[:1]:
+        raise ValueError(
+            f"error_norm must return one norm per row, shape ({y.shape[0]},); got "
+            f"{getattr(value, 'shape', type(value).__name__)}. Reduce over every dim but 0."
+        )
+    return value
 
 
 def initial_step(

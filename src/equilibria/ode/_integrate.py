@@ -169,6 +169,7 @@ def odeint(
     controller: PIController = PIController(),  # noqa: B008
     args: tuple[torch.Tensor, ...] = (),
     compact: bool = True,
+    error_norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Solution:
     """Integrate dy/dt = f(t, y) from t_span[0] to t_span[1], every sample on its own steps.
 
@@ -201,6 +202,9 @@ def odeint(
         args: tensors with the batch in dim 0, passed as f(t, y, *args) and sliced together
             with y when finished samples are dropped.
         compact: drop finished samples from the batch once at most half still run.
+        error_norm: per-row norm of the scaled local error, (rows, ...) -> (rows,), for the
+            step test (default: RMS over the row). E.g. a seminorm that leaves out
+            components nothing else depends on (the adjoint's parameter integrals).
 
     Returns:
         Solution with value (batch, ...) at t1 (or at each sample's stopping time), or
@@ -225,6 +229,10 @@ def odeint(
     )
     if not isinstance(controller, PIController):
         raise TypeError(f"controller must be a PIController, got {type(controller).__name__}.")
+    if error_norm is not None and not callable(error_norm):
+        raise TypeError(
+            f"error_norm must be callable (rows, ...) -> (rows,), got {type(error_norm).__name__}."
+        )
     tab = solver.tableau
     # n_steps forces equal steps, also for an adaptive method (its error estimate unused)
     adaptive = solver.adaptive and n_steps is None
@@ -320,7 +328,9 @@ def odeint(
         with torch.no_grad():
             finite = _row_finite(y_new) & _row_finite(k_next)
             if adaptive:
-                err = scaled_error(y_err.detach(), y.detach(), y_new.detach(), rtol, atol)
+                err = scaled_error(
+                    y_err.detach(), y.detach(), y_new.detach(), rtol, atol, error_norm
+                )
                 err = err.double()
                 finite &= torch.isfinite(err)
                 accept = active & finite & (err <= 1.0)
