@@ -167,7 +167,8 @@ def test_conv_model_forward_on_cuda_matches_cpu():
     assert torch.allclose(on_cpu, on_gpu, atol=1e-3)
 
 
-def test_real_ctrl_c_exits_130_with_a_resumable_checkpoint(tmp_path):
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_real_ctrl_c_exits_130_with_a_resumable_checkpoint(tmp_path, signal_name):
     import signal
     import subprocess
     import sys
@@ -203,7 +204,7 @@ def test_real_ctrl_c_exits_130_with_a_resumable_checkpoint(tmp_path):
     deadline = time.monotonic() + 120
     while not metrics.exists() and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(getattr(signal, signal_name))  # Ctrl-C, or a scheduler's SIGTERM
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err[-2000:]
     assert "checkpoint saved" in err or "checkpoint saved" in _
