@@ -105,7 +105,7 @@ class Anderson(FixedPointSolver):
             gram = gram.index_copy(1, index, row.unsqueeze(1))
             gram = gram.index_copy(2, index, row.unsqueeze(2))
         width = g.shape[1]
-        residual = row[:, slot].detach().clamp_min(0.0).sqrt_()
+        residual = row[:, slot].detach().sqrt()  # g.g: a sum of squares, never negative
         residual = residual.mul_(1.0 / math.sqrt(width)) if width else residual
         return {"z": z, "fz": fz, f"f{slot}": fz, "residuals": residuals, "gram": gram,
                 "residual": residual}

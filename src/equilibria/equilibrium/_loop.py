@@ -229,6 +229,7 @@ def fixed_point(
     all_running = state is not None and bool(_take(active, rows).all())
     width = z0[0].numel()
     inverse_sqrt = 1.0 / math.sqrt(width) if width else 0.0
+    limit = divergence_factor * residual0  # a residual above it is DIVERGED
     for step_index in range(max_steps if state is not None else 0):
         state, step_nfe = solver.step(_bind(f, x_rows), state, step_index)
         z, fz = state["z"], state["fz"]
@@ -247,9 +248,7 @@ def fixed_point(
         state["tolerance"] = tolerance
         if fast and all_running:
             # NaN compares False, so a non-finite residual leaves the fast path too.
-            going = (residual > tolerance) & (
-                residual <= divergence_factor * _take(residual0, rows)
-            )
+            going = (residual > tolerance) & (residual <= _take(limit, rows))
             if bool(going.all()):
                 # No sample stops this step: only the best iterate and the counters change.
                 improved = residual < _take(best_residual, rows)
@@ -281,7 +280,7 @@ def fixed_point(
         improved = running & finite & ((residual < _take(best_residual, rows)) | converged)
         diverged = (
             running & finite & ~converged
-            & (residual > divergence_factor * _take(residual0, rows))
+            & (residual > _take(limit, rows))
         )
         nonfinite = running & ~finite
 
