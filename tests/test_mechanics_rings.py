@@ -65,4 +65,6 @@ def test_demo_run_writes_figures_and_metrics(tmp_path):
     assert result["separation_gap"]["node_2d"] >= 0 > result["separation_gap"]["node_3d"]
     assert 0.9 <= result["feedforward"]["order"] <= 1.5
     assert max(result["hamiltonian_relative_drift"].values()) < 1e-4
+    # Liouville on the trained flows: trace integral, variational equation and costate agree
+    assert max(v["max_gap"] for v in result["liouville"].values()) < 1e-5
     assert json.loads((tmp_path / "mechanics.json").read_text())["quick"] is True

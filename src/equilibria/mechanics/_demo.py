@@ -37,6 +37,7 @@ from ..ode import Backprop, Tsit5, odeint
 from ._conservation import hamiltonian_drift
 from ._costate import costate
 from ._feedforward import LayerODE, LayerStack, ode_likeness, ode_to_layers
+from ._liouville import liouville
 
 __all__ = ["RingsConfig", "run", "separation_gap", "train_rings_model"]
 
@@ -191,6 +192,21 @@ def _hamiltonian_along_adjoint(model: FlowClassifier, n_points: int) -> dict:
     return {"t": cs.t, "H": drift.values, "relative_drift": drift.relative_drift}
 
 
+def _phase_volume(model: FlowClassifier, n_points: int) -> dict:
+    """Liouville on the trained field (float64 copy): the log-volume change of the flow at
+    test points three ways (trace integral, variational equation, costate rows)."""
+    field = copy.deepcopy(model.field).double()
+    x, _ = make_rings(n_points, inner_radius=INNER_RADIUS, ring_radii=RING_RADII, seed=8)
+    z0 = torch.cat([x.double(), x.new_zeros(n_points, model.augment).double()], dim=1)
+    volume = liouville(field, z0, (0.0, 1.0), rtol=HAMILTON_RTOL, atol=HAMILTON_RTOL * 1e-3)
+    log_volume = volume.log_volume[-1]
+    return {
+        "max_gap": float(volume.gap.max()),
+        "log_volume_min": float(log_volume.min()),
+        "log_volume_max": float(log_volume.max()),
+    }
+
+
 def _feedforward_gap(depths: list[int]) -> tuple[list[float], float, list[float], list[float]]:
     """Gap between L-layer nets and the ODE dx/dt = (A + sin(2πt)B)x + cos(t)c − x³/2."""
     gen = torch.Generator().manual_seed(0)
@@ -275,6 +291,7 @@ def _run(out_dir: pathlib.Path, quick: bool) -> dict:
         gaps[kind] = separation_gap(model)
     hamilton = {k: _hamiltonian_along_adjoint(models[k], 32 if quick else 128) for k in
                 ("node_2d", "node_3d")}
+    volume = {k: _phase_volume(models[k], 16 if quick else 64) for k in ("node_2d", "node_3d")}
     depths = [40, 80, 160, 320, 640]
     ff_gaps, ff_order, ff_scores, ff_generic = _feedforward_gap(depths)
 
@@ -296,6 +313,7 @@ def _run(out_dir: pathlib.Path, quick: bool) -> dict:
         "hamiltonian_relative_drift": {
             k: float(v["relative_drift"].max()) for k, v in hamilton.items()
         },
+        "liouville": volume,
         "feedforward": {"depths": depths, "gaps": ff_gaps, "order": ff_order,
                         "weight_scores": ff_scores, "generic_weight_scores": ff_generic},
         "train_seconds": train_seconds,

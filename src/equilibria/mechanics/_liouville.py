@@ -112,8 +112,12 @@ def liouville(
             Jacobian costs one JVP per element at every evaluation).
         t_span: (t0, T), t0 != T.
         adjoint: also compute log |det Φ| from the costate (d backward solves per batch).
-        solver, rtol, atol, n_points, max_steps, dt0: as for `costate` (same defaults
-            except tighter tolerances: the three values agree to about the solver error).
+        n_points: the grid of `log_volume`, and where the costate's backward solve restarts x
+            from the forward solution (as `costate` does; without restarts the backward
+            reconstruction of x drifts where the flow contracts, and log_det_adjoint with it:
+            7e-6 instead of 3e-7 on the rings demo's 2-D flow at rtol 1e-8).
+        solver, rtol, atol, max_steps, dt0: as for `costate` (tighter default tolerances: the
+            three values agree to about the solver error).
 
     Returns:
         PhaseVolume; `.gap` is the per-sample disagreement.
@@ -168,7 +172,7 @@ def liouville(
             grad_xT = x0.new_zeros(batch, size)
             grad_xT[:, i] = 1.0
             cs = costate(
-                f, x0, (t0, t1), grad_xT=grad_xT.reshape(x0.shape), n_points=2, **options
+                f, x0, (t0, t1), grad_xT=grad_xT.reshape(x0.shape), n_points=n_points, **options
             )
             rows.append(cs.p[0].reshape(batch, size))
         log_det_adjoint = torch.linalg.slogdet(torch.stack(rows, dim=1)).logabsdet
