@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -211,8 +212,9 @@ def main() -> None:
         "# Backward pass: Implicit vs Unrolled at equal gradient accuracy",
         "",
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch "
-        f"{torch.__version__}, {args.threads} threads, CPU shared with other jobs. "
-        f"Command: `.venv/bin/python benchmarks/backward_bench.py"
+        f"{torch.__version__}, {args.threads} threads, load average at start "
+        f"{os.getloadavg()[0]:.1f} ({os.cpu_count()} CPUs). "
+        f"Command: `.venv/bin/python benchmarks/backward_bench.py --threads {args.threads}"
         f"{' --quick' if args.quick else ''}`.",
         "",
         "f(z, x) = tanh(Wz + Ux + b), width 512, batch 256, float32. Gradient error: relative "
