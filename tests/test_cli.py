@@ -153,22 +153,15 @@ def test_train_evaluate_and_bad_checkpoints(tmp_path, capsys):
     assert code == 1 and "not a run directory" in err
 
 
+def _train_small(capsys, runs, name):
+    """One quick Picard epoch on the small subset into runs/name; the exit code."""
+    args = ["train", "mnist", *SMALL, "--solver", "picard", "--epochs", "1", "--runs-dir", runs]
+    return _run(capsys, *args, "--run-name", name)[0]
+
+
 def test_resume_refuses_conflicting_options(tmp_path, capsys):
     runs = str(tmp_path / "runs")
-    code, _, _ = _run(
-        capsys,
-        "train",
-        "mnist",
-        *SMALL,
-        "--solver",
-        "picard",
-        "--epochs",
-        "1",
-        "--runs-dir",
-        runs,
-        "--run-name",
-        "r2",
-    )
+    code = _train_small(capsys, runs, "r2")
     assert code == 0
     code, _, err = _run(
         capsys,
@@ -191,20 +184,7 @@ def test_resume_refuses_conflicting_options(tmp_path, capsys):
 
 def test_nan_loss_exits_3_and_keeps_the_checkpoint(tmp_path, capsys, monkeypatch):
     runs = str(tmp_path / "runs")
-    code, _, _ = _run(
-        capsys,
-        "train",
-        "mnist",
-        *SMALL,
-        "--solver",
-        "picard",
-        "--epochs",
-        "1",
-        "--runs-dir",
-        runs,
-        "--run-name",
-        "r3",
-    )
+    code = _train_small(capsys, runs, "r3")
     assert code == 0
     before = (tmp_path / "runs" / "r3" / "checkpoint.pt").read_bytes()
     monkeypatch.setattr(

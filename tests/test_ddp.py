@@ -10,35 +10,20 @@ import sys
 import pytest
 
 
+def _mnist_args(tmp_path, *extra):
+    """`equilibria train mnist` on a small subset, quiet, runs under tmp_path."""
+    return [
+        "-m", "equilibria", "train", "mnist", "--subset", "256", "--test-subset", "200",
+        "--batch-size", "32", "--epochs", "1", "--solver", "picard", "--lr", "1e-3",
+        "--quiet", "--runs-dir", str(tmp_path), *extra,
+    ]
+
+
 def _torchrun(tmp_path, *extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "equilibria",
-        "train",
-        "mnist",
-        "--subset",
-        "256",
-        "--test-subset",
-        "200",
-        "--batch-size",
-        "32",
-        "--epochs",
-        "1",
-        "--solver",
-        "picard",
-        "--lr",
-        "1e-3",
-        "--quiet",
-        "--runs-dir",
-        str(tmp_path),
-        *extra,
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        *_mnist_args(tmp_path, *extra),
     ]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
 
@@ -111,10 +96,8 @@ def test_ddp_signal_mid_epoch_checkpoints_and_resumes_exactly(tmp_path):
     assert len(state["ranks"]) == 2 and state["metrics"] == []
     # mid-epoch, each rank's RNG and partial sums are its own: one process cannot continue it
     alone = subprocess.run(
-        [sys.executable, "-m", "equilibria", "train", "mnist", "--subset", "256",
-         "--test-subset", "200", "--batch-size", "32", "--epochs", "1", "--solver", "picard",
-         "--lr", "1e-3", "--quiet", "--runs-dir", str(tmp_path), "--run-name", "cut",
-         "--reuse-fixed-points", "--resume"],
+        [sys.executable, *_mnist_args(tmp_path, "--run-name", "cut", "--reuse-fixed-points",
+                                      "--resume")],
         env=env, capture_output=True, text=True, timeout=120,
     )
     assert alone.returncode != 0 and "--nproc-per-node 2" in alone.stderr, alone.stderr[-2000:]

@@ -146,11 +146,7 @@ def costate(
     Raises:
         TypeError / ValueError: bad arguments (naming them); EquilibriaError with throw=True.
     """
-    if not callable(f):
-        raise TypeError(f"f must be callable as f(t, x), got {f!r}.")
-    if not isinstance(x0, torch.Tensor) or x0.dim() < 1 or not x0.is_floating_point():
-        raise TypeError("x0 must be a floating tensor of shape (batch, ...).")
-    check_finite("x0", x0)
+    _check_flow(f, x0)
     if (loss_fn is None) == (grad_xT is None):
         raise ValueError("pass exactly one of loss_fn (L(x(T))) and grad_xT (∂L/∂x(T)).")
     if grad_xT is not None and (
@@ -165,17 +161,9 @@ def costate(
             "param_grads=True needs f to be a torch.nn.Module (its parameters are θ); wrap a "
             "function in a Module or leave param_grads=False."
         )
-    check_tolerances(atol, rtol)
-    n_points = check_positive_int("n_points", n_points, minimum=2)
-    if not isinstance(t_span, (tuple, list)) or len(t_span) != 2:
-        raise TypeError(f"t_span must be a pair (t0, T), got {t_span!r}.")
-    t0, t1 = (float(v) for v in t_span)
-    if t0 == t1:
-        raise ValueError(f"t_span must have t0 != T, got {t_span!r}.")
-    solver = Tsit5() if solver is None else solver
-    options = dict(solver=solver, rtol=rtol, atol=atol, max_steps=max_steps)
-    if dt0 is not None:
-        options["dt0"] = dt0
+    n_points, (t0, t1), options = _solve_options(
+        n_points, t_span, solver, rtol, atol, max_steps, dt0
+    )
 
     grid = torch.linspace(t0, t1, n_points, dtype=torch.float64)
     x0 = x0.detach()
@@ -279,6 +267,35 @@ class _AugmentedField:
             return torch.cat([grads[name].reshape(-1) for name in params])
 
         return torch.func.vmap(one)(t, x, p)
+
+
+def _check_flow(f: Any, x0: Any) -> None:
+    """The field and initial state of a costate-like diagnostic (TypeError/ValueError)."""
+    if not callable(f):
+        raise TypeError(f"f must be callable as f(t, x), got {f!r}.")
+    if not isinstance(x0, torch.Tensor) or x0.dim() < 1 or not x0.is_floating_point():
+        raise TypeError("x0 must be a floating tensor of shape (batch, ...).")
+    check_finite("x0", x0)
+
+
+def _solve_options(
+    n_points: Any, t_span: Any, solver: Any, rtol: float, atol: float, max_steps: int,
+    dt0: float | None,
+) -> tuple[int, tuple[float, float], dict[str, Any]]:
+    """Checked grid size, (t0, T) and the odeint keyword arguments (default solver Tsit5)."""
+    check_tolerances(atol, rtol)
+    n_points = check_positive_int("n_points", n_points, minimum=2)
+    if not isinstance(t_span, (tuple, list)) or len(t_span) != 2:
+        raise TypeError(f"t_span must be a pair (t0, T), got {t_span!r}.")
+    t0, t1 = (float(v) for v in t_span)
+    if t0 == t1:
+        raise ValueError(f"t_span must have t0 != T, got {t_span!r}.")
+    options: dict[str, Any] = dict(
+        solver=Tsit5() if solver is None else solver, rtol=rtol, atol=atol, max_steps=max_steps
+    )
+    if dt0 is not None:
+        options["dt0"] = dt0
+    return n_points, (t0, t1), options
 
 
 def _backward_in_segments(

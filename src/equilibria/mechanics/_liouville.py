@@ -27,10 +27,9 @@ from typing import Any
 
 import torch
 
-from .._checks import check_finite, check_positive_int, check_tolerances
 from .._solution import Solution
-from ..ode import Tsit5, odeint
-from ._costate import VectorField, costate
+from ..ode import odeint
+from ._costate import VectorField, _check_flow, _solve_options, costate
 
 __all__ = ["PhaseVolume", "liouville"]
 
@@ -125,11 +124,7 @@ def liouville(
     Raises:
         TypeError / ValueError: bad arguments (naming them and the fix).
     """
-    if not callable(f):
-        raise TypeError(f"f must be callable as f(t, x), got {f!r}.")
-    if not isinstance(x0, torch.Tensor) or x0.dim() < 1 or not x0.is_floating_point():
-        raise TypeError("x0 must be a floating tensor of shape (batch, ...).")
-    check_finite("x0", x0)
+    _check_flow(f, x0)
     size = x0[0].numel()
     if size > MAX_DIM:
         raise ValueError(
@@ -137,19 +132,11 @@ def liouville(
             f"per element per evaluation) and allows at most {MAX_DIM}. Use a smaller "
             "system, or mechanics.hamiltonian_drift / tangent_pairing, which scale."
         )
-    check_tolerances(atol, rtol)
-    n_points = check_positive_int("n_points", n_points, minimum=2)
     if not isinstance(adjoint, bool):
         raise TypeError(f"adjoint must be a bool, got {type(adjoint).__name__}.")
-    if not isinstance(t_span, (tuple, list)) or len(t_span) != 2:
-        raise TypeError(f"t_span must be a pair (t0, T), got {t_span!r}.")
-    t0, t1 = (float(v) for v in t_span)
-    if t0 == t1:
-        raise ValueError(f"t_span must have t0 != T, got {t_span!r}.")
-    solver = Tsit5() if solver is None else solver
-    options: dict[str, Any] = dict(solver=solver, rtol=rtol, atol=atol, max_steps=max_steps)
-    if dt0 is not None:
-        options["dt0"] = dt0
+    n_points, (t0, t1), options = _solve_options(
+        n_points, t_span, solver, rtol, atol, max_steps, dt0
+    )
 
     batch = x0.shape[0]
     x0 = x0.detach()

@@ -331,11 +331,9 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
                 "config": config.asdict(),
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
-                "rng": mine["rng"],
                 "epoch": epoch,
                 "batch_in_epoch": batch_in_epoch,
-                "partial": mine["partial"],
-                "ranks": ranks,
+                "ranks": ranks,  # per rank: RNG state and partial epoch sums
                 "metrics": metrics,
                 "steps": steps,
                 "fp_buffer": buffer,
@@ -547,6 +545,7 @@ def _rank_state(state: dict, context: DistContext) -> dict:
 
     Mid-epoch they differ between ranks, so the run must resume with as many processes as
     it was interrupted with; at an epoch boundary every rank's are the same (rank 0's)."""
+    # (checkpoints written before per-rank state kept one "rng" and "partial")
     ranks = state.get("ranks") or [{"rng": state["rng"], "partial": state["partial"]}]
     if len(ranks) == context.world_size:
         return ranks[context.rank]
