@@ -158,10 +158,10 @@ class Anderson(FixedPointSolver):
         # sum(a) = 0 makes alpha non-finite, so the finiteness test also catches it.
         alpha = (a / a.sum(dim=1, keepdim=True)).transpose(1, 2)  # (batch, 1, c)
         # On CPU a host read is free: one reduction over every weight tells whether all
-        # samples solved (a NaN or inf anywhere makes the sum non-finite).
-        if gram.device.type == "cpu" and bool(torch.isfinite(alpha.sum())) and not bool(
-            info.any()
-        ):
+        # samples solved (a NaN or inf anywhere makes the sum non-finite). A singular system
+        # (info > 0, a zero pivot) divides by that zero in the solve, so its a is non-finite
+        # too, and info needs no separate read here.
+        if gram.device.type == "cpu" and math.isfinite(float(alpha.sum())):
             return alpha, None
         ok = torch.isfinite(alpha).all(dim=2).squeeze(1) & (info == 0)
         return torch.where(ok[:, None, None], alpha, torch.zeros_like(alpha)), ok
