@@ -191,14 +191,23 @@ def fixed_point(
         )
 
     device = z0.device
-    residual0 = rms_norm(fz0 - z0).detach()
-    tolerance0 = atol + rtol * rms_norm(z0).detach()
-    finite0 = torch.isfinite(residual0)
-    converged0 = finite0 & (residual0 <= tolerance0)
-    status = torch.full((batch,), int(Status.MAX_STEPS), dtype=torch.int64, device=device)
-    status = torch.where(converged0, int(Status.SUCCESS), status)
-    status = torch.where(~finite0, int(Status.NONFINITE), status)
-    active = finite0 & ~converged0
+    width = z0[0].numel()
+    inverse_sqrt = 1.0 / math.sqrt(width) if width else 0.0
+    # Bookkeeping tensors are built with as few ops as possible: each small op costs a few
+    # microseconds, and at the benchmark's size (width 512, batch 256) the loop's share of
+    # the time beside f is mostly their number.
+    with torch.no_grad():
+        residual0 = rms_norm(fz0 - z0)
+        tolerance0 = rms_norm(z0).mul_(rtol).add_(atol)
+        # A residual is a norm: >= 0, or +inf / NaN when f overflowed; NaN compares False.
+        finite0 = residual0 < math.inf
+        status = torch.full((batch,), int(Status.NONFINITE), dtype=torch.int64, device=device)
+        status.masked_fill_(finite0, int(Status.MAX_STEPS))
+        status.masked_fill_(finite0 & (residual0 <= tolerance0), int(Status.SUCCESS))
+    # A row is running exactly while its status is MAX_STEPS: the loop gives a row one of
+    # the three other statuses when it stops it.
+    active = status == int(Status.MAX_STEPS)
+    n_active = int(active.sum())
     best_value = z0
     best_residual = residual0
     n_steps = torch.zeros(batch, dtype=torch.int64, device=device)
@@ -212,8 +221,8 @@ def fixed_point(
     x_rows = x
     state: State | None = None
     extra: dict[str, torch.Tensor] = {}
-    if batch and bool(active.any()):
-        if compact and not bool(active.all()):
+    if n_active:
+        if compact and n_active < batch:
             rows = active.nonzero().flatten()
             x_rows = _select_rows(x, rows)
             state = solver.init(_bind(f, x_rows), z0.index_select(0, rows), fz0[rows])
@@ -226,9 +235,7 @@ def fixed_point(
 
     # On CPU a host sync is free, so the common step (every row still running, every residual
     # improving, none finished) takes a path with no torch.where over the batch at all.
-    all_running = state is not None and bool(_take(active, rows).all())
-    width = z0[0].numel()
-    inverse_sqrt = 1.0 / math.sqrt(width) if width else 0.0
+    all_running = state is not None and (rows is not None or n_active == batch)
     limit = divergence_factor * residual0  # a residual above it is DIVERGED
     for step_index in range(max_steps if state is not None else 0):
         state, step_nfe = solver.step(_bind(f, x_rows), state, step_index)
@@ -242,17 +249,18 @@ def fixed_point(
                 residual = torch.linalg.vector_norm(g.reshape(z.shape[0], -1), dim=1)
                 residual = residual * inverse_sqrt
             tolerance = torch.linalg.vector_norm(z.reshape(z.shape[0], -1), dim=1)
-            tolerance = atol + rtol * inverse_sqrt * tolerance
+            tolerance = tolerance.mul_(rtol * inverse_sqrt).add_(atol)
         # Solvers with an inner iteration (Newton-Krylov forcing terms) use the target to
         # avoid solving the linear systems more accurately than the answer needs.
         state["tolerance"] = tolerance
         if fast and all_running:
             # NaN compares False, so a non-finite residual leaves the fast path too.
             going = (residual > tolerance) & (residual <= _take(limit, rows))
-            if bool(going.all()):
+            improved = residual < _take(best_residual, rows)
+            all_improved = bool((going & improved).all())
+            if all_improved or bool(going.all()):
                 # No sample stops this step: only the best iterate and the counters change.
-                improved = residual < _take(best_residual, rows)
-                if bool(improved.all()):
+                if all_improved:
                     best_value = _put(best_value, rows, z)
                     best_residual = _put(best_residual, rows, residual)
                 else:
@@ -265,36 +273,31 @@ def fixed_point(
                         rows,
                         torch.where(improved, residual, _take(best_residual, rows)),
                     )
-                residual_now = _put(residual_now, rows, residual)
                 n_steps = _put(n_steps, rows, _take(n_steps, rows) + 1)
                 nfe = _put(nfe, rows, _take(nfe, rows) + step_nfe)
                 for key in solver.stat_keys:
                     value = state[key].detach().to(residual0.dtype)
                     extra[key] = _put(extra[key], rows, value)
                 if residual_trace is not None:
+                    residual_now = _put(residual_now, rows, residual)
                     residual_trace.append(residual_now)
                 continue
         running = _take(active, rows)
-        finite = torch.isfinite(residual)
-        converged = running & finite & (residual <= tolerance)
-        improved = running & finite & ((residual < _take(best_residual, rows)) | converged)
-        diverged = (
-            running & finite & ~converged
-            & (residual > _take(limit, rows))
-        )
-        nonfinite = running & ~finite
+        ok = running & (residual < math.inf)  # running and finite
+        converged = ok & (residual <= tolerance)
+        improved = (ok & (residual < _take(best_residual, rows))) | converged
+        diverged = ok & (residual > _take(limit, rows))
+        nonfinite = running & ~ok
 
         best_local = torch.where(expand_as_batch(improved, z), z, _take(best_value, rows))
         best_value = _put(best_value, rows, best_local)
         best_residual = _put(
             best_residual, rows, torch.where(improved, residual, _take(best_residual, rows))
         )
-        residual_now = _put(
-            residual_now, rows, torch.where(running, residual, _take(residual_now, rows))
-        )
-        step_status = torch.where(converged, int(Status.SUCCESS), _take(status, rows))
-        step_status = torch.where(diverged, int(Status.DIVERGED), step_status)
-        step_status = torch.where(nonfinite, int(Status.NONFINITE), step_status)
+        # SUCCESS is written last: a sample that passed the test is not also DIVERGED.
+        step_status = _take(status, rows).masked_fill(diverged, int(Status.DIVERGED))
+        step_status = step_status.masked_fill_(nonfinite, int(Status.NONFINITE))
+        step_status = step_status.masked_fill_(converged, int(Status.SUCCESS))
         status = _put(status, rows, step_status)
         n_steps = _put(n_steps, rows, _take(n_steps, rows) + running)
         nfe = _put(nfe, rows, _take(nfe, rows) + running * step_nfe)
@@ -302,27 +305,28 @@ def fixed_point(
             value = state[key].detach().to(residual0.dtype)
             kept = torch.where(running, value, _take(extra[key], rows))
             extra[key] = _put(extra[key], rows, kept)
-        still_running = running & ~(converged | diverged | nonfinite)
+        still_running = step_status == int(Status.MAX_STEPS)
         active = _put(active, rows, still_running)
-        if fast:
-            all_running = bool(still_running.all())
         if residual_trace is not None:
+            residual_now = _put(
+                residual_now, rows, torch.where(running, residual, _take(residual_now, rows))
+            )
             residual_trace.append(residual_now)
 
         if (step_index + 1) % check_every == 0 or step_index + 1 == max_steps:
-            still = _take(active, rows)
-            n_still = int(still.sum())
+            n_still = int(still_running.sum())
             if n_still == 0:
                 break
-            n_rows = still.shape[0]
+            n_rows = still_running.shape[0]
+            all_running = n_still == n_rows
             # Compacting copies the whole solver state (e.g. Anderson's history), so do it
             # once enough rows have finished to pay for the copy.
             if compact and n_rows - n_still >= max(1, n_rows // 8):
-                keep = still.nonzero().flatten()
+                keep = still_running.nonzero().flatten()
                 rows = keep if rows is None else rows.index_select(0, keep)
                 x_rows = _select_rows(x, rows)
                 state = {key: value.index_select(0, keep) for key, value in state.items()}
-                all_running = fast
+                all_running = True
 
     stats: dict[str, Any] = {"residual": best_residual, "n_steps": n_steps, "nfe": nfe}
     stats.update(extra)
