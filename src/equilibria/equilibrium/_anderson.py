@@ -161,7 +161,15 @@ class Anderson(FixedPointSolver):
         # samples solved (a NaN or inf anywhere makes the sum non-finite). A singular system
         # (info > 0, a zero pivot) divides by that zero in the solve, so its a is non-finite
         # too, and info needs no separate read here.
-        if gram.device.type == "cpu" and math.isfinite(float(alpha.sum())):
+        if gram.device.type == "cpu" and math.isfinite(float(alpha.detach().sum())):
             return alpha, None
         ok = torch.isfinite(alpha).all(dim=2).squeeze(1) & (info == 0)
+        if alpha.requires_grad:
+            # The failed systems' NaNs sit in the recorded graph, and torch.where's zero
+            # gradient times them is NaN again: it would reach f's parameters through the
+            # Gram matrix. Solve once more with those systems replaced by the identity.
+            eye = torch.eye(system.shape[1], dtype=system.dtype, device=system.device)
+            system = torch.where(ok[:, None, None], system, eye)
+            a = torch.linalg.solve_ex(system, ones, check_errors=False)[0]
+            alpha = (a / a.sum(dim=1, keepdim=True)).transpose(1, 2)
         return torch.where(ok[:, None, None], alpha, torch.zeros_like(alpha)), ok
