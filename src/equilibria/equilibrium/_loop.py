@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .._autocast import outside_autocast
 from .._checks import (
     check_batched_state,
     check_finite,
@@ -96,6 +97,7 @@ def _take(full: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return full if rows is None else full.index_select(0, rows)
 
 
+@outside_autocast(fn="f", state="z0")
 def fixed_point(
     f: Callable[..., torch.Tensor],
     z0: torch.Tensor,
@@ -154,6 +156,10 @@ def fixed_point(
     The loop is differentiable when autograd is enabled (nothing is detached except the
     residual bookkeeping), so backpropagating through ``value`` differentiates the solver's
     iterations (the DEQ "Unrolled" strategy); under ``torch.no_grad`` nothing is recorded.
+
+    Under ``torch.autocast`` f runs in the autocast dtype and its output is cast back to
+    z0's dtype, while the solver's own arithmetic runs with autocast off (a Gram matrix from a
+    bfloat16 matmul would stall Anderson); see `equilibria._autocast`.
 
     Reference: Bai, Kolter & Koltun, "Deep Equilibrium Models", NeurIPS 2019.
     """

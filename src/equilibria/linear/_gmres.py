@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._autocast import outside_autocast
 from .._checks import check_finite, check_positive_int, check_tolerances, rms_norm
 from .._solution import Solution, Status
 
@@ -68,6 +69,7 @@ class GMRES:
         check_positive_int("max_iters", self.max_iters)
         check_tolerances(self.atol, self.rtol)
 
+    @outside_autocast(fn="matvec", state="b")
     def solve(
         self, matvec: Matvec, b: torch.Tensor, x0: torch.Tensor | None = None
     ) -> Solution:

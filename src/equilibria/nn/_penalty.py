@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .._autocast import outside_autocast
 from .._checks import check_positive_int
 
 __all__ = ["jacobian_penalty", "spectral_radius"]
@@ -106,6 +107,7 @@ def jacobian_penalty(
     return estimate if differentiable else estimate.detach()
 
 
+@outside_autocast(fn="f", state="z_star")
 def spectral_radius(
     f: Callable,
     z_star: torch.Tensor,

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._autocast import autocast_dtype
 from .._checks import check_positive, check_positive_int, rms_norm
 from .._solution import Solution
 from ._integrate import odeint
@@ -209,12 +210,15 @@ class _AdjointFunction(torch.autograd.Function):
                          max_steps=max_steps, dt0=dt0)
         stats_out.update(sol.stats)
         stats_out["status"] = sol.status
+        # The backward integrates f again: under the forward's autocast, as torch.utils.
+        # checkpoint recomputes (the backward pass itself usually runs outside autocast).
+        ctx.autocast = (y0.device.type, autocast_dtype(y0.device.type))
         ctx.config = config
         ctx.save_for_backward(sol.value, *params)
         return sol.value
 
     @staticmethod
-    def backward(ctx, grad_value):
+    def _backward(ctx, grad_value):
         f, t_span, t_grid, solver, rtol, atol, max_steps, dt0, gradient, stats_out = ctx.config
         value, *params = ctx.saved_tensors
         params = tuple(params)
@@ -245,6 +249,14 @@ class _AdjointFunction(torch.autograd.Function):
             a_params = [acc + g for acc, g in zip(a_params, traj.a_params)]
         stats_out["adjoint_nfe"] = nfe
         return (None, a, *a_params)
+
+    @staticmethod
+    def backward(ctx, grad_value):
+        device_type, low = ctx.autocast
+        if low is None:
+            return _AdjointFunction._backward(ctx, grad_value)
+        with torch.autocast(device_type, dtype=low):
+            return _AdjointFunction._backward(ctx, grad_value)
 
 
 def odeint_adjoint(

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .._autocast import outside_autocast
 from .._checks import (
     check_batched_state,
     check_positive,
@@ -153,6 +154,7 @@ def _check_inputs(f, y0, t_span, solver, rtol, atol, max_steps, dt0, n_steps, te
     return t0, t1, rtol, atol, dt0, tuple(args)
 
 
+@outside_autocast(fn="f", state="y0")
 def odeint(
     f: Callable[..., torch.Tensor],
     y0: torch.Tensor,
@@ -218,6 +220,9 @@ def odeint(
             dt0 for a fixed-step method, f returning the wrong shape/dtype/device.
         TypeError: y0 not a tensor, unknown solver type.
         EquilibriaError: with throw=True when a sample failed.
+
+    Under ``torch.autocast`` f runs in the autocast dtype (its output cast back to y0's
+    dtype); the steps, error control and dense output run with autocast off.
 
     Host syncs: one per step on CPU, one per 4 steps on CUDA (to stop once every sample is
     done and to compact); with t_eval one more per interpolation round of an accepted step.
