@@ -57,19 +57,24 @@ def outside_autocast(fn: str, state: str) -> Callable[[Solver], Solver]:
 
     def decorate(solver: Solver) -> Solver:
         signature = inspect.signature(solver)
+        state_index = list(signature.parameters).index(state)
 
         @functools.wraps(solver)
         def entry(*args: Any, **kwargs: Any) -> Any:
+            # The common case, autocast off, costs one lookup (no signature binding).
+            tensor = args[state_index] if len(args) > state_index else kwargs.get(state)
+            if not isinstance(tensor, torch.Tensor):
+                return solver(*args, **kwargs)  # the solver reports a bad state
+            device_type = tensor.device.type
+            low = autocast_dtype(device_type)
+            if low is None:
+                return solver(*args, **kwargs)
             try:
                 bound = signature.bind(*args, **kwargs)
             except TypeError:
                 return solver(*args, **kwargs)  # let the solver report the bad call
-            tensor, map_ = bound.arguments.get(state), bound.arguments.get(fn)
-            if not isinstance(tensor, torch.Tensor) or not callable(map_):
-                return solver(*args, **kwargs)
-            device_type = tensor.device.type
-            low = autocast_dtype(device_type)
-            if low is None:
+            map_ = bound.arguments.get(fn)
+            if not callable(map_):
                 return solver(*args, **kwargs)
             bound.arguments[fn] = _under_autocast(map_, device_type, low, tensor.dtype)
             with torch.autocast(device_type, enabled=False):
