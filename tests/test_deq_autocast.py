@@ -226,3 +226,20 @@ def test_neural_ode_gradients_under_autocast(gradient):
     for low in LOW:
         g = grads(low)
         assert float((g - reference).norm() / reference.norm()) < GRAD_TOL[low]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("low", LOW)
+def test_cuda_autocast_gradients_match_float32(low):
+    cell, x = _setup()
+    cell, x = cell.cuda(), x.cuda()
+    reference = eq.DEQ(cell, z_shape=(48,), atol=1e-10, rtol=1e-8, max_steps=200)
+    _, g_ref = _grads(reference, x, None)
+    deq = eq.DEQ(cell, z_shape=(48,), atol=1e-8, rtol=RTOL[low])
+    deq.zero_grad()
+    with torch.autocast("cuda", dtype=low):
+        z = deq(x)
+    z.float().pow(2).sum().backward()
+    g = torch.cat([p.grad.flatten() for p in cell.parameters()])
+    assert z.dtype == torch.float32
+    assert float((g - g_ref).norm() / g_ref.norm()) < GRAD_TOL[low]

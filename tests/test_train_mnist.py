@@ -241,3 +241,57 @@ def test_a_looser_backward_tolerance_takes_fewer_vjps(tmp_path):
 def test_bad_backward_rtol_names_the_option(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
         _config(tmp_path, "bad", **overrides).validate()
+
+
+def test_mixed_precision_learns_like_float32(tmp_path):
+    plain = train_mnist(_config(tmp_path, "fp32", epochs=1, rtol=4e-3), log=lambda _: None)
+    mixed = train_mnist(
+        _config(tmp_path, "bf16", epochs=1, rtol=4e-3, amp="bf16"), log=lambda _: None
+    )
+    assert mixed.test_accuracy > 0.5  # chance is 0.1
+    assert abs(mixed.test_accuracy - plain.test_accuracy) < 0.05
+    assert abs(mixed.metrics[0]["loss"] - plain.metrics[0]["loss"]) < 0.05
+    assert mixed.metrics[0]["not_converged_share"] < 0.05
+    assert json.loads((mixed.run_dir / "config.json").read_text())["amp"] == "bf16"
+
+
+def test_fp16_run_resumes_exactly_with_its_loss_scale(tmp_path):
+    values = dict(rtol=4e-3, amp="fp16")
+    reference = train_mnist(_config(tmp_path, "ref", **values), log=lambda _: None)
+
+    def interrupt(step: int) -> None:
+        if step == 8:  # epoch 2, batch 2 of 6
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_mnist(_config(tmp_path, "cut", **values), on_step=interrupt, log=lambda _: None)
+    state = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    assert state["scaler"]["scale"] > 0  # the GradScaler's state travels with the run
+    resumed = train_mnist(_config(tmp_path, "cut", **values), resume=True, log=lambda _: None)
+    assert _without_timing(resumed.metrics) == _without_timing(reference.metrics)
+    a, b = _weights(reference.run_dir), _weights(resumed.run_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_amp_needs_a_reachable_tolerance():
+    with pytest.raises(ValueError, match=r"--amp bf16 .* Pass --rtol 4e-03 or larger"):
+        TrainConfig(amp="bf16", rtol=1e-3).validate()
+    with pytest.raises(ValueError, match="unknown amp 'int8'"):
+        TrainConfig(amp="int8").validate()
+    TrainConfig(amp="fp16", rtol=5e-4).validate()
+
+
+def test_checkpoint_written_before_a_config_field_existed_still_resumes(tmp_path):
+    train_mnist(_config(tmp_path, "old", epochs=1), log=lambda _: None)
+    path = tmp_path / "old" / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    del state["config"]["amp"]  # as written before --amp existed
+    torch.save(state, path)
+    resumed = train_mnist(_config(tmp_path, "old", epochs=2), resume=True, log=lambda _: None)
+    assert [row["epoch"] for row in resumed.metrics] == [1, 2]
+
+
+@pytest.mark.cuda
+def test_fp16_run_on_cuda_learns(tmp_path):
+    config = _config(tmp_path, "gpu-fp16", device="cuda", epochs=1, rtol=4e-3, amp="fp16")
+    assert train_mnist(config, log=lambda _: None).test_accuracy > 0.5

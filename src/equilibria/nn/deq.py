@@ -22,7 +22,7 @@ from ..equilibrium._solver import FixedPointSolver
 from ._backward import BACKWARD_TYPES, Implicit
 from ._penalty import spectral_radius
 
-__all__ = ["DEQ"]
+__all__ = ["AUTOCAST_RTOL_FLOOR", "DEQ"]
 
 _SOLVER_CHOICES = "eq.Anderson(), eq.Picard(), eq.Broyden(), eq.NewtonKrylov(), eq.SteadyState()"
 _BACKWARD_CHOICES = "eq.Implicit(), eq.Unrolled(), eq.OneStep(), eq.Phantom()"
@@ -30,7 +30,7 @@ _BACKWARD_CHOICES = "eq.Implicit(), eq.Unrolled(), eq.OneStep(), eq.Phantom()"
 # Measured with Anderson on tanh(W z + U x + b) cells (||W|| = 0.6, widths 48 and 512, 64
 # samples, 100 steps): the worst sample's relative residual stalled at 1.1e-3 under bfloat16
 # and 1.1e-4 under float16 (medians 2.5e-4 and 3e-5), so these leave a margin of ~4.
-_AUTOCAST_RTOL_FLOOR = {torch.bfloat16: 4e-3, torch.float16: 5e-4}
+AUTOCAST_RTOL_FLOOR = {torch.bfloat16: 4e-3, torch.float16: 5e-4}
 
 
 def _check_bool(name: str, value: Any) -> bool:
@@ -323,7 +323,7 @@ class DEQ(nn.Module):
     def _check_autocast_tolerance(self, low: torch.dtype) -> None:
         """Warn once when rtol is below what f's rounding under autocast lets a residual
         reach: the samples would run to max_steps for nothing."""
-        floor = _AUTOCAST_RTOL_FLOOR.get(low, torch.finfo(low).eps / 2)
+        floor = AUTOCAST_RTOL_FLOOR.get(low, torch.finfo(low).eps / 2)
         if getattr(self, "_warned_autocast", False):
             return
         low_tolerances = []

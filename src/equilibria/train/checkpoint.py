@@ -58,6 +58,7 @@ def load_checkpoint(
     model: torch.nn.Module | None = None,
     expected_config: dict | None = None,
     identity_fields: tuple[str, ...] = (),
+    defaults: dict | None = None,
 ) -> dict[str, Any]:
     """Read and validate a checkpoint; optionally load its weights into `model`.
 
@@ -65,6 +66,7 @@ def load_checkpoint(
         path: the checkpoint file.
         model: when given, its state_dict must have the checkpoint's keys and shapes.
         expected_config: when given, these `identity_fields` must equal the checkpoint's.
+        defaults: values of fields a checkpoint written before they existed does not hold.
 
     Returns:
         The checkpoint dict (model, optimizer, rng, progress, metrics, config, ...).
@@ -88,7 +90,7 @@ def load_checkpoint(
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not an equilibria MNIST checkpoint.")
     if expected_config is not None:
-        saved = state.get("config", {})
+        saved = {**(defaults or {}), **state.get("config", {})}
         differences = [
             f"{name}: checkpoint {saved.get(name)!r}, requested {expected_config.get(name)!r}"
             for name in identity_fields

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
-from .config import TrainConfig
+from .config import AMP_DTYPES, TrainConfig
 from .distributed import DistContext
 from .mnist_loop import _subset_indices, evaluate
 from .models import build_model
@@ -68,7 +68,8 @@ def evaluate_run(
     index = _subset_indices(10_000, test_subset, salt=2)
     images = normalize_images(arrays.test_images[index]).to(target)
     labels = arrays.test_labels[index].to(target)
-    result = evaluate(model, images, labels, DistContext(0, 1, target, False))
+    result = evaluate(model, images, labels, DistContext(0, 1, target, False),
+                      amp_dtype=AMP_DTYPES.get(config.amp))
     return {
         "run_dir": str(run_dir),
         "accuracy": result["accuracy"],

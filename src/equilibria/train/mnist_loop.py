@@ -18,6 +18,7 @@ NFE saved by fixed-point reuse (when on), and seconds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -42,7 +43,7 @@ from .checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from .config import IDENTITY_FIELDS, TrainConfig
+from .config import AMP_DTYPES, IDENTITY_FIELDS, TrainConfig
 from .distributed import DistContext, all_reduce_sum, setup_distributed, teardown_distributed
 from .models import build_model
 from .stats import EpochAccumulator, backward_stats, forward_stats
@@ -136,6 +137,13 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """torch.autocast in `dtype` on the device, or no context when dtype is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
@@ -143,8 +151,10 @@ def evaluate(
     labels: torch.Tensor,
     context: DistContext | None = None,
     batch_size: int = 500,
+    amp_dtype: torch.dtype | None = None,
 ) -> dict:
-    """Accuracy, loss, forward NFE and residuals on a set, sharded over ranks under DDP.
+    """Accuracy, loss, forward NFE and residuals on a set, sharded over ranks under DDP
+    (under autocast in `amp_dtype` when given, as the model was trained).
 
     Returns:
         dict with accuracy, loss, forward_nfe_mean, not_converged_share, and per-sample
@@ -159,7 +169,8 @@ def evaluate(
     residuals, predictions = [], []
     for start in range(0, shard.numel(), batch_size):
         index = shard[start : start + batch_size].to(images.device)
-        logits = core(images[index])
+        with autocast(images.device, amp_dtype):
+            logits = core(images[index]).float()
         solution = core.deq.last_solution
         stats = forward_stats(solution)
         sums += torch.tensor(
@@ -266,6 +277,9 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
     seed_everything(config.seed)
     model = build_model(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    amp_dtype = AMP_DTYPES.get(config.amp)
+    # float16 gradients underflow without loss scaling; bfloat16 has float32's range.
+    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     n_train = data["train_x"].shape[0]
     buffer = have = None
     if config.reuse_fixed_points:
@@ -276,9 +290,12 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
     start_epoch, start_batch, metrics, steps, partial = 0, 0, [], [], None
     if resume:
         state = load_checkpoint(
-            run_dir / CHECKPOINT_NAME, model, config.asdict(), identity_fields=IDENTITY_FIELDS
+            run_dir / CHECKPOINT_NAME, model, config.asdict(), identity_fields=IDENTITY_FIELDS,
+            defaults=TrainConfig().asdict(),
         )
         optimizer.load_state_dict(state["optimizer"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         start_epoch, start_batch = state["epoch"], state["batch_in_epoch"]
         metrics, steps = state["metrics"], state["steps"]
         mine = _rank_state(state, context)
@@ -331,6 +348,7 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
                 "config": config.asdict(),
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),  # empty unless --amp fp16
                 "epoch": epoch,
                 "batch_in_epoch": batch_in_epoch,
                 "ranks": ranks,  # per rank: RNG state and partial epoch sums
@@ -376,10 +394,11 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
                         buffer[index],
                         torch.zeros_like(buffer[index]),
                     )
-                logits = ddp(images, z0=z0)
-                loss = _classification_loss(logits, labels)
-                if penalty_fn is not None:
-                    loss = loss + config.jac_penalty * model.jacobian_penalty(penalty_fn)
+                with autocast(device, amp_dtype):
+                    logits = ddp(images, z0=z0).float()
+                    loss = _classification_loss(logits, labels)
+                    if penalty_fn is not None:
+                        loss = loss + config.jac_penalty * model.jacobian_penalty(penalty_fn)
                 loss_value = loss.item()
                 if not math.isfinite(loss_value):
                     raise TrainingDiverged(
@@ -390,14 +409,15 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
                     )
                 forward = forward_stats(model.deq.last_solution)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
                 if config.lr_schedule == "cosine":
                     progress = (epoch * batches_per_epoch + batch) / (
                         config.epochs * batches_per_epoch
                     )
                     for group in optimizer.param_groups:
                         group["lr"] = config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-                optimizer.step()
+                scaler.step(optimizer)  # optimizer.step(), unless fp16 gradients overflowed
+                scaler.update()
                 backward = backward_stats(model.deq)
                 probe = None
                 if buffer is not None:
@@ -405,7 +425,10 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
                     buffer[index] = model.last_z
                     have[index] = True
                     if batch % PROBE_EVERY == 0 and bool(warm.any()):
-                        probe = _probe_cold_nfe(model, images[warm], forward["nfe"][warm.cpu()])
+                        with autocast(device, amp_dtype):
+                            probe = _probe_cold_nfe(
+                                model, images[warm], forward["nfe"][warm.cpu()]
+                            )
                 accumulator.add(
                     loss_value, logits.detach(), labels, forward, backward, probe, index.numel()
                 )
@@ -452,7 +475,8 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
             bar.close()
             if buffer is not None and context.distributed:
                 _sync_buffer(context, buffer, have, order)
-            test_result = evaluate(ddp, data["test_x"], data["test_y"], context)
+            test_result = evaluate(ddp, data["test_x"], data["test_y"], context,
+                                   amp_dtype=amp_dtype)
             row = {"epoch": epoch + 1, **accumulator.summary(context), **_test_row(test_result)}
             metrics.append(row)
             checkpoint(epoch + 1, 0, None)
@@ -475,7 +499,8 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
                 log(f"interrupted: checkpoint saved in {run_dir}; continue with --resume.")
                 raise KeyboardInterrupt
     if test_result is None:  # resumed an already finished run: just evaluate
-        test_result = evaluate(ddp, data["test_x"], data["test_y"], context)
+        test_result = evaluate(ddp, data["test_x"], data["test_y"], context,
+                               amp_dtype=amp_dtype)
     if context.distributed:
         _write_rank_summary(run_dir, context, model, metrics)
     if context.is_main and config.plots:
