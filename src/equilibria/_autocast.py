@@ -12,6 +12,7 @@ back to the state's dtype.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["autocast_dtype", "outside_autocast"]
+__all__ = ["autocast_context", "autocast_dtype", "outside_autocast"]
 
 Solver = TypeVar("Solver", bound=Callable[..., Any])
 
@@ -32,6 +33,13 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
         return torch.get_autocast_dtype(device_type)
     except RuntimeError:  # a device type autocast does not know (e.g. meta)
         return None
+
+
+def autocast_context(device_type: str, dtype: torch.dtype | None):
+    """torch.autocast in `dtype` on the device type, or a null context when dtype is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=dtype)
 
 
 def _under_autocast(fn: Callable[..., Any], device_type: str, low: torch.dtype,

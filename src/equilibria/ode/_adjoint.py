@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._autocast import autocast_dtype
+from .._autocast import autocast_context, autocast_dtype
 from .._checks import check_positive, check_positive_int, rms_norm
 from .._solution import Solution
 from ._integrate import odeint
@@ -252,10 +252,7 @@ class _AdjointFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_value):
-        device_type, low = ctx.autocast
-        if low is None:
-            return _AdjointFunction._backward(ctx, grad_value)
-        with torch.autocast(device_type, dtype=low):
+        with autocast_context(*ctx.autocast):
             return _AdjointFunction._backward(ctx, grad_value)
 
 

@@ -13,6 +13,7 @@ from .solvers import BACKWARD_CHOICES, SOLVER_CHOICES
 
 __all__ = [
     "AMP_CHOICES",
+    "AMP_DTYPES",
     "IDENTITY_FIELDS",
     "LR_SCHEDULES",
     "MODEL_CHOICES",

@@ -18,7 +18,6 @@ NFE saved by fixed-point reuse (when on), and seconds.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -34,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
+from .._autocast import autocast_context
 from ..data.mnist import load_mnist, normalize_images
 from .checkpoint import (
     CHECKPOINT_NAME,
@@ -137,13 +137,6 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """torch.autocast in `dtype` on the device, or no context when dtype is None."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
@@ -169,7 +162,7 @@ def evaluate(
     residuals, predictions = [], []
     for start in range(0, shard.numel(), batch_size):
         index = shard[start : start + batch_size].to(images.device)
-        with autocast(images.device, amp_dtype):
+        with autocast_context(images.device.type, amp_dtype):
             logits = core(images[index]).float()
         solution = core.deq.last_solution
         stats = forward_stats(solution)
@@ -394,7 +387,7 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
                         buffer[index],
                         torch.zeros_like(buffer[index]),
                     )
-                with autocast(device, amp_dtype):
+                with autocast_context(device.type, amp_dtype):
                     logits = ddp(images, z0=z0).float()
                     loss = _classification_loss(logits, labels)
                     if penalty_fn is not None:
@@ -425,7 +418,7 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
                     buffer[index] = model.last_z
                     have[index] = True
                     if batch % PROBE_EVERY == 0 and bool(warm.any()):
-                        with autocast(device, amp_dtype):
+                        with autocast_context(device.type, amp_dtype):
                             probe = _probe_cold_nfe(
                                 model, images[warm], forward["nfe"][warm.cpu()]
                             )
