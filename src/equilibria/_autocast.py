@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["autocast_context", "autocast_dtype", "outside_autocast"]
+__all__ = ["autocast_context", "autocast_dtype", "outside_autocast", "under_autocast"]
 
 Solver = TypeVar("Solver", bound=Callable[..., Any])
 
@@ -42,8 +42,10 @@ def autocast_context(device_type: str, dtype: torch.dtype | None):
     return torch.autocast(device_type, dtype=dtype)
 
 
-def _under_autocast(fn: Callable[..., Any], device_type: str, low: torch.dtype,
-                    state_dtype: torch.dtype) -> Callable[..., Any]:
+def under_autocast(fn: Callable[..., Any], device_type: str, low: torch.dtype,
+                   state_dtype: torch.dtype) -> Callable[..., Any]:
+    """fn run under autocast in `low`, its output in `low` cast to `state_dtype` (the cast is
+    differentiable: gradients flow back through it in the usual way)."""
     cache = torch.is_autocast_cache_enabled()
 
     def under_autocast(*args: Any, **kwargs: Any) -> Any:
@@ -84,7 +86,7 @@ def outside_autocast(fn: str, state: str) -> Callable[[Solver], Solver]:
             map_ = bound.arguments.get(fn)
             if not callable(map_):
                 return solver(*args, **kwargs)
-            bound.arguments[fn] = _under_autocast(map_, device_type, low, tensor.dtype)
+            bound.arguments[fn] = under_autocast(map_, device_type, low, tensor.dtype)
             with torch.autocast(device_type, enabled=False):
                 return solver(*bound.args, **bound.kwargs)
 

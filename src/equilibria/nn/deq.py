@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._autocast import autocast_dtype
+from .._autocast import autocast_dtype, under_autocast
 from .._checks import check_positive_int, check_tolerances
 from .._solution import EquilibriaError, Solution, Status
 from ..equilibrium._anderson import Anderson
@@ -37,20 +37,6 @@ def _check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}.")
     return value
-
-
-def _state_dtype_map(f: nn.Module, low: torch.dtype) -> Any:
-    """f with its autocast output (dtype `low`) cast back to the state's dtype, so that the
-    solver mixes, tests and stores iterates in full precision while f computes in low
-    precision. The cast is differentiable: every backward strategy sees an ordinary f."""
-
-    def f_state(z: torch.Tensor, x: Any) -> torch.Tensor:
-        out = f(z, x)
-        if isinstance(out, torch.Tensor) and out.dtype == low and out.dtype != z.dtype:
-            out = out.to(z.dtype)
-        return out
-
-    return f_state
 
 
 def _first_tensor(x: Any) -> torch.Tensor | None:
@@ -288,7 +274,8 @@ class DEQ(nn.Module):
                 start = start.to(self._parameter_dtype())
             if torch.finfo(start.dtype).bits > torch.finfo(low).bits:
                 self._check_autocast_tolerance(low)
-                f = _state_dtype_map(f, low)
+                # the solver mixes, tests and stores iterates in the state's dtype
+                f = under_autocast(f, start.device.type, low, start.dtype)
         if x is None:  # fixed_point calls f(z) when x is None
 
             def fn(z: torch.Tensor) -> torch.Tensor:
@@ -323,9 +310,9 @@ class DEQ(nn.Module):
     def _check_autocast_tolerance(self, low: torch.dtype) -> None:
         """Warn once when rtol is below what f's rounding under autocast lets a residual
         reach: the samples would run to max_steps for nothing."""
-        floor = AUTOCAST_RTOL_FLOOR.get(low, torch.finfo(low).eps / 2)
         if getattr(self, "_warned_autocast", False):
             return
+        floor = AUTOCAST_RTOL_FLOOR.get(low, torch.finfo(low).eps / 2)
         low_tolerances = []
         if self.rtol < floor:
             low_tolerances.append(f"DEQ(rtol={self.rtol:g}) -> DEQ(..., rtol={floor:.0e})")
