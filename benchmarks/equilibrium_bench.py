@@ -7,7 +7,8 @@ at relative residual ||f(z) - z|| / ||z|| <= 1e-4 per sample. Two cases:
 - hard: symmetric W = Q diag(linspace(-0.99, 0.99)) Q^T, x scaled by 0.1.
 
 For each solver: batched f calls (JVPs included; each call evaluates all rows), per-sample nfe
-(ours), wall time (median of repeats), overhead = wall / (calls x one f evaluation), and the
+(ours), wall time (median of repeats, the solvers run round robin with a timing of f in each
+round), overhead = wall / (calls x one f evaluation), and the
 relative residual actually reached (max and median over samples, recomputed here). A row
 "bare eager Anderson(m=5) loop" runs Anderson's arithmetic alone, without safeguards or
 per-sample bookkeeping: the floor of the per-step cost in eager PyTorch on this machine.
@@ -314,7 +315,6 @@ def main() -> None:
     ]
     for case in ("easy", "hard"):
         w, c = make_case(case)
-        t_f, t_f_cpu = time_f(w, c)
         rows = [
             ("equilibria Picard", ours(eq.Picard()), repeats, None),
             ("equilibria Anderson(m=5)", ours(eq.Anderson()), repeats, None),
@@ -333,9 +333,20 @@ def main() -> None:
         if not args.quick:
             rows.append(("torchdiffeq odeint_event", torchdiffeq_event(1e-4, 1e-6), 1,
                          args.event_timeout))
+        # Round robin: every round times one f evaluation and runs each repeated row once,
+        # so a drift in the machine's speed (memory bandwidth varies here from hour to hour)
+        # shifts all rows alike and the ratios stay fair; medians over the rounds.
+        repeated = [row for row in rows if row[2] > 1]
+        f_times, runs = [], {row[0]: [] for row in repeated}
+        for _ in range(repeats):
+            f_times.append(time_f(w, c, repeats=100))
+            for name, run, _, timeout in repeated:
+                runs[name].append(measure(run, w, c, 1, timeout))
+        t_f = statistics.median(t for t, _ in f_times)
+        t_f_cpu = statistics.median(t for _, t in f_times)
         lines += [
             f"## {case} case (one f evaluation: {t_f * 1e3:.2f} ms wall, "
-            f"{t_f_cpu * 1e3:.2f} ms CPU)",
+            f"{t_f_cpu * 1e3:.2f} ms CPU, medians over the rounds)",
             "",
             "| solver | evals | nfe (mean / max) | wall ms | CPU ms | overhead wall | "
             "overhead CPU | residual max | residual median | note |",
@@ -343,7 +354,15 @@ def main() -> None:
         ]
         found = {}
         for name, run, reps, timeout in rows:
-            calls, extra, times, z = measure(run, w, c, reps, timeout)
+            if name in runs:
+                calls, extra, _, z = runs[name][-1]
+                times = (
+                    (statistics.median(r[2][0] for r in runs[name]),
+                     statistics.median(r[2][1] for r in runs[name]))
+                    if z is not None else None
+                )
+            else:
+                calls, extra, times, z = measure(run, w, c, reps, timeout)
             calls = extra.get("evaluations", calls)
             if z is None:
                 lines.append(f"| {name} | > {calls} | | > {timeout * 1e3:.0f} | | | | | | "
