@@ -243,3 +243,13 @@ def test_cuda_autocast_gradients_match_float32(low):
     g = torch.cat([p.grad.flatten() for p in cell.parameters()])
     assert z.dtype == torch.float32
     assert float((g - g_ref).norm() / g_ref.norm()) < GRAD_TOL[low]
+
+
+def test_bad_arguments_under_autocast_get_the_solvers_own_errors():
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(TypeError, match="z0 must be a torch.Tensor"):
+            eq.fixed_point(torch.cos, [1.0, 2.0])
+        with pytest.raises(TypeError, match="f must be callable"):
+            eq.fixed_point("cos", torch.zeros(2, 1))
+        with pytest.raises(TypeError, match="unexpected keyword argument 'tol'"):
+            eq.fixed_point(torch.cos, torch.zeros(2, 1), tol=1e-3)

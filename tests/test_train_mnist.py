@@ -253,6 +253,11 @@ def test_mixed_precision_learns_like_float32(tmp_path):
     assert abs(mixed.metrics[0]["loss"] - plain.metrics[0]["loss"]) < 0.05
     assert mixed.metrics[0]["not_converged_share"] < 0.05
     assert json.loads((mixed.run_dir / "config.json").read_text())["amp"] == "bf16"
+    # `equilibria evaluate` reads the run's precision from its config: same accuracy.
+    from equilibria.train.evaluate_run import evaluate_run
+
+    again = evaluate_run(mixed.run_dir, test_subset=300)
+    assert again["accuracy"] == mixed.test_accuracy
 
 
 def test_fp16_run_resumes_exactly_with_its_loss_scale(tmp_path):
