@@ -250,3 +250,60 @@ def test_error_norm_is_checked():
                       error_norm=lambda e: e.abs().amax(dim=1))
     assert bool(inf_norm.success.all())
     assert int(inf_norm.stats["n_steps"][0]) > int(rms.stats["n_steps"][0])
+
+
+class _Forced(torch.nn.Module):
+    """A non-autonomous field, so that dL/dt0 and dL/dt1 are not simply opposite."""
+
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.w = torch.nn.Parameter(0.5 * torch.randn(3, 3, generator=generator,
+                                                      dtype=torch.float64))
+
+    def forward(self, t, y):
+        return torch.tanh(y @ self.w.T) + torch.sin(2.0 * t)[:, None] * y
+
+
+@pytest.mark.parametrize("with_t_eval", [False, True])
+def test_time_span_gradients_match_finite_differences(with_t_eval):
+    field = _Forced()
+    y0 = torch.tensor([[0.3, -0.2, 0.5], [1.0, 0.4, -0.7]], dtype=torch.float64)
+    weights = torch.tensor([[1.0, -2.0, 0.5], [0.3, 0.7, -1.1]], dtype=torch.float64)
+    t_eval = [0.2, 0.6, 0.9] if with_t_eval else None
+    tight = dict(rtol=1e-11, atol=1e-13)
+
+    def loss(t0, t1):
+        value = odeint_adjoint(field, y0, (t0, t1), t_eval=t_eval, **tight).value
+        return (weights * value).sum()
+
+    t0 = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    t1 = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    loss(t0, t1).backward()
+    h = 1e-5
+    with torch.no_grad():
+        fd_t0 = (loss(0.1 + h, 1.0) - loss(0.1 - h, 1.0)) / (2 * h)
+        fd_t1 = (loss(0.1, 1.0 + h) - loss(0.1, 1.0 - h)) / (2 * h)
+    torch.testing.assert_close(t0.grad, fd_t0, rtol=1e-6, atol=1e-9)
+    if with_t_eval:
+        # the outputs sit at fixed times inside the span: they do not depend on t1
+        assert float(t1.grad) == 0.0 and abs(float(fd_t1)) < 1e-9
+    else:
+        torch.testing.assert_close(t1.grad, fd_t1, rtol=1e-6, atol=1e-9)
+        assert abs(float(t0.grad + t1.grad)) > 1e-3  # non-autonomous: not just opposite
+
+
+def test_a_learned_end_time_trains_and_backprop_refuses_it():
+    field = _Forced()
+    end = torch.nn.Parameter(torch.tensor(1.0, dtype=torch.float32))
+    node = NeuralODE(field.float(), t_span=(0.0, end), rtol=1e-6, atol=1e-8)
+    y0 = torch.ones(2, 3)
+    node(y0).pow(2).sum().backward()
+    assert end.grad is not None and float(end.grad) != 0.0
+    assert node.last_solution.stats["adjoint_nfe"] > 0
+    with pytest.raises(ValueError, match="t_span requires grad.*odeint_adjoint"):
+        NeuralODE(field, t_span=(0.0, end), gradient=Backprop())(y0)
+    with pytest.raises(ValueError, match="t_span requires grad"):
+        odeint(lambda t, y: -y, y0, (0.0, end))
+    with torch.no_grad():  # nothing to lose without autograd
+        odeint(lambda t, y: -y, y0, (0.0, end))

@@ -19,7 +19,8 @@ class NeuralODE(torch.nn.Module):
     Arguments:
         f_module: nn.Module called as f_module(t, y) with t of shape (batch,) and y of shape
             (batch, ...) (see equilibria.ode for the convention).
-        t_span: (t0, t1).
+        t_span: (t0, t1): floats, or tensors that require grad to learn the time span
+            (with gradient=Adjoint(); Backprop refuses them rather than drop the gradient).
         solver: solver object (default Dopri5()).
         gradient: Adjoint() (continuous adjoint, memory independent of the number of steps)
             or Backprop() (autograd through the steps).

@@ -12,6 +12,10 @@ system with a fresh odeint, so memory does not grow with the number of steps. Wi
 the incoming gradient at each t_eval point is added to a while integrating back (and y is
 reset to the forward value there, which limits the drift of the backward reconstruction).
 
+Time-span gradients come without integrating anything more: moving t1 moves the returned
+state along the flow, dL/dt1 = a(t1) . f(t1, y(t1)); moving t0 (y0 fixed) shifts the whole
+trajectory, dL/dt0 = -a(t0) . f(t0, y0).
+
 The backward system couples the whole batch through a_theta (a sum over samples), so it is
 integrated as one system with one shared step size — per-sample step control applies to the
 forward pass. By default its step test uses a seminorm over y and a only (Kidger, Chen &
@@ -203,7 +207,9 @@ def adjoint_trajectory(
 
 class _AdjointFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, config, y0, *params):
+    def forward(ctx, config, y0, t_pair, *params):
+        # t_pair: (2,) float64 tensor of (t0, t1) when the time span is differentiated, else
+        # None; config's t_span holds the same times as floats.
         f, t_span, t_grid, solver, rtol, atol, max_steps, dt0, gradient, stats_out = config
         with torch.no_grad():
             sol = odeint(f, y0, t_span, solver=solver, rtol=rtol, atol=atol, t_eval=t_grid,
@@ -214,13 +220,16 @@ class _AdjointFunction(torch.autograd.Function):
         # checkpoint recomputes (the backward pass itself usually runs outside autocast).
         ctx.autocast = (y0.device.type, autocast_dtype(y0.device.type))
         ctx.config = config
-        ctx.save_for_backward(sol.value, *params)
+        ctx.t_pair = t_pair is not None
+        # y0 is needed again only for dL/dt0 = -a(t0) . f(t0, y0).
+        saved_y0 = y0 if ctx.t_pair else y0.new_empty(0)
+        ctx.save_for_backward(sol.value, saved_y0, *params)
         return sol.value
 
     @staticmethod
     def _backward(ctx, grad_value):
         f, t_span, t_grid, solver, rtol, atol, max_steps, dt0, gradient, stats_out = ctx.config
-        value, *params = ctx.saved_tensors
+        value, y0, *params = ctx.saved_tensors
         params = tuple(params)
         b_solver = gradient.solver or solver
         b_rtol = gradient.rtol or rtol
@@ -247,13 +256,38 @@ class _AdjointFunction(torch.autograd.Function):
             nfe += int(traj.solution.stats["nfe"].sum())
             a = traj.a[-1]
             a_params = [acc + g for acc, g in zip(a_params, traj.a_params)]
+        grad_t = None
+        if ctx.t_pair and ctx.needs_input_grad[2]:
+            grad_t, extra_nfe = _time_span_gradient(f, value, y0, grad_value, a, t0, t1,
+                                                    t_grid is not None)
+            nfe += extra_nfe
         stats_out["adjoint_nfe"] = nfe
-        return (None, a, *a_params)
+        return (None, a, grad_t, *a_params)
 
     @staticmethod
     def backward(ctx, grad_value):
         with autocast_context(*ctx.autocast):
             return _AdjointFunction._backward(ctx, grad_value)
+
+
+def _time_span_gradient(f, value, y0, grad_value, a0, t0: float, t1: float,
+                        has_grid: bool) -> tuple[torch.Tensor, int]:
+    """(dL/dt0, dL/dt1) as a (2,) float64 tensor, and the evaluations of f it took.
+
+    Moving t1 moves the returned state y(t1) along the flow: dL/dt1 = g . f(t1, y(t1)). With
+    t_eval the returned states sit at fixed times that t1 only bounds, so dL/dt1 = 0. Moving
+    t0 with y0 fixed shifts the whole trajectory: dy(t)/dt0 = -Phi(t, t0) f(t0, y0), so
+    dL/dt0 = -a(t0) . f(t0, y0) with a(t0) = dL/dy0.
+    """
+    batch = y0.shape[0]
+    with torch.no_grad():
+        def rate(t: float, y: torch.Tensor) -> torch.Tensor:
+            return f(torch.full((batch,), t, dtype=y.dtype, device=y.device), y)
+
+        grad_t0 = -(a0 * rate(t0, y0)).sum()
+        grad_t1 = torch.zeros_like(grad_t0) if has_grid else (grad_value * rate(t1, value)).sum()
+    grad = torch.stack([grad_t0, grad_t1]).to(torch.float64)
+    return grad, 1 if has_grid else 2
 
 
 def odeint_adjoint(
@@ -279,9 +313,12 @@ def odeint_adjoint(
         gradient: the Adjoint options (backward tolerances, solver, step bound).
 
     Returns:
-        Solution whose value is differentiable w.r.t. y0 and params. After backward(),
-        stats["adjoint_nfe"] holds the evaluations of the backward solve. Gradients are
-        meaningful for samples whose status is SUCCESS (the backward starts from t1).
+        Solution whose value is differentiable w.r.t. y0 and params, and w.r.t. t_span's
+        entries when they are tensors that require grad (e.g. a learned end time): dL/dt1 =
+        g . f(t1, y(t1)), dL/dt0 = -a(t0) . f(t0, y0) (dL/dt1 = 0 with t_eval, whose times are
+        fixed). After backward(), stats["adjoint_nfe"] holds the evaluations of the backward
+        solve. Gradients are meaningful for samples whose status is SUCCESS (the backward
+        starts from t1).
 
     Raises:
         TypeError: when gradient is not an Adjoint; as odeint otherwise.
@@ -297,9 +334,18 @@ def odeint_adjoint(
     params = tuple(params)
     # the forward odeint inside the Function validates every argument
     t_grid = None if t_eval is None else torch.as_tensor(t_eval, dtype=torch.float64)
+    t_pair = None
+    if isinstance(t_span, (tuple, list)) and len(t_span) == 2:
+        if any(isinstance(t, torch.Tensor) and t.requires_grad for t in t_span):
+            t_pair = torch.stack([
+                t.reshape(()).to(torch.float64) if isinstance(t, torch.Tensor)
+                else torch.tensor(float(t), dtype=torch.float64)
+                for t in t_span
+            ])
+        t_span = tuple(float(t.detach()) if isinstance(t, torch.Tensor) else t for t in t_span)
     stats: dict = {}
     config = (f, t_span, t_grid, solver, rtol, atol, max_steps,
               dt0, gradient, stats)
-    value = _AdjointFunction.apply(config, y0, *params)
+    value = _AdjointFunction.apply(config, y0, t_pair, *params)
     status = stats.pop("status")
     return Solution(value, status, stats)

@@ -124,7 +124,15 @@ def _check_inputs(f, y0, t_span, solver, rtol, atol, max_steps, dt0, n_steps, te
         )
     if not isinstance(t_span, (tuple, list)) or len(t_span) != 2:
         raise ValueError(f"t_span must be a pair (t0, t1), got {t_span!r}.")
-    t0, t1 = (float(v) for v in t_span)
+    if torch.is_grad_enabled() and any(
+        isinstance(v, torch.Tensor) and v.requires_grad for v in t_span
+    ):
+        raise ValueError(
+            "t_span requires grad, but odeint does not differentiate with respect to the time "
+            "span (the gradient would be lost): use odeint_adjoint or NeuralODE(gradient="
+            "Adjoint()), which do, or pass t_span as floats / detached tensors."
+        )
+    t0, t1 = (float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for v in t_span)
     if not (torch.isfinite(torch.tensor([t0, t1])).all()):
         raise ValueError(f"t_span must be finite, got {t_span!r}.")
     atol, rtol = check_tolerances(atol, rtol)
