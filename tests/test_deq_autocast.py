@@ -130,6 +130,18 @@ def test_warns_once_when_rtol_is_below_what_the_dtype_reaches():
             eq.DEQ(cell, backward=backward, z_shape=(48,), rtol=4e-3)(x)
 
 
+def test_warns_about_an_explicit_steady_state_under_autocast():
+    cell, x = _setup()
+    deq = eq.DEQ(cell, solver=eq.SteadyState(eq.Tsit5()), z_shape=(48,), rtol=4e-3)
+    with pytest.warns(RuntimeWarning, match=r"SteadyState\(solver=Tsit5.*-> SteadyState\(\)"):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            deq(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            eq.DEQ(cell, solver=eq.SteadyState(), z_shape=(48,), rtol=4e-3)(x)
+
+
 def test_low_precision_output_without_autocast_is_still_refused():
     class Narrowing(nn.Module):
         def forward(self, z, x):

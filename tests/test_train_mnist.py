@@ -278,12 +278,14 @@ def test_fp16_run_resumes_exactly_with_its_loss_scale(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_amp_needs_a_reachable_tolerance():
+def test_amp_needs_a_reachable_tolerance_and_a_solver_it_does_not_slow_down():
     with pytest.raises(ValueError, match=r"--amp bf16 .* Pass --rtol 4e-03 or larger"):
-        TrainConfig(amp="bf16", rtol=1e-3).validate()
+        TrainConfig(amp="bf16", rtol=1e-3, solver="anderson").validate()
     with pytest.raises(ValueError, match="unknown amp 'int8'"):
         TrainConfig(amp="int8").validate()
-    TrainConfig(amp="fp16", rtol=5e-4).validate()
+    with pytest.raises(ValueError, match="steady-state-tsit5.*Use --solver steady-state-implicit"):
+        TrainConfig(amp="fp16", rtol=5e-4, solver="steady-state-tsit5").validate()
+    TrainConfig(amp="fp16", rtol=5e-4, solver="steady-state-implicit").validate()
 
 
 def test_checkpoint_written_before_a_config_field_existed_still_resumes(tmp_path):

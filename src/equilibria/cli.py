@@ -104,7 +104,7 @@ def _add_mnist_options(parser: argparse.ArgumentParser) -> None:
         choices=AMP_CHOICES,
         help="mixed precision: the model runs under torch.autocast in bfloat16 or float16 "
         "while the DEQ's solver keeps float32 (fp16 adds loss scaling); needs --rtol >= "
-        "4e-3 (bf16) or 5e-4 (fp16) (default off)",
+        "4e-3 (bf16) or 5e-4 (fp16) and a solver other than steady-state-tsit5 (default off)",
     )
     add("--run-name", help="run directory name (default: model and time)")
     add("--runs-dir", help="where runs live (default runs)")

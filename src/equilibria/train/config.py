@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .._checks import check_positive, check_positive_int
-from ..nn.deq import AUTOCAST_RTOL_FLOOR
+from ..nn.deq import AUTOCAST_RTOL_FLOOR, EXPLICIT_AMP_COST
 from .solvers import BACKWARD_CHOICES, SOLVER_CHOICES
 
 __all__ = [
@@ -134,6 +134,13 @@ class TrainConfig:
         if self.amp not in AMP_CHOICES:
             raise ValueError(f"unknown amp {self.amp!r}; choose one of {AMP_CHOICES}.")
         if self.amp != "off":
+            if self.solver == "steady-state-tsit5":
+                raise ValueError(
+                    f"--amp {self.amp} with --solver steady-state-tsit5: the explicit "
+                    "Runge-Kutta step control counts the rounding of f as local error "
+                    f"({EXPLICIT_AMP_COST} on the seed model). Use --solver "
+                    "steady-state-implicit (the continuous path, unaffected) or anderson."
+                )
             floor = AUTOCAST_RTOL_FLOOR[AMP_DTYPES[self.amp]]
             if self.rtol < floor:
                 raise ValueError(
