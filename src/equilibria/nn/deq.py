@@ -24,7 +24,7 @@ from ..ode import RungeKutta
 from ._backward import BACKWARD_TYPES, Implicit
 from ._penalty import spectral_radius
 
-__all__ = ["AUTOCAST_RTOL_FLOOR", "DEQ", "EXPLICIT_AMP_COST", "uses_explicit_steady_state"]
+__all__ = ["AUTOCAST_RTOL_FLOOR", "DEQ", "EXPLICIT_AMP_COST"]
 
 _SOLVER_CHOICES = "eq.Anderson(), eq.Picard(), eq.Broyden(), eq.NewtonKrylov(), eq.SteadyState()"
 _BACKWARD_CHOICES = "eq.Implicit(), eq.Unrolled(), eq.OneStep(), eq.Phantom()"
@@ -39,7 +39,7 @@ AUTOCAST_RTOL_FLOOR = {torch.bfloat16: 4e-3, torch.float16: 5e-4}
 EXPLICIT_AMP_COST = "2.7x the evaluations under float16, 10x under bfloat16, measured"
 
 
-def uses_explicit_steady_state(solver: FixedPointSolver) -> bool:
+def _uses_explicit_steady_state(solver: FixedPointSolver) -> bool:
     """Whether `solver` integrates the steady state with an explicit Runge-Kutta method."""
     return isinstance(solver, SteadyState) and isinstance(solver.solver, RungeKutta)
 
@@ -337,7 +337,7 @@ class DEQ(nn.Module):
                     f"Implicit(rtol={backward_rtol:g}) -> Implicit(linear_solver="
                     f"{type(backward.linear_solver).__name__}(), rtol={floor:.0e})"
                 )
-        if uses_explicit_steady_state(self.solver):
+        if _uses_explicit_steady_state(self.solver):
             changes.append(
                 f"{self.solver!r} -> SteadyState() or Anderson() (an explicit Runge-Kutta "
                 f"step control counts the rounding of f as local error: {EXPLICIT_AMP_COST})"
