@@ -111,18 +111,20 @@ def test_skip_deq_prediction_is_widened_and_spectral_radius_works():
     assert deq.init.weight.grad is not None and bool(torch.isfinite(deq.init.weight.grad).all())
 
 
+def _forward_bf16(deq: eq.DEQ, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        return deq(x)
+
+
 def test_warns_once_when_rtol_is_below_what_the_dtype_reaches():
     cell, x = _setup()
     deq = eq.DEQ(cell, z_shape=(48,), rtol=1e-4, max_steps=5)
     with pytest.warns(RuntimeWarning, match=r"DEQ\(rtol=0.0001\) -> DEQ\(..., rtol=4e-03\)"):
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            deq(x)
+        _forward_bf16(deq, x)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            deq(x)  # once per DEQ
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            eq.DEQ(cell, z_shape=(48,), rtol=4e-3)(x)  # reachable: no warning
+        _forward_bf16(deq, x)  # once per DEQ
+        _forward_bf16(eq.DEQ(cell, z_shape=(48,), rtol=4e-3), x)  # reachable: no warning
     backward = eq.Implicit(linear_solver=eq.Anderson())  # its default rtol 1e-6
     expected = r"Implicit\(rtol=1e-06\) -> Implicit\(linear_solver=Anderson\(\), rtol=4e-03\)"
     with pytest.warns(RuntimeWarning, match=expected):
@@ -134,12 +136,10 @@ def test_warns_about_an_explicit_steady_state_under_autocast():
     cell, x = _setup()
     deq = eq.DEQ(cell, solver=eq.SteadyState(eq.Tsit5()), z_shape=(48,), rtol=4e-3)
     with pytest.warns(RuntimeWarning, match=r"SteadyState\(solver=Tsit5.*-> SteadyState\(\)"):
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            deq(x)
+        _forward_bf16(deq, x)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            eq.DEQ(cell, solver=eq.SteadyState(), z_shape=(48,), rtol=4e-3)(x)
+        _forward_bf16(eq.DEQ(cell, solver=eq.SteadyState(), z_shape=(48,), rtol=4e-3), x)
 
 
 def test_low_precision_output_without_autocast_is_still_refused():
