@@ -18,7 +18,26 @@ __all__ = [
     "check_tolerances",
     "check_unit_interval",
     "rms_norm",
+    "row_norm",
 ]
+
+
+def row_norm(flat: torch.Tensor) -> torch.Tensor:
+    """Euclidean norm of each row of a (batch, n) tensor, without overflow of its sum of
+    squares: in float32 the plain sum overflows for elements near 1e19 (a finite state
+    would read as an infinite norm, and an infinite tolerance passes every residual). On
+    CPU the float32 norm is checked on the host (free there) and recomputed with a float64
+    accumulator only when it overflowed; on other devices the float64 accumulator is used
+    directly (one reduction, no host sync). NaN and inf inputs still give NaN / inf."""
+    if flat.dtype == torch.float64 or not flat.is_floating_point():
+        return torch.linalg.vector_norm(flat, dim=1)
+    if flat.device.type != "cpu":
+        return torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64).to(flat.dtype)
+    norm = torch.linalg.vector_norm(flat, dim=1)
+    if norm.numel() and not math.isfinite(float(norm.detach().max())):
+        wide = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64)
+        norm = torch.where(torch.isinf(norm), wide.to(flat.dtype), norm)
+    return norm
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -28,7 +47,7 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
         return flat.new_zeros(flat.shape[0])
     # One fused reduction (no squared temporary): half the time of pow(2).mean().sqrt() at
     # (256, 512), and its gradient at x = 0 is 0 rather than NaN.
-    return torch.linalg.vector_norm(flat, dim=1) * (1.0 / math.sqrt(flat.shape[1]))
+    return row_norm(flat) * (1.0 / math.sqrt(flat.shape[1]))
 
 
 def check_positive(name: str, value: Any) -> float:

@@ -26,10 +26,16 @@ class Status(enum.IntEnum):
     STEP_SIZE_TOO_SMALL = 4
     EVENT = 5
     LINEAR_SOLVE_FAILED = 6
+    SINGULAR = 7
 
     @property
     def fix(self) -> str:
         return _FIXES[self]
+
+    def fix_in(self, kind: str) -> str:
+        """The fix for this status in a solve of `kind`: "fixed_point", "ode" (odeint and
+        the layers on it) or "linear" (GMRES, the implicit backward's adjoint solve)."""
+        return _KIND_FIXES.get((kind, self), _FIXES[self])
 
     @property
     def is_success(self) -> bool:
@@ -63,7 +69,35 @@ _FIXES = {
         "the inner linear solve did not converge: raise the linear solver's max_iters "
         "or restart, or loosen its tolerance."
     ),
+    Status.SINGULAR: (
+        "the linear operator is singular on this sample (GMRES met a zero pivot): the value "
+        "is the least-squares answer and stats['residual'] its true residual. In a DEQ's "
+        "implicit backward I - df/dz is singular at z*: regularise the cell "
+        "(jacobian_penalty, weight/spectral normalisation) or use OneStep()/Phantom()."
+    ),
 }
+
+# Where the generic fix names the wrong knobs (a MAX_STEPS inside odeint is not cured by
+# Anderson), the kind of solve picks its own.
+_KIND_FIXES = {
+    ("ode", Status.MAX_STEPS): (
+        "the step bound was reached before t1: raise max_steps, loosen rtol/atol, or, for a "
+        "stiff problem (many rejected or tiny steps), use an implicit solver."
+    ),
+    ("ode", Status.DIVERGED): "the solution blew up: check the field and the time span.",
+    ("linear", Status.MAX_STEPS): (
+        "the linear solve did not reach its tolerance within its iteration bound: raise "
+        "GMRES(max_iters=..., restart=...) (or Implicit(max_steps=...) for a fixed-point "
+        "adjoint solver), loosen its rtol, or regularise the cell (jacobian_penalty) so that "
+        "I - df/dz is better conditioned."
+    ),
+    ("linear", Status.DIVERGED): (
+        "the fixed-point iteration of the adjoint diverged (the spectral radius of df/dz at z* "
+        "is >= 1): use Implicit(linear_solver=eq.GMRES()), or regularise the cell."
+    ),
+}
+
+_KINDS = {"odeint": "ode", "odeint_adjoint": "ode", "NeuralODE": "ode", "GMRES": "linear"}
 
 
 class EquilibriaError(RuntimeError):
@@ -94,8 +128,9 @@ class Solution:
         """(batch,) bool: which samples ended in SUCCESS or EVENT."""
         return (self.status == Status.SUCCESS) | (self.status == Status.EVENT)
 
-    def failure_message(self) -> str | None:
-        """A human message naming each failing status, how many samples, and the fix."""
+    def failure_message(self, kind: str = "fixed_point") -> str | None:
+        """A human message naming each failing status, how many samples, and the fix for a
+        solve of `kind` ("fixed_point", "ode" or "linear", see `Status.fix_in`)."""
         status = self.status.detach().cpu()
         lines = []
         for code in Status:
@@ -103,12 +138,12 @@ class Solution:
                 continue
             count = int((status == code).sum())
             if count:
-                lines.append(f"{count}/{status.numel()} samples {code.name}: {code.fix}")
+                lines.append(f"{count}/{status.numel()} samples {code.name}: {code.fix_in(kind)}")
         return "\n".join(lines) if lines else None
 
     def raise_if_failed(self, what: str = "solve") -> Solution:
         """Raise EquilibriaError when any sample failed; return self otherwise."""
-        message = self.failure_message()
+        message = self.failure_message(_KINDS.get(what, "fixed_point"))
         if message is not None:
             raise EquilibriaError(f"{what} failed for some samples:\n{message}")
         return self

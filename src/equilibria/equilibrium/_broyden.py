@@ -79,7 +79,8 @@ class Broyden(FixedPointSolver):
     def init(self, fn: Fn, z: torch.Tensor, fz: torch.Tensor) -> State:
         batch = z.shape[0]
         memory = z.new_zeros(batch, self.memory, z[0].numel())
-        return {"z": z, "fz": fz, "us": memory, "vs": memory.clone()}
+        return {"z": z, "fz": fz, "us": memory, "vs": memory.clone(),
+                "nonfinite_trial": torch.zeros(batch, dtype=torch.bool, device=z.device)}
 
     def step(self, fn: Fn, state: State, step_index: int) -> tuple[State, torch.Tensor]:
         z, fz, us, vs = state["z"], state["fz"], state["us"], state["vs"]
@@ -88,7 +89,7 @@ class Broyden(FixedPointSolver):
         g = (fz - z if g is None else g).reshape(batch, -1)
         direction = (g - _low_rank(us, vs, g)).reshape(z.shape)  # -H g
         residual = rms_norm(g).detach()
-        z_try, fz_try, _, accepted, nfe = backtrack(
+        z_try, fz_try, residual_try, accepted, nfe = backtrack(
             fn, z, direction, residual, self.alphas, sufficient=1.0 - self.growth
         )
         # The secant pair of the last trial is information about dg/dz whether or not the
@@ -135,11 +136,15 @@ class Broyden(FixedPointSolver):
             vs = vs.index_copy(1, index, v.unsqueeze(1))
             us = torch.where(forget[:, None, None], 0, us)
             vs = torch.where(forget[:, None, None], 0, vs)
+        # backtrack hands back a non-finite trial only when every trial was: the loop counts
+        # those steps (an f that returns NaN is NONFINITE, not MAX_STEPS).
+        nonfinite_trial = ~torch.isfinite(residual_try)
         if bool(accepted.all()):
             return {"z": z_try, "fz": fz_try, "g": g_try.reshape(z.shape), "us": us,
-                    "vs": vs}, nfe
+                    "vs": vs, "nonfinite_trial": nonfinite_trial}, nfe
         keep = accepted.reshape(batch, *([1] * (z.dim() - 1)))
         z_new = torch.where(keep, z_try, z)
         fz_new = torch.where(keep, fz_try, fz)
         g_new = torch.where(keep, g_try.reshape(z.shape), g.reshape(z.shape))
-        return {"z": z_new, "fz": fz_new, "g": g_new, "us": us, "vs": vs}, nfe
+        return {"z": z_new, "fz": fz_new, "g": g_new, "us": us, "vs": vs,
+                "nonfinite_trial": nonfinite_trial}, nfe

@@ -22,6 +22,7 @@ from .._checks import (
     check_positive_int,
     check_tolerances,
     rms_norm,
+    row_norm,
 )
 from .._solution import Solution, Status
 from ._anderson import Anderson
@@ -32,6 +33,13 @@ __all__ = ["fixed_point"]
 # On CUDA `bool(tensor)` waits for the device, so "is every sample done?" is asked every few
 # steps only; per-sample freezing is exact regardless (it uses torch.where, no host sync).
 _CHECK_EVERY_WITHOUT_SYNC = 4
+# A row whose solver rejected a non-finite trial of f on this many consecutive steps (each
+# retry smaller) is NONFINITE: f returns NaN/inf there, more steps will not help.
+_NONFINITE_STREAK = 8
+
+
+def _plain_norm(flat: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(flat, dim=1)
 
 
 def _cheap_sync(device: torch.device) -> bool:
@@ -76,14 +84,43 @@ def _select_rows(x: Any, rows: torch.Tensor | None) -> Any:
 
 
 def _bind(f: Callable, x: Any) -> Callable[..., torch.Tensor]:
-    """fn(z, rows=None): f on the state's rows, or on the subset `rows` of them."""
+    """fn(z, rows=None): f on the state's rows, or on the subset `rows` of them.
+
+    Every call's output is checked against z (type, shape, dtype, device: metadata only, no
+    sync), so an f that changes what it returns mid-solve gets the same clear error as on
+    its first call instead of a wrong-dtype result or a raw error from inside a solver."""
 
     def fn(z: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        if x is None:
-            return f(z)
-        return f(z, _select_rows(x, rows))
+        out = f(z) if x is None else f(z, _select_rows(x, rows))
+        if (
+            not isinstance(out, torch.Tensor)
+            or out.shape != z.shape
+            or out.dtype != z.dtype
+            or out.device != z.device
+        ):
+            _bad_output(out, z)
+        return out
 
     return fn
+
+
+def _bad_output(out: Any, z: torch.Tensor) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"f must return a torch.Tensor, got {type(out).__name__}.")
+    if out.shape != z.shape:
+        raise ValueError(
+            f"f returned shape {tuple(out.shape)} for z of shape {tuple(z.shape)}; a "
+            "fixed-point map must return z's shape."
+        )
+    if out.dtype != z.dtype:
+        raise ValueError(
+            f"f returned dtype {out.dtype} for z of dtype {z.dtype}; return z's dtype (or "
+            "pass z0 in the dtype f computes in)."
+        )
+    raise ValueError(
+        f"f returned a tensor on {out.device} for z on {z.device}; return z's device (move "
+        "f's parameters, or z0 and x, to one device)."
+    )
 
 
 def _put(full: torch.Tensor, rows: torch.Tensor | None, local: torch.Tensor) -> torch.Tensor:
@@ -179,22 +216,24 @@ def fixed_point(
     for name, flag in (("throw", throw), ("compact", compact), ("trace", trace)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}.")
+    if z0.dtype in (torch.float16, torch.bfloat16):
+        raise TypeError(
+            f"z0 has dtype {z0.dtype}: the solvers keep their own arithmetic (norms, Gram "
+            "matrices, least squares) in the state's dtype, which half precision cannot carry; "
+            "pass z0.float() and run f in low precision under torch.autocast."
+        )
     batch = z0.shape[0]
     x = _check_x(x, batch)
+    if batch == 0:  # nothing to solve: f is not called (it may not accept an empty batch)
+        empty = torch.zeros(0, dtype=torch.int64, device=z0.device)
+        stats = {"residual": z0.new_zeros(0), "n_steps": empty, "nfe": empty.clone()}
+        stats.update({key: z0.new_zeros(0) for key in solver.stat_keys})
+        return Solution(value=z0, status=empty.clone(), stats=stats,
+                        trace=[z0.new_zeros(0)] if trace else None)
+    # In-place solver updates need memory of their own (an expand()ed z0 shares it).
+    z0 = z0.contiguous()
 
     fz0 = _bind(f, x)(z0)
-    if not isinstance(fz0, torch.Tensor):
-        raise TypeError(f"f must return a torch.Tensor, got {type(fz0).__name__}.")
-    if fz0.shape != z0.shape:
-        raise ValueError(
-            f"f returned shape {tuple(fz0.shape)} for z of shape {tuple(z0.shape)}; a "
-            "fixed-point map must return z's shape."
-        )
-    if fz0.dtype != z0.dtype:
-        raise ValueError(
-            f"f returned dtype {fz0.dtype} for z of dtype {z0.dtype}; return z's dtype (or "
-            "pass z0 in the dtype f computes in)."
-        )
 
     device = z0.device
     width = z0[0].numel()
@@ -243,25 +282,37 @@ def fixed_point(
     # improving, none finished) takes a path with no torch.where over the batch at all.
     all_running = state is not None and (rows is not None or n_active == batch)
     limit = divergence_factor * residual0  # a residual above it is DIVERGED
+    # Consecutive steps whose trial f was not finite, per row (solvers that reject steps).
+    streak = None
+    if state is not None and "nonfinite_trial" in state:
+        streak = torch.zeros(batch, dtype=torch.int64, device=device)
     for step_index in range(max_steps if state is not None else 0):
         state, step_nfe = solver.step(_bind(f, x_rows), state, step_index)
         z, fz = state["z"], state["fz"]
         with torch.no_grad():
             # A solver may hand over the RMS residual, or f(z) - z, already computed.
+            # On CPU the plain float32 norms are used and an overflowed one (a state near
+            # 1e19) is recomputed on the slow path below; elsewhere row_norm accumulates
+            # in float64 (no host sync).
+            norm = _plain_norm if fast else row_norm
             residual = state.get("residual")
             if residual is None:
                 g = state.get("g")
                 g = fz - z if g is None else g
-                residual = torch.linalg.vector_norm(g.reshape(z.shape[0], -1), dim=1)
-                residual = residual * inverse_sqrt
-            tolerance = torch.linalg.vector_norm(z.reshape(z.shape[0], -1), dim=1)
+                residual = norm(g.reshape(z.shape[0], -1)) * inverse_sqrt
+            tolerance = norm(z.reshape(z.shape[0], -1))
             tolerance = tolerance.mul_(rtol * inverse_sqrt).add_(atol)
+        # A solver that rejects trial steps (line searches, step-size control) hides an f
+        # that returns NaN: it reports the rows whose trial was not finite.
+        bad_trial = state.get("nonfinite_trial")
         # Solvers with an inner iteration (Newton-Krylov forcing terms) use the target to
         # avoid solving the linear systems more accurately than the answer needs.
         state["tolerance"] = tolerance
         if fast and all_running:
             # NaN compares False, so a non-finite residual leaves the fast path too.
             going = (residual > tolerance) & (residual <= _take(limit, rows))
+            if bad_trial is not None:
+                going = going & ~bad_trial
             improved = residual < _take(best_residual, rows)
             all_improved = bool((going & improved).all())
             if all_improved or bool(going.all()):
@@ -281,6 +332,8 @@ def fixed_point(
                     )
                 n_steps = _put(n_steps, rows, _take(n_steps, rows) + 1)
                 nfe = _put(nfe, rows, _take(nfe, rows) + step_nfe)
+                if streak is not None:
+                    streak = _put(streak, rows, torch.zeros_like(residual, dtype=torch.int64))
                 for key in solver.stat_keys:
                     value = state[key].detach().to(residual0.dtype)
                     extra[key] = _put(extra[key], rows, value)
@@ -289,7 +342,19 @@ def fixed_point(
                     residual_trace.append(residual_now)
                 continue
         running = _take(active, rows)
+        if fast and not math.isfinite(float(residual.max() + tolerance.max())):
+            with torch.no_grad():  # float32 norms that overflowed: recompute them wider
+                residual = torch.where(
+                    torch.isinf(residual), row_norm((fz - z).reshape(z.shape[0], -1)) *
+                    inverse_sqrt, residual)
+                tolerance = row_norm(z.reshape(z.shape[0], -1)).mul_(rtol * inverse_sqrt)
+                tolerance = tolerance.add_(atol)
+            state["tolerance"] = tolerance
         ok = running & (residual < math.inf)  # running and finite
+        if bad_trial is not None:
+            streak_rows = torch.where(bad_trial, _take(streak, rows) + 1, 0)
+            streak = _put(streak, rows, streak_rows)
+            ok = ok & (streak_rows < _NONFINITE_STREAK)
         converged = ok & (residual <= tolerance)
         improved = (ok & (residual < _take(best_residual, rows))) | converged
         diverged = ok & (residual > _take(limit, rows))
@@ -334,6 +399,10 @@ def fixed_point(
                 state = {key: value.index_select(0, keep) for key, value in state.items()}
                 all_running = True
 
+    if streak is not None:
+        # Still rejecting non-finite trials at the step bound: f is the problem, not max_steps.
+        stuck = (status == int(Status.MAX_STEPS)) & (streak > 0)
+        status = status.masked_fill(stuck, int(Status.NONFINITE))
     stats: dict[str, Any] = {"residual": best_residual, "n_steps": n_steps, "nfe": nfe}
     stats.update(extra)
     solution = Solution(value=best_value, status=status, stats=stats, trace=residual_trace)

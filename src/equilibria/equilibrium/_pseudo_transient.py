@@ -91,6 +91,7 @@ class ImplicitEuler:
             "dt": torch.full_like(residual, self.dt0),
             "eta": torch.full_like(residual, self.eta_max),
             "previous": residual,
+            "nonfinite_trial": torch.zeros_like(residual, dtype=torch.bool),
         }
 
     def step(self, fn: Fn, state: State, step_index: int) -> tuple[State, torch.Tensor]:
@@ -124,5 +125,6 @@ class ImplicitEuler:
             "dt": torch.where(accept, grown, dt / 4),
             "eta": eta,
             "previous": torch.where(accept, residual, state["previous"]),
+            "nonfinite_trial": ~torch.isfinite(residual_new),
         }
         return new_state, linear.stats["nmatvec"] + 1 + setup

@@ -94,6 +94,7 @@ class SteadyState(FixedPointSolver):
             "t": torch.zeros_like(residual),
             "dt": torch.full_like(residual, self.dt0),
             "cap": torch.full_like(residual, float("inf")),
+            "nonfinite_trial": torch.zeros_like(residual, dtype=torch.bool),
         }
 
     def step(self, fn: Fn, state: State, step_index: int) -> tuple[State, int | torch.Tensor]:
@@ -116,7 +117,8 @@ class SteadyState(FixedPointSolver):
         else:
             fz_new = k_last + z_new
         if not tableau.adaptive:
-            return {**state, "z": z_new, "fz": fz_new, "t": t + dt}, nfe
+            return {**state, "z": z_new, "fz": fz_new, "t": t + dt,
+                    "nonfinite_trial": torch.zeros_like(t, dtype=torch.bool)}, nfe
         residual = rms_norm(g).detach()
         residual_new = rms_norm(fz_new - z_new).detach()
         scale = self.atol + self.rtol * torch.maximum(z.abs(), z_new.abs())
@@ -141,5 +143,6 @@ class SteadyState(FixedPointSolver):
             "t": torch.where(accept, t + dt, t),
             "dt": torch.minimum(dt * factor.to(dt.dtype), cap),
             "cap": cap,
+            "nonfinite_trial": ~torch.isfinite(residual_new),
         }
         return new_state, nfe

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .._autocast import outside_autocast
-from .._checks import check_finite, check_positive_int, check_tolerances, rms_norm
+from .._checks import check_finite, check_positive_int, check_tolerances, rms_norm, row_norm
 from .._solution import Solution, Status
 
 __all__ = ["GMRES"]
@@ -83,11 +83,13 @@ class GMRES:
 
         Returns:
             Solution with ``value`` x (batch, ...); ``status`` SUCCESS, MAX_STEPS (tolerance
-            not reached within max_iters) or NONFINITE per sample; ``stats["residual"]``
-            (batch,) RMS of b - A x (the true residual after a restart, the GMRES estimate
-            of it for a cycle that converged), ``stats["n_iters"]`` (batch,) Arnoldi
-            iterations the sample used, ``stats["nmatvec"]`` (batch,) products computed on
-            the sample's row (the batched products include finished rows).
+            not reached within max_iters), SINGULAR (A is singular on the sample's Krylov
+            space: x is the least-squares answer there) or NONFINITE per sample;
+            ``stats["residual"]`` (batch,) RMS of b - A x (the GMRES estimate for a sample
+            that converged, the true residual, one more product, for one that did not),
+            ``stats["n_iters"]`` (batch,) Arnoldi iterations the sample used,
+            ``stats["nmatvec"]`` (batch,) products computed on the sample's row (the
+            batched products include finished rows).
 
         Raises:
             TypeError / ValueError: matvec not callable, b or x0 not floating tensors, shape
@@ -146,23 +148,30 @@ class GMRES:
             x = x0.reshape(batch, -1)
             r = flat_b - apply(x)
             nmatvec += 1
-        beta = r.norm(dim=1).detach()
+        beta = row_norm(r).detach()
         residual_norm = beta
+        # A sample whose Arnoldi process met a zero pivot: its operator is singular on the
+        # Krylov space. It keeps the least-squares answer of the columns before the pivot
+        # and stops (a restart would meet the same pivot again).
+        singular = torch.zeros(batch, dtype=torch.bool, device=device)
+        tiny = torch.finfo(b.dtype).eps
         total_iters = 0
         while total_iters < self.max_iters:
-            running = torch.isfinite(beta) & (beta > target)
+            running = torch.isfinite(beta) & (beta > target) & ~singular
             if not bool(running.any()):
                 break
             cycle = min(self.restart, self.max_iters - total_iters)
-            norm = torch.where(running, r.norm(dim=1), 1)
+            norm = torch.where(running, row_norm(r), 1)
             basis = [torch.where(running[:, None], r / norm[:, None], 0)]
             columns = []  # rotated Hessenberg columns, each (batch, cycle)
             cosines, sines = [], []
-            g = [r.norm(dim=1)]
+            g = [row_norm(r)]
             used = torch.zeros(batch, dtype=torch.int64, device=device)
+            scale = torch.zeros(batch, dtype=b.dtype, device=device)  # largest ||A v_j||
             for j in range(cycle):
                 w = apply(basis[j])
                 nmatvec += 1
+                scale = torch.maximum(scale, row_norm(w).detach())
                 stacked = torch.stack(basis, dim=1)  # (batch, j+1, n)
                 # Projections as w^T V^T (batch, 1, j+1): on CPU this bmm orientation is
                 # several times faster than V w.
@@ -172,9 +181,10 @@ class GMRES:
                 h_again = torch.bmm(w.unsqueeze(1), across).squeeze(1)
                 w = w - torch.bmm(h_again.unsqueeze(1), stacked).squeeze(1)
                 h = h + h_again
-                h_next = w.norm(dim=1)
-                # Breakdown (h_next ~ 0) means the Krylov space is invariant: x is exact there.
-                healthy = h_next > torch.finfo(b.dtype).eps * h.abs().amax(dim=1)
+                h_next = row_norm(w)
+                # Breakdown (h_next ~ 0) means the Krylov space is invariant: x is exact there
+                # unless the rotated pivot is zero too (then A is singular on that space).
+                healthy = h_next > tiny * h.abs().amax(dim=1)
                 safe = torch.where(healthy, h_next, torch.ones_like(h_next))
                 basis.append(torch.where(healthy[:, None], w / safe[:, None], 0))
                 entries = list(h.unbind(1))
@@ -182,13 +192,21 @@ class GMRES:
                     top, bottom = entries[i], entries[i + 1]
                     entries[i] = cosines[i] * top + sines[i] * bottom
                     entries[i + 1] = -sines[i] * top + cosines[i] * bottom
+                pivot = torch.hypot(entries[j], h_next).detach()
+                zero_pivot = running & ~healthy & (pivot <= 1e3 * tiny * scale)
                 c, s = _givens(entries[j], h_next)
+                # No rotation at a zero pivot: g[j] stays the (unreduced) residual and the
+                # column is not used.
+                c = torch.where(zero_pivot, torch.ones_like(c), c)
+                s = torch.where(zero_pivot, torch.zeros_like(s), s)
                 cosines.append(c)
                 sines.append(s)
                 entries[j] = c * entries[j] + s * h_next
                 g.append(-s * g[j])
                 g[j] = c * g[j]
                 columns.append(torch.stack(entries, dim=1))  # (batch, j+1)
+                singular = singular | zero_pivot
+                running = running & ~zero_pivot
                 used = used + running.long()
                 estimate = g[j + 1].abs().detach()
                 running = running & (estimate > target) & torch.isfinite(estimate)
@@ -211,12 +229,12 @@ class GMRES:
             n_iters = n_iters + used
             estimate = torch.stack(g, dim=1).abs().detach()
             last = estimate.gather(1, used.unsqueeze(1)).squeeze(1)
-            residual_norm = torch.where(used > 0, last, residual_norm)
-            needs_restart = torch.isfinite(last) & (last > target)
+            residual_norm = torch.where((used > 0) | singular, last, residual_norm)
+            needs_restart = torch.isfinite(last) & (last > target) & ~singular
             if total_iters < self.max_iters and bool(needs_restart.any()):
                 r = flat_b - apply(x)
                 nmatvec += 1
-                beta = r.norm(dim=1).detach()
+                beta = row_norm(r).detach()
                 residual_norm = beta
             else:
                 beta = residual_norm
@@ -225,6 +243,13 @@ class GMRES:
         status = torch.where(
             residual <= target / math.sqrt(n), int(Status.SUCCESS), int(Status.MAX_STEPS)
         )
+        status = torch.where(singular, int(Status.SINGULAR), status)
         status = torch.where(finite, status, int(Status.NONFINITE)).to(torch.int64)
+        failed = status != int(Status.SUCCESS)
+        if bool(failed.any()) and bool(finite.any()):
+            # A failed sample reports its true residual ||b - A x||, not the estimate.
+            true = row_norm(flat_b - apply(torch.where(finite[:, None], x, 0))).detach()
+            nmatvec += failed.long()
+            residual = torch.where(failed & finite, true / math.sqrt(n), residual)
         stats = {"residual": residual, "n_iters": n_iters, "nmatvec": nmatvec}
         return Solution(value=x.reshape(shape), status=status, stats=stats)

@@ -300,7 +300,10 @@ class DEQ(nn.Module):
                 max_steps=self.max_steps, throw=self.throw, compact=self.compact,
             )
 
-        if torch.is_grad_enabled():
+        if start.shape[0] == 0:  # an empty batch: nothing to solve, f's graph for autograd
+            solution = solve(start)
+            z_star = f(start, x) if torch.is_grad_enabled() else solution.value
+        elif torch.is_grad_enabled():
             z_star, solution = self.backward.attach(f, start, x, solve, self._record_backward)
         else:
             solution = solve(start)
@@ -361,7 +364,8 @@ class DEQ(nn.Module):
         failed = ~((status == Status.SUCCESS) | (status == Status.EVENT))
         if not bool(failed.any()):
             return
-        message = Solution(value=status, status=status).failure_message()
+        kind = "linear" if stats["strategy"] == "Implicit" else "fixed_point"
+        message = Solution(value=status, status=status).failure_message(kind)
         text = (
             f"DEQ {stats['strategy']} backward did not converge for {int(failed.sum())}/"
             f"{status.numel()} samples; their gradient uses the best iterate. Every call's "
