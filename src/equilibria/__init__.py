@@ -44,6 +44,8 @@ from .nn import Implicit as Implicit
 from .nn import OneStep as OneStep
 from .nn import Phantom as Phantom
 from .nn import Unrolled as Unrolled
+from .nn import VariationalDropout as VariationalDropout
+from .nn import VariationalDropout2d as VariationalDropout2d
 from .nn import jacobian_penalty as jacobian_penalty
 from .nn import spectral_radius as spectral_radius
 

@@ -24,7 +24,9 @@ from .._checks import (
     rms_norm,
     row_norm,
 )
+from .._context import _ROWS
 from .._solution import Solution, Status
+from .._structure import Structure
 from ._anderson import Anderson
 from ._solver import FixedPointSolver, State, expand_as_batch
 
@@ -83,15 +85,23 @@ def _select_rows(x: Any, rows: torch.Tensor | None) -> Any:
     return tuple(item.index_select(0, rows) for item in x)
 
 
-def _bind(f: Callable, x: Any) -> Callable[..., torch.Tensor]:
+def _bind(f: Callable, x: Any, base: torch.Tensor | None = None) -> Callable[..., torch.Tensor]:
     """fn(z, rows=None): f on the state's rows, or on the subset `rows` of them.
+
+    `base` is the full-batch index of each state row (None: all rows, in order); f can read
+    the full-batch rows of every call from `equilibria._context.current_rows()`.
 
     Every call's output is checked against z (type, shape, dtype, device: metadata only, no
     sync), so an f that changes what it returns mid-solve gets the same clear error as on
     its first call instead of a wrong-dtype result or a raw error from inside a solver."""
 
     def fn(z: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        out = f(z) if x is None else f(z, _select_rows(x, rows))
+        full = base if rows is None else (rows if base is None else base.index_select(0, rows))
+        token = _ROWS.set(full)
+        try:
+            out = f(z) if x is None else f(z, _select_rows(x, rows))
+        finally:
+            _ROWS.reset(token)
         if (
             not isinstance(out, torch.Tensor)
             or out.shape != z.shape
@@ -123,6 +133,26 @@ def _bad_output(out: Any, z: torch.Tensor) -> None:
     )
 
 
+def _check_keep_steps(keep_steps: Any, max_steps: int) -> tuple[int, ...]:
+    if not isinstance(keep_steps, (tuple, list)) or any(
+        isinstance(s, bool) or not isinstance(s, int) for s in keep_steps
+    ):
+        raise TypeError(f"keep_steps must be a tuple of ints, got {keep_steps!r}.")
+    steps = tuple(keep_steps)
+    if list(steps) != sorted(set(steps)) or any(not 1 <= s <= max_steps for s in steps):
+        raise ValueError(
+            f"keep_steps must be increasing step counts in [1, max_steps={max_steps}], got "
+            f"{steps!r}."
+        )
+    return steps
+
+
+def _snapshot(value: torch.Tensor) -> torch.Tensor:
+    """A kept value: the recorded graph itself when autograd is recording (Unrolled), else a
+    copy that later in-place solver updates cannot touch."""
+    return value if value.requires_grad else value.detach().clone()
+
+
 def _put(full: torch.Tensor, rows: torch.Tensor | None, local: torch.Tensor) -> torch.Tensor:
     """Out-of-place scatter of the active rows back into a full-batch tensor (autograd-safe)."""
     if rows is None:
@@ -148,6 +178,7 @@ def fixed_point(
     compact: bool = False,
     trace: bool = False,
     divergence_factor: float = 1e3,
+    keep_steps: tuple[int, ...] = (),
 ) -> Solution:
     """Find z* = f(z*, x) for every sample of a batch.
 
@@ -162,7 +193,11 @@ def fixed_point(
             called as ``f(z)`` when ``x`` is None (convenient for closures, e.g. the linear
             adjoint map of an implicit backward pass). Must return a tensor of z's shape and
             dtype, each row depending on that row of z and x only.
-        z0: (batch, ...) floating tensor, the first iterate.
+        z0: (batch, ...) floating tensor, the first iterate; or a tuple / list of such
+            tensors (a multi-scale state: each slot with the batch in dim 0 and its own
+            shape, one dtype and device for all). Then f receives and returns the same
+            structure, ``value`` has it, and each sample's test is one RMS over all of its
+            elements in every slot (the state is packed into one (batch, n) tensor inside).
         x: None, a tensor or a tuple of tensors, each with the batch in dim 0.
         solver: a solver object: Picard, Anderson, Broyden, NewtonKrylov or SteadyState.
         atol, rtol: tolerances (> 0) of the per-sample test above.
@@ -174,6 +209,10 @@ def fixed_point(
         trace: record the residual of every sample at every step in ``Solution.trace``.
         divergence_factor: a sample whose residual exceeds this factor times its initial
             residual is stopped as DIVERGED (> 1).
+        keep_steps: increasing step counts (each in [1, max_steps]) after which to keep
+            every sample's current value (its best iterate so far; a sample that stopped
+            earlier gives its final value) in ``stats["kept"]``, a list of (batch, ...)
+            tensors, one per step count (for fixed-point correction losses).
 
     Returns:
         Solution with ``value`` (batch, ...) the converged iterate, or for failed samples the
@@ -202,6 +241,18 @@ def fixed_point(
     """
     if not callable(f):
         raise TypeError(f"f must be callable f(z, x) -> z, got {type(f).__name__}.")
+    structure = Structure.of("z0", z0)
+    if structure is not None:
+        # A structured state: solve on the packed (batch, n) state, hand back the structure.
+        solution = fixed_point(
+            structure.wrap(f), structure.flatten(z0), x, solver, atol=atol, rtol=rtol,
+            max_steps=max_steps, throw=throw, compact=compact, trace=trace,
+            divergence_factor=divergence_factor, keep_steps=keep_steps,
+        )
+        solution.value = structure.unflatten(solution.value)
+        if "kept" in solution.stats:
+            solution.stats["kept"] = [structure.unflatten(v) for v in solution.stats["kept"]]
+        return solution
     check_batched_state("z0", z0)
     if not isinstance(solver, FixedPointSolver):
         raise TypeError(
@@ -222,12 +273,15 @@ def fixed_point(
             "matrices, least squares) in the state's dtype, which half precision cannot carry; "
             "pass z0.float() and run f in low precision under torch.autocast."
         )
+    keep_steps = _check_keep_steps(keep_steps, max_steps)
     batch = z0.shape[0]
     x = _check_x(x, batch)
     if batch == 0:  # nothing to solve: f is not called (it may not accept an empty batch)
         empty = torch.zeros(0, dtype=torch.int64, device=z0.device)
         stats = {"residual": z0.new_zeros(0), "n_steps": empty, "nfe": empty.clone()}
         stats.update({key: z0.new_zeros(0) for key in solver.stat_keys})
+        if keep_steps:
+            stats["kept"] = [z0 for _ in keep_steps]
         return Solution(value=z0, status=empty.clone(), stats=stats,
                         trace=[z0.new_zeros(0)] if trace else None)
     # In-place solver updates need memory of their own (an expand()ed z0 shares it).
@@ -270,7 +324,7 @@ def fixed_point(
         if compact and n_active < batch:
             rows = active.nonzero().flatten()
             x_rows = _select_rows(x, rows)
-            state = solver.init(_bind(f, x_rows), z0.index_select(0, rows), fz0[rows])
+            state = solver.init(_bind(f, x_rows, rows), z0.index_select(0, rows), fz0[rows])
         else:
             state = solver.init(_bind(f, x), z0, fz0)
         state["tolerance"] = _take(tolerance0, rows)
@@ -282,12 +336,13 @@ def fixed_point(
     # improving, none finished) takes a path with no torch.where over the batch at all.
     all_running = state is not None and (rows is not None or n_active == batch)
     limit = divergence_factor * residual0  # a residual above it is DIVERGED
+    kept: list[torch.Tensor] = []
     # Consecutive steps whose trial f was not finite, per row (solvers that reject steps).
     streak = None
     if state is not None and "nonfinite_trial" in state:
         streak = torch.zeros(batch, dtype=torch.int64, device=device)
     for step_index in range(max_steps if state is not None else 0):
-        state, step_nfe = solver.step(_bind(f, x_rows), state, step_index)
+        state, step_nfe = solver.step(_bind(f, x_rows, rows), state, step_index)
         z, fz = state["z"], state["fz"]
         with torch.no_grad():
             # A solver may hand over the RMS residual, or f(z) - z, already computed.
@@ -340,6 +395,8 @@ def fixed_point(
                 if residual_trace is not None:
                     residual_now = _put(residual_now, rows, residual)
                     residual_trace.append(residual_now)
+                if keep_steps and step_index + 1 in keep_steps:
+                    kept.append(_snapshot(best_value))
                 continue
         running = _take(active, rows)
         if fast and not math.isfinite(float(residual.max() + tolerance.max())):
@@ -383,6 +440,8 @@ def fixed_point(
                 residual_now, rows, torch.where(running, residual, _take(residual_now, rows))
             )
             residual_trace.append(residual_now)
+        if keep_steps and step_index + 1 in keep_steps:
+            kept.append(_snapshot(best_value))
 
         if (step_index + 1) % check_every == 0 or step_index + 1 == max_steps:
             n_still = int(still_running.sum())
@@ -405,6 +464,9 @@ def fixed_point(
         status = status.masked_fill(stuck, int(Status.NONFINITE))
     stats: dict[str, Any] = {"residual": best_residual, "n_steps": n_steps, "nfe": nfe}
     stats.update(extra)
+    if keep_steps:
+        # Steps the loop did not reach (every sample stopped before): the final values.
+        stats["kept"] = kept + [best_value] * (len(keep_steps) - len(kept))
     solution = Solution(value=best_value, status=status, stats=stats, trace=residual_trace)
     if throw:
         solution.raise_if_failed("fixed_point")

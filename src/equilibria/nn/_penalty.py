@@ -14,8 +14,19 @@ import torch
 
 from .._autocast import outside_autocast
 from .._checks import check_positive_int
+from .._structure import Structure
 
 __all__ = ["jacobian_penalty", "spectral_radius"]
+
+
+def _packed(f: Callable, z_star: Any) -> tuple[Callable, Any]:
+    """A structured z* (tuple of tensors) and its f, as one packed (batch, n) state."""
+    structure = Structure.of("z_star", z_star)
+    if structure is None:
+        return f, z_star
+    if not callable(f):
+        raise TypeError(f"f must be callable as f(z, x), got {type(f).__name__}.")
+    return structure.wrap(f), structure.flatten(z_star)
 
 
 def _check_point(z_star: Any) -> torch.Tensor:
@@ -77,7 +88,8 @@ def jacobian_penalty(
 
     Arguments:
         f: the DEQ's map, f(z, x) -> z (e.g. the `f_module` of an `equilibria.DEQ`).
-        z_star: (batch, ...) the fixed point (e.g. `deq.last_solution.value`).
+        z_star: (batch, ...) the fixed point (e.g. `deq.last_solution.value`), or a tuple of
+            such tensors (a multi-scale state; the estimate is over all of its elements).
         x: the input injection passed to f unchanged (tensor, tuple of tensors or None).
         n_samples: number of Gaussian probe vectors ε (the estimate's variance falls as
             1/n_samples).
@@ -91,6 +103,7 @@ def jacobian_penalty(
         ValueError: z_star has no batch dimension, f's output is not shaped like z, or
             n_samples < 1.
     """
+    f, z_star = _packed(f, z_star)
     z_star = _check_point(z_star)
     n_samples = check_positive_int("n_samples", n_samples)
     differentiable = torch.is_grad_enabled()
@@ -144,6 +157,7 @@ def spectral_radius(
     Raises:
         TypeError / ValueError: as for `jacobian_penalty`, or n_iters < 1.
     """
+    f, z_star = _packed(f, z_star)
     z_star = _check_point(z_star)
     n_iters = check_positive_int("n_iters", n_iters)
     batch = z_star.shape[0]

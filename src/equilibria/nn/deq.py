@@ -14,14 +14,18 @@ import torch
 from torch import nn
 
 from .._autocast import autocast_dtype, under_autocast
-from .._checks import check_positive_int, check_tolerances
+from .._checks import check_positive, check_positive_int, check_tolerances
+from .._context import call_scope
 from .._solution import EquilibriaError, Solution, Status
+from .._structure import Structure, is_structured
 from ..equilibrium._anderson import Anderson
 from ..equilibrium._loop import fixed_point
 from ..equilibrium._solver import FixedPointSolver
 from ..equilibrium._steady_state import SteadyState
 from ..ode import RungeKutta
-from ._backward import BACKWARD_TYPES, Implicit
+from ._backward import BACKWARD_TYPES, Implicit, Unrolled
+from ._dropout import stochastic_modules
+from ._parametrize import SolveScope
 from ._penalty import spectral_radius
 
 __all__ = ["AUTOCAST_RTOL_FLOOR", "DEQ", "EXPLICIT_AMP_COST"]
@@ -48,6 +52,71 @@ def _check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}.")
     return value
+
+
+def _is_structured_shape(shape: Any) -> bool:
+    return isinstance(shape, (tuple, list)) and bool(shape) and all(
+        isinstance(item, (tuple, list)) for item in shape)
+
+
+def _check_z_shape(z_shape: Any) -> Any:
+    """A per-sample shape (tuple of positive ints) or one per slot of a structured state."""
+    def valid(shape: Any) -> bool:
+        return isinstance(shape, (tuple, list)) and all(
+            isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)
+
+    if _is_structured_shape(z_shape) and all(valid(shape) for shape in z_shape):
+        return tuple(tuple(shape) for shape in z_shape)
+    if valid(z_shape):
+        return tuple(z_shape)
+    raise ValueError(
+        f"z_shape must be a tuple of positive ints (the per-sample shape of z, without the "
+        f"batch), or a tuple of such tuples for a multi-scale state (e.g. ((8, 16, 16), "
+        f"(16, 8, 8))), got {z_shape!r}."
+    )
+
+
+def _shape_of(state: Any) -> Any:
+    if is_structured(state):
+        return tuple(tuple(slot.shape) for slot in state)
+    return tuple(state.shape)
+
+
+def _check_state(name: str, state: Any) -> None:
+    """A floating tensor, or a tuple/list of them (checked by Structure.of)."""
+    if is_structured(state):
+        Structure.of(name, state)
+        return
+    if not isinstance(state, torch.Tensor) or not state.is_floating_point():
+        got = state.dtype if isinstance(state, torch.Tensor) else type(state).__name__
+        raise TypeError(f"{name} must be a floating torch.Tensor or a tuple of them, got {got}.")
+
+
+def _explain_first_failure(f: Any, shape: tuple[int, ...]) -> Any:
+    """f, whose first call re-raises a failure with the likely cause: z was shaped like x."""
+    called = [False]
+
+    def first_call_explained(z: Any, x: Any) -> Any:
+        if called[0]:
+            return f(z, x)
+        called[0] = True
+        try:
+            return f(z, x)
+        except (RuntimeError, ValueError, TypeError, IndexError) as error:
+            raise ValueError(
+                f"f_module failed on its first call, with z0 shaped like x {shape} (the default "
+                "when neither z_shape nor z0 is given). If the state is not shaped like x, pass "
+                "z_shape= (per-sample shape; a tuple of shapes for a multi-scale state) or z0=. "
+                f"The error from f_module: {type(error).__name__}: {error}"
+            ) from error
+
+    return first_call_explained
+
+
+def _state_steps(n_states: int, max_steps: int) -> tuple[int, ...]:
+    """The solver steps after which the n_states - 1 earlier states are taken: evenly spaced
+    over the step budget (the last state is z* itself)."""
+    return tuple(sorted({max(1, round(i * max_steps / n_states)) for i in range(1, n_states)}))
 
 
 def _first_tensor(x: Any) -> torch.Tensor | None:
@@ -148,6 +217,7 @@ class DEQ(nn.Module):
         compact: bool = False,
         throw: bool = False,
         spectral_radius_iters: int = 0,
+        eval_max_steps: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(f_module, nn.Module):
@@ -174,16 +244,9 @@ class DEQ(nn.Module):
             )
         self.atol, self.rtol = check_tolerances(atol, rtol)
         self.max_steps = check_positive_int("max_steps", max_steps)
-        if z_shape is not None:
-            if not isinstance(z_shape, (tuple, list)) or not all(
-                isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in z_shape
-            ):
-                raise ValueError(
-                    f"z_shape must be a tuple of positive ints (the per-sample shape of z, "
-                    f"without the batch), got {z_shape!r}."
-                )
-            z_shape = tuple(z_shape)
-        self.z_shape = z_shape
+        self.z_shape = None if z_shape is None else _check_z_shape(z_shape)
+        self.eval_max_steps = (None if eval_max_steps is None
+                               else check_positive_int("eval_max_steps", eval_max_steps))
         self.compact = _check_bool("compact", compact)
         self.throw = _check_bool("throw", throw)
         self.spectral_radius_iters = check_positive_int(
@@ -198,6 +261,7 @@ class DEQ(nn.Module):
         self._skip_pair: tuple[torch.Tensor, torch.Tensor] | None = None
         self._warned_backward = False
         self._warned_autocast = False
+        self._warned_stochastic = False
 
     def extra_repr(self) -> str:
         return (
@@ -211,34 +275,34 @@ class DEQ(nn.Module):
             state[name] = None
         return state
 
-    def _start(self, x: Any, z0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The first iterate, and g(x) when this is a Skip DEQ."""
+    def _start(self, x: Any, z0: Any) -> tuple[Any, Any, bool]:
+        """The first iterate, g(x) when this is a Skip DEQ, and whether the first iterate was
+        shaped like x by default (then a failing first call of f is probably a missing
+        z_shape). States may be structured (tuples of tensors)."""
         like = _first_tensor(x)
         prediction = None
         if self.init is not None:
             if x is None:
                 raise ValueError("a Skip DEQ (init=g) needs an input x: z0 = g(x).")
             prediction = self.init(x)
-            if not isinstance(prediction, torch.Tensor) or not prediction.is_floating_point():
-                raise TypeError(f"init(x) must return a floating tensor, got {prediction!r:.80}.")
+            _check_state("init(x)", prediction)
         if z0 is not None:
-            if not isinstance(z0, torch.Tensor) or not z0.is_floating_point():
-                raise TypeError(f"z0 must be a floating torch.Tensor, got {type(z0).__name__}.")
+            _check_state("z0", z0)
             expected = self._expected_shape(like, prediction)
-            if expected is not None and tuple(z0.shape) != expected:
+            if expected is not None and _shape_of(z0) != expected:
                 raise ValueError(
-                    f"z0 must have shape {expected} (batch, *z_shape), got {tuple(z0.shape)}; "
+                    f"z0 must have shape {expected} (batch, *z_shape), got {_shape_of(z0)}; "
                     "pass the fixed point of the same samples (e.g. deq.last_solution.value)."
                 )
-            return z0, prediction
+            return z0, prediction, False
         if prediction is not None:
             expected = self._expected_shape(like, None) if self.z_shape is not None else None
-            if expected is not None and tuple(prediction.shape) != expected:
+            if expected is not None and _shape_of(prediction) != expected:
                 raise ValueError(
                     f"init(x) must return shape {expected} (batch, *z_shape), got "
-                    f"{tuple(prediction.shape)}."
+                    f"{_shape_of(prediction)}."
                 )
-            return prediction, prediction
+            return prediction, prediction, False
         if like is None:
             raise ValueError(
                 "x is None: pass z0= (the first iterate, which also gives the batch size)."
@@ -249,17 +313,21 @@ class DEQ(nn.Module):
                     f"x has dtype {like.dtype}, so z cannot be shaped like it: pass z_shape= "
                     "(and a floating z) or z0=."
                 )
-            return torch.zeros_like(like), None
+            return torch.zeros_like(like), None, True
         dtype = like.dtype if like.is_floating_point() else self._parameter_dtype()
-        return like.new_zeros((like.shape[0], *self.z_shape), dtype=dtype), None
+        if _is_structured_shape(self.z_shape):
+            return tuple(like.new_zeros((like.shape[0], *shape), dtype=dtype)
+                         for shape in self.z_shape), None, False
+        return like.new_zeros((like.shape[0], *self.z_shape), dtype=dtype), None, False
 
-    def _expected_shape(self, like: torch.Tensor | None,
-                        prediction: torch.Tensor | None) -> tuple[int, ...] | None:
+    def _expected_shape(self, like: torch.Tensor | None, prediction: Any) -> Any:
         if prediction is not None:
-            return tuple(prediction.shape)
+            return _shape_of(prediction)
         if like is None:
             return None
         if self.z_shape is not None:
+            if _is_structured_shape(self.z_shape):
+                return tuple((like.shape[0], *shape) for shape in self.z_shape)
             return (like.shape[0], *self.z_shape)
         return tuple(like.shape)
 
@@ -269,13 +337,35 @@ class DEQ(nn.Module):
                 return parameter.dtype
         return torch.get_default_dtype()
 
-    def forward(self, x: Any, z0: torch.Tensor | None = None) -> torch.Tensor:
-        """z* = f_module(z*, x) per sample; see the class docstring."""
+    def forward(
+        self,
+        x: Any,
+        z0: Any = None,
+        *,
+        n_states: int | None = None,
+        solver: FixedPointSolver | None = None,
+        atol: float | None = None,
+        rtol: float | None = None,
+        max_steps: int | None = None,
+        trace: bool = False,
+    ) -> Any:
+        """z* = f_module(z*, x) per sample; see the class docstring.
+
+        Keyword overrides for this call only: ``solver``, ``atol``, ``rtol``, ``max_steps``;
+        ``trace=True`` keeps the residual of every step in ``last_solution.trace``;
+        ``n_states=k`` returns k states along the solver's path (see the class docstring).
+        """
         self.last_backward_stats = None
         self._skip_pair = None
+        settings = self._call_settings(solver, atol, rtol, max_steps, trace, n_states)
         if isinstance(x, list):  # f_module sees the same structure in the solve and after it
             x = tuple(x)
-        start, prediction = self._start(x, z0)
+        start, prediction, shaped_like_x = self._start(x, z0)
+        structure = Structure.of("z0", start)
+        if structure is not None:
+            start = structure.flatten(start)
+            if prediction is not None:
+                prediction = structure.flatten(prediction)
         f = self.f_module
         low = autocast_dtype(start.device.type)
         if low is not None:
@@ -284,21 +374,80 @@ class DEQ(nn.Module):
             if start.dtype == low:
                 start = start.to(self._parameter_dtype())
             if torch.finfo(start.dtype).bits > torch.finfo(low).bits:
-                self._check_autocast_settings(low)
+                self._check_autocast_settings(low, settings)
                 # the solver mixes, tests and stores iterates in the state's dtype
                 f = under_autocast(f, start.device.type, low, start.dtype)
+        if structure is not None:
+            f = structure.wrap(f, "f_module")
+        if shaped_like_x:
+            f = _explain_first_failure(f, tuple(start.shape))
+        if self.training and not self._warned_stochastic:
+            self._warn_stochastic()
+        with call_scope(object()), SolveScope(self.f_module) as scope:
+            z_star, solution, states = self._solve(f, start, x, settings, scope)
+        solution = Solution(
+            value=solution.value.detach(), status=solution.status,
+            stats=dict(solution.stats), trace=solution.trace,
+        )
+        if self.spectral_radius_iters:
+            solution.stats["spectral_radius"] = spectral_radius(
+                f, solution.value, x, n_iters=self.spectral_radius_iters
+            )
+        if prediction is not None:
+            self._skip_pair = (prediction, solution.value)
+        if structure is not None:
+            solution.value = structure.unflatten(solution.value)
+            z_star = structure.unflatten(z_star)
+            states = [structure.unflatten(state) for state in states]
+        self.last_solution = solution
+        if settings["n_states"] is None:
+            return z_star
+        return [*states, z_star]
+
+    def _call_settings(self, solver: Any, atol: Any, rtol: Any, max_steps: Any, trace: Any,
+                       n_states: Any) -> dict[str, Any]:
+        """This call's solver settings: the layer's, or the call's overrides (checked)."""
+        if solver is not None and not isinstance(solver, FixedPointSolver):
+            raise TypeError(
+                f"solver must be a solver object, got {type(solver).__name__} {solver!r}; "
+                f"choose one of {_SOLVER_CHOICES}."
+            )
+        budget = self.max_steps if self.training or self.eval_max_steps is None else (
+            self.eval_max_steps)
+        settings = {
+            "solver": self.solver if solver is None else solver,
+            "atol": self.atol if atol is None else check_positive("atol", atol),
+            "rtol": self.rtol if rtol is None else check_positive("rtol", rtol),
+            "max_steps": budget if max_steps is None else check_positive_int("max_steps",
+                                                                              max_steps),
+            "trace": _check_bool("trace", trace),
+            "n_states": None if n_states is None else check_positive_int("n_states", n_states),
+        }
+        if settings["n_states"] is not None and settings["n_states"] > settings["max_steps"]:
+            raise ValueError(
+                f"n_states ({n_states}) must be <= max_steps ({settings['max_steps']}): states "
+                "are taken at distinct solver steps."
+            )
+        return settings
+
+    def _solve(self, f: Any, start: torch.Tensor, x: Any, settings: dict[str, Any],
+               scope: SolveScope) -> tuple[torch.Tensor, Solution, list[torch.Tensor]]:
+        """Solve and attach the backward strategy (on the packed state)."""
         if x is None:  # fixed_point calls f(z) when x is None
 
             def fn(z: torch.Tensor) -> torch.Tensor:
                 return f(z, None)
         else:
             fn = f
+        n_states = settings["n_states"]
+        keep = _state_steps(n_states, settings["max_steps"]) if n_states else ()
 
         def solve(first: torch.Tensor) -> Solution:
-            return fixed_point(
-                fn, first, x, solver=self.solver, atol=self.atol, rtol=self.rtol,
-                max_steps=self.max_steps, throw=self.throw, compact=self.compact,
-            )
+            return scope.solve(lambda: fixed_point(
+                fn, first, x, solver=settings["solver"], atol=settings["atol"],
+                rtol=settings["rtol"], max_steps=settings["max_steps"], throw=self.throw,
+                compact=self.compact, trace=settings["trace"], keep_steps=keep,
+            ))
 
         if start.shape[0] == 0:  # an empty batch: nothing to solve, f's graph for autograd
             solution = solve(start)
@@ -308,20 +457,29 @@ class DEQ(nn.Module):
         else:
             solution = solve(start)
             z_star = solution.value
-        solution = Solution(
-            value=solution.value.detach(), status=solution.status,
-            stats=dict(solution.stats), trace=solution.trace,
-        )
-        if self.spectral_radius_iters:
-            solution.stats["spectral_radius"] = spectral_radius(
-                f, solution.value, x, n_iters=self.spectral_radius_iters
-            )
-        self.last_solution = solution
-        if prediction is not None:
-            self._skip_pair = (prediction, solution.value)
-        return z_star
+        states = list(solution.stats.pop("kept", ()))
+        if states and torch.is_grad_enabled() and not isinstance(self.backward, Unrolled):
+            # An earlier state carries a one-step gradient from where it was taken: the
+            # value f(z_i, x), differentiable in f's parameters and x (z_i held constant).
+            states = [f(state.detach(), x) for state in states]
+        return z_star, solution, states
 
-    def _check_autocast_settings(self, low: torch.dtype) -> None:
+    def _warn_stochastic(self) -> None:
+        found = stochastic_modules(self.f_module)
+        if not found:
+            return
+        self._warned_stochastic = True
+        warnings.warn(
+            f"DEQ f_module draws a new random mask at every evaluation in train mode: "
+            f"{', '.join(found)}. The map then changes between iterations, so the solve "
+            "chases a moving fixed point (samples end at max_steps). Use "
+            "eq.VariationalDropout(p) (or eq.VariationalDropout2d for channels): one mask per "
+            "sample per DEQ call. (warned once per DEQ)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def _check_autocast_settings(self, low: torch.dtype, settings: dict[str, Any]) -> None:
         """Warn once about settings that f's rounding under autocast makes wasteful: an rtol
         below what a residual can reach (samples run to max_steps), or an explicit RK
         steady state (its step control measures the rounding as error)."""
@@ -329,8 +487,8 @@ class DEQ(nn.Module):
             return
         floor = AUTOCAST_RTOL_FLOOR.get(low, torch.finfo(low).eps / 2)
         changes = []
-        if self.rtol < floor:
-            changes.append(f"DEQ(rtol={self.rtol:g}) -> DEQ(..., rtol={floor:.0e})")
+        if settings["rtol"] < floor:
+            changes.append(f"DEQ(rtol={settings['rtol']:g}) -> DEQ(..., rtol={floor:.0e})")
         backward = self.backward
         if isinstance(backward, Implicit) and isinstance(backward.linear_solver,
                                                          FixedPointSolver):
@@ -340,9 +498,9 @@ class DEQ(nn.Module):
                     f"Implicit(rtol={backward_rtol:g}) -> Implicit(linear_solver="
                     f"{type(backward.linear_solver).__name__}(), rtol={floor:.0e})"
                 )
-        if _uses_explicit_steady_state(self.solver):
+        if _uses_explicit_steady_state(settings["solver"]):
             changes.append(
-                f"{self.solver!r} -> SteadyState() or Anderson() (an explicit Runge-Kutta "
+                f"{settings['solver']!r} -> SteadyState() or Anderson() (an explicit Runge-Kutta "
                 f"step control counts the rounding of f as local error: {EXPLICIT_AMP_COST})"
             )
         if not changes:
