@@ -108,7 +108,7 @@ def test_spectral_norm_power_iteration_advances_once_per_call():
     deq = eq.DEQ(cell, solver=eq.Anderson(), rtol=1e-8)
     deq(_x()).sum().backward()
     assert int(deq.last_solution.stats["nfe"].max()) > 3
-    reference.weight  # one train-mode evaluation: one power iteration
+    _ = reference.weight  # one train-mode evaluation: one power iteration
     spectral, expected = (module.parametrizations.weight[0] for module in (cell.linear,
                                                                             reference))
     torch.testing.assert_close(spectral._u, expected._u, rtol=0, atol=0)
