@@ -236,3 +236,21 @@ def test_per_call_overrides_trace_and_eval_budget():
         deq(x, tol=1e-3)
     with pytest.raises(ValueError, match="n_states .* must be <= max_steps"):
         deq(x, n_states=5, max_steps=2)
+
+
+def test_correction_loss_weights_states_towards_the_fixed_point():
+    states = [torch.full((2,), float(i)) for i in range(3)]
+
+    def loss(state, target):
+        return (state - target).square().sum()
+
+    target = torch.zeros(2)
+    expected = 0.64 * 0 + 0.8 * 2 + 1.0 * 8
+    assert float(eq.correction_loss(loss, states, target)) == pytest.approx(expected)
+    assert float(eq.correction_loss(loss, states, target, weights=(1, 1, 1))) == 10
+    with pytest.raises(ValueError, match="gamma must be in"):
+        eq.correction_loss(loss, states, target, gamma=0)
+    with pytest.raises(ValueError, match="weights must be 3 finite"):
+        eq.correction_loss(loss, states, target, weights=(1, 2))
+    with pytest.raises(ValueError, match="states must be a non-empty list"):
+        eq.correction_loss(loss, [], target)

@@ -46,6 +46,7 @@ from .nn import Phantom as Phantom
 from .nn import Unrolled as Unrolled
 from .nn import VariationalDropout as VariationalDropout
 from .nn import VariationalDropout2d as VariationalDropout2d
+from .nn import correction_loss as correction_loss
 from .nn import jacobian_penalty as jacobian_penalty
 from .nn import spectral_radius as spectral_radius
 

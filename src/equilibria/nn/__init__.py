@@ -5,6 +5,7 @@ from ._backward import Implicit as Implicit
 from ._backward import OneStep as OneStep
 from ._backward import Phantom as Phantom
 from ._backward import Unrolled as Unrolled
+from ._correction import correction_loss as correction_loss
 from ._dropout import VariationalDropout as VariationalDropout
 from ._dropout import VariationalDropout2d as VariationalDropout2d
 from ._penalty import jacobian_penalty as jacobian_penalty
