@@ -200,7 +200,7 @@ def test_n_states_returns_states_along_the_path_with_gradients():
     # z* is f(z_N, x) (one step past the solver's z_N): within the residual of z_N
     bound = 2 * float(deq.last_solution.stats["residual"].max()) * WIDTH**0.5
     torch.testing.assert_close(states[-1].detach(), deq.last_solution.value, atol=bound, rtol=0)
-    residuals = [float((cell(s, x) - s).norm()) for s in states]
+    residuals = [float((cell(s, x) - s).detach().norm()) for s in states]
     assert residuals[0] > residuals[1] > residuals[2]
     loss = sum(w * s.square().sum() for w, s in zip((0.2, 0.3, 1.0), states))
     loss.backward()

@@ -155,7 +155,10 @@ class DEQ(nn.Module):
             training, a 1e-4 relative residual is well below SGD noise).
         max_steps: bound on forward solver steps (default 100).
         z_shape: per-sample shape of z, when it differs from x's (or x is a tuple whose first
-            tensor is not z-shaped). Default: z is shaped like x (or x[0]).
+            tensor is not z-shaped); a tuple of shapes declares a multi-scale state, e.g.
+            ``((8, 16, 16), (16, 8, 8))``: f_module then receives and returns a tuple of
+            tensors, and so does the DEQ (one tolerance test per sample over every slot).
+            Default: z is shaped like x (or x[0]).
         compact: evaluate f only on samples still running (see ``fixed_point``). Leave False
             when f mixes samples (e.g. BatchNorm in train mode).
         throw: raise ``EquilibriaError`` when a forward or backward solve fails for a sample,
@@ -163,13 +166,30 @@ class DEQ(nn.Module):
         spectral_radius_iters: when > 0, estimate the spectral radius of ∂f/∂z at z* with
             that many Arnoldi (power-iteration) products after each forward solve and store
             it as ``last_solution.stats["spectral_radius"]`` (batch,) (costs that many VJPs).
+        eval_max_steps: the step bound in eval mode (default: max_steps).
 
-    Call: ``deq(x, z0=None)`` with x a tensor, a tuple of tensors or None (then z0 is
-    needed; f_module receives None). ``z0`` (batch, *z_shape) warm-starts the solve (e.g. a
-    sample's fixed point from the previous epoch) and takes precedence over ``init`` and the
-    default zeros.
+    Call: ``deq(x, z0=None, *, n_states=None, solver=None, atol=None, rtol=None,
+    max_steps=None, trace=False)`` with x a tensor, a tuple of tensors or None (then z0 is
+    needed; f_module receives None). ``z0`` (batch, *z_shape), or a tuple for a multi-scale
+    state, warm-starts the solve (e.g. a sample's fixed point from the previous epoch) and
+    takes precedence over ``init`` and the default zeros. ``solver``, ``atol``, ``rtol``,
+    ``max_steps`` override the layer's for this call; ``trace=True`` keeps each step's
+    residual in ``last_solution.trace``.
 
-    Returns: (batch, ...) z*. With grad enabled it carries the strategy's gradient to
+    Fixed-point correction: ``n_states=k`` returns a list of k states, z* last. State i < k
+    is each sample's value after solver step round(i · max_steps / k) (its best iterate so
+    far; a sample that stopped earlier gives its final value), as TorchDEQ's ``n_states``;
+    it carries a one-step gradient, being f(z_i, x) with z_i held constant (Unrolled: the
+    recorded graph itself). z* carries the backward strategy's gradient. Combine the states
+    with ``eq.correction_loss``.
+
+    Inside f_module: torch parametrizations (weight_norm, spectral_norm, ...) are evaluated
+    once for the solve and once, with grad, for the backward's graph (spectral norm's power
+    iteration advances once per call); ``eq.VariationalDropout`` keeps one mask per sample
+    for the whole call; a torch dropout layer in train mode gets a one-time warning.
+
+    Returns: (batch, ...) z* (a tuple for a multi-scale state; a list of states with
+    n_states). With grad enabled it carries the strategy's gradient to
     f_module's parameters and to x (also when x does not require grad); for Implicit and
     OneStep its value is f(z*, x), one further step from the solver's z* (the residual is
     within tolerance, so the two agree to it). Under ``torch.no_grad`` it is the solver's z*
