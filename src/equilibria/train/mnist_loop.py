@@ -45,6 +45,7 @@ from .checkpoint import (
 )
 from .config import AMP_DTYPES, IDENTITY_FIELDS, TrainConfig
 from .distributed import DistContext, all_reduce_sum, setup_distributed, teardown_distributed
+from .interrupt import AgreedStop, DeferredInterrupt
 from .models import build_model
 from .stats import EpochAccumulator, backward_stats, forward_stats
 
@@ -359,7 +360,7 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
     # Ctrl-C or SIGTERM is held until the batch has finished; under DDP the ranks agree at
     # every batch boundary (torchrun forwards the signal to each worker, not at the same
     # batch) and all stop there together, so the checkpoint is consistent.
-    with _DeferredInterrupt() as interrupt:
+    with DeferredInterrupt() as interrupt:
         for epoch in range(start_epoch, config.epochs):
             sampler.set_epoch(epoch)
             order = torch.tensor(list(iter(sampler)), dtype=torch.long)
@@ -447,13 +448,13 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
                     if on_step is not None:
                         on_step(epoch * batches_per_epoch + batch + 1)
                     if interrupt.agreed(context):
-                        raise _AgreedStop
+                        raise AgreedStop
             except KeyboardInterrupt as stop:
                 bar.close()
                 # Under DDP only a stop all ranks agreed on may checkpoint (that takes
                 # collectives); elsewhere any interrupt between batches may.
                 consistent = at_boundary and (
-                    isinstance(stop, _AgreedStop) or not context.distributed
+                    isinstance(stop, AgreedStop) or not context.distributed
                 )
                 if not consistent:
                     # a second Ctrl-C stopped a batch half-way: its state is not consistent
@@ -499,63 +500,6 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
     if context.is_main and config.plots:
         _final_plots(run_dir, metrics, steps, test_result, data, config)
     return TrainResult(run_dir, metrics, test_result["accuracy"])
-
-
-class _AgreedStop(KeyboardInterrupt):
-    """An interrupt every rank saw at the same batch boundary (safe to checkpoint)."""
-
-
-_STOP_SIGNALS = ("SIGINT", "SIGTERM")
-
-
-class _DeferredInterrupt:
-    """Ctrl-C (SIGINT) or SIGTERM during a batch (or an epoch's evaluation) is held until it
-    has finished.
-
-    The first signal sets a flag that the loop turns into a stop at the next batch boundary,
-    where model, optimizer, RNG and counters agree, so the checkpoint written then resumes
-    exactly. Under torchrun a Ctrl-C reaches torchrun, which forwards it to every worker
-    (then kills them after 30 s): `agreed()` all-reduces the flags so that all ranks stop at
-    the same boundary. The first signal also restores the previous handlers: a second one
-    interrupts at once (and the last checkpoint is kept). Outside the main thread it does
-    nothing.
-    """
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict = {}
-
-    def __enter__(self) -> _DeferredInterrupt:
-        import signal
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for name in _STOP_SIGNALS:
-                number = getattr(signal, name)
-                self._previous[number] = signal.getsignal(number)
-                signal.signal(number, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self._restore()
-        self.requested = True
-
-    def agreed(self, context: DistContext) -> bool:
-        """Whether any rank was asked to stop (a collective under DDP: all ranks call it)."""
-        if not context.distributed:
-            return self.requested
-        flag = torch.tensor([1.0 if self.requested else 0.0], dtype=torch.float64)
-        return bool(all_reduce_sum(context, flag).item() > 0)
-
-    def _restore(self) -> None:
-        import signal
-
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
-        self._previous = {}
-
-    def __exit__(self, *exc) -> None:
-        self._restore()
 
 
 def _rank_state(state: dict, context: DistContext) -> dict:
