@@ -7,10 +7,11 @@
     equilibria cobweb                         # cos(x) = x by repeated application, as a PNG
     equilibria mechanics                      # the adjoint-as-momentum figures
 
-Exit codes: 0 success; 1 an error with a message (missing/corrupt data, bad checkpoint,
-unwritable run directory, ...); 2 bad command-line usage (argparse: unknown command or choice,
-the message lists the choices); 3 the loss became NaN; 130 interrupted (Ctrl-C) after a usable
-checkpoint was saved.
+Exit codes: 0 success; 1 an error with a message (missing/corrupt data, bad or damaged
+checkpoint, invalid config.json, unwritable run directory or full disk, ...); 2 bad
+command-line usage (argparse: unknown command or choice, the message lists the choices); 3
+training diverged (the loss, the weights or the activations became inf/NaN; the last good
+checkpoint is kept); 130 interrupted (Ctrl-C) after a usable checkpoint was saved.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -27,7 +29,7 @@ from pathlib import Path
 from .train.config import AMP_CHOICES, LR_SCHEDULES, MODEL_CHOICES, PRESETS, TrainConfig
 from .train.solvers import BACKWARD_CHOICES, SOLVER_CHOICES
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "entry", "main"]
 
 EXIT_ERROR, EXIT_USAGE, EXIT_NAN, EXIT_INTERRUPTED = 1, 2, 3, 130
 
@@ -168,6 +170,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
 
 
+def entry() -> None:
+    """The console command: run `main` and exit with its code.
+
+    Once the command has finished, its result stands: a Ctrl-C while the interpreter shuts
+    down (atexit handlers, torch's teardown) would otherwise print a KeyboardInterrupt
+    traceback after a successful run, or turn it into a failure.
+    """
+    try:
+        code = main()
+    except KeyboardInterrupt:  # before main's own handler (while parsing the arguments)
+        print("interrupted.", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)
+
+
 class _UserError(Exception):
     pass
 
@@ -203,14 +221,9 @@ def mnist_config(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
     if args.resume:
         if not args.run_name:
             raise _UserError("--resume needs --run-name (the run to continue).")
-        saved_path = Path(args.runs_dir or "runs") / args.run_name / "config.json"
-        if not saved_path.is_file():
-            raise _UserError(f"--resume: {saved_path} does not exist; nothing to continue.")
-        saved = json.loads(saved_path.read_text())
+        saved = _saved_config(Path(args.runs_dir or "runs") / args.run_name).asdict()
         from .train.config import IDENTITY_FIELDS
 
-        # A field the saved config lacks (written before it existed) has its default.
-        saved = {**TrainConfig().asdict(), **saved}
         conflicts = [
             f"--{name.replace('_', '-')} {explicit[name]!r} (run has {saved[name]!r})"
             for name in IDENTITY_FIELDS
@@ -228,6 +241,22 @@ def mnist_config(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
         # (under torchrun rank 0 names the run and tells the others: their clocks may differ)
         values["run_name"] = f"mnist-{values['model']}-{time.strftime('%Y%m%d-%H%M%S')}"
     return TrainConfig.from_dict(values), bool(args.resume)
+
+
+def _saved_config(run_dir: Path) -> TrainConfig:
+    """The config of the run to resume: its config.json, else the one its checkpoint holds
+    (fields written before they existed take their defaults)."""
+    from .train.checkpoint import CHECKPOINT_NAME, load_checkpoint
+    from .train.config import read_config_file
+
+    config_path, checkpoint_path = run_dir / "config.json", run_dir / CHECKPOINT_NAME
+    if config_path.is_file() or not checkpoint_path.is_file():
+        if not config_path.is_file():
+            raise _UserError(f"--resume: {config_path} does not exist; nothing to continue.")
+        return read_config_file(config_path)
+    print(f"{config_path} is missing: using the configuration stored in {checkpoint_path}")
+    saved = load_checkpoint(checkpoint_path)["config"]
+    return TrainConfig.from_dict({**TrainConfig().asdict(), **saved})
 
 
 def _train_mnist(args: argparse.Namespace) -> int:
@@ -283,6 +312,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         )
     except _user_errors() as error:
         raise _UserError(str(error)) from error
+    for note in report["notes"]:
+        print(note)
     print(
         f"{report['run_dir']}: test accuracy {report['accuracy']:.4f} on {report['count']} "
         f"images (loss {report['loss']:.4f}, forward NFE {report['forward_nfe_mean']:.1f}, "
@@ -345,9 +376,11 @@ def _cobweb(args: argparse.Namespace) -> int:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         # the staircase is unreadable past ~20 steps; all iterates are printed below
-        plots.cobweb(math.cos, iterates[:21], out)
+        plots.cobweb(math.cos, iterates[:21], out, fixed_point=float(solution.value[0, 0]))
     except OSError as error:
         raise _UserError(f"cannot write {out} ({error.strerror or error}).") from error
+    except ValueError as error:  # matplotlib: an extension it has no writer for
+        raise _UserError(f"cannot write {out} ({error}); use --out NAME.png.") from error
     for step, value in enumerate(iterates):
         print(f"x{step:<3d} = {value:+.12f}")
     print(

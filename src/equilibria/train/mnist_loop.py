@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -39,14 +38,26 @@ from .checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
     capture_rng,
+    integrity_note,
     load_checkpoint,
+    load_optimizer_state,
+    remove_stale_temporaries,
     restore_rng,
     save_checkpoint,
 )
 from .config import AMP_DTYPES, IDENTITY_FIELDS, TrainConfig
 from .distributed import DistContext, all_reduce_sum, setup_distributed, teardown_distributed
+from .health import (
+    TrainingDiverged,
+    blame_divergence,
+    diverged_message,
+    first_nonfinite_parameter,
+    nonfinite_weights,
+    not_converged_warning,
+)
 from .interrupt import AgreedStop, DeferredInterrupt
 from .models import build_model
+from .run_logs import sync_logs, write_jsonl
 from .stats import EpochAccumulator, backward_stats, forward_stats
 
 __all__ = ["RunDirError", "TrainResult", "TrainingDiverged", "evaluate", "train_mnist"]
@@ -55,10 +66,6 @@ __all__ = ["RunDirError", "TrainResult", "TrainingDiverged", "evaluate", "train_
 # measure what the warm start saves.
 PROBE_EVERY = 10
 STEP_LOG_EVERY = 5
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN/inf; the last good checkpoint is kept."""
 
 
 class RunDirError(RuntimeError):
@@ -130,12 +137,6 @@ def _prepare_run_dir(config: TrainConfig, resume: bool, context: DistContext) ->
         ) from error
     (run_dir / "config.json").write_text(json.dumps(config.asdict(), indent=2) + "\n")
     return run_dir
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    os.replace(tmp, path)
 
 
 @torch.no_grad()
@@ -263,6 +264,9 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
             raise RunDirError("rank 0 could not prepare the run directory (see its message).")
     if failure is not None:
         raise failure
+    if context.is_main:
+        for stale in remove_stale_temporaries(run_dir):
+            log(f"removed {stale}, left by a process killed while writing a checkpoint")
     data = prepare_data(config, device)
     log(
         f"data: {data['source']} ({data['train_x'].shape[0]} train, "
@@ -287,7 +291,16 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
             run_dir / CHECKPOINT_NAME, model, config.asdict(), identity_fields=IDENTITY_FIELDS,
             defaults=TrainConfig().asdict(),
         )
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(run_dir / CHECKPOINT_NAME, optimizer, state)
+        if state["epoch"] > config.epochs:
+            raise CheckpointError(
+                f"{run_dir} has already trained {state['epoch']} epochs; --epochs "
+                f"{config.epochs} is fewer. Pass --epochs {state['epoch'] + 1} or more to "
+                f"train further, or evaluate it with `equilibria evaluate {run_dir}`."
+            )
+        note = integrity_note(run_dir / CHECKPOINT_NAME, state)
+        if note:
+            log(note)
         if "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         start_epoch, start_batch = state["epoch"], state["batch_in_epoch"]
@@ -300,7 +313,13 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
             have.copy_(state["fp_have"])
         if context.is_main:
             (run_dir / "config.json").write_text(json.dumps(config.asdict(), indent=2) + "\n")
-        log(f"resumed {run_dir} at epoch {start_epoch + 1}, batch {start_batch}")
+            for message in sync_logs(run_dir, metrics, steps):
+                log(message)
+        if start_epoch == config.epochs:
+            log(f"{run_dir} has finished its {config.epochs} epochs; evaluating it (pass "
+                "--epochs with more to train further)")
+        else:
+            log(f"resumed {run_dir} at epoch {start_epoch + 1}, batch {start_batch}")
 
     ddp = model
     if context.distributed:
@@ -388,7 +407,9 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
                         buffer[index],
                         torch.zeros_like(buffer[index]),
                     )
-                with autocast_context(device.type, amp_dtype):
+                with blame_divergence(epoch + 1, batch + 1, run_dir), autocast_context(
+                    device.type, amp_dtype
+                ):
                     logits = ddp(images, z0=z0).float()
                     loss = _classification_loss(logits, labels)
                     if penalty_fn is not None:
@@ -396,10 +417,9 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
                 loss_value = loss.item()
                 if not math.isfinite(loss_value):
                     raise TrainingDiverged(
-                        f"the loss became {loss_value} at epoch {epoch + 1}, batch {batch + 1}. "
-                        f"The last good checkpoint is kept in {run_dir}. Lower --lr, add "
-                        "--jac-penalty (e.g. 1.0) to keep f contractive, or tighten "
-                        "--atol/--rtol."
+                        diverged_message(
+                            f"the loss became {loss_value}", epoch + 1, batch + 1, run_dir
+                        )
                     )
                 forward = forward_stats(model.deq.last_solution)
                 optimizer.zero_grad(set_to_none=True)
@@ -412,6 +432,10 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
                         group["lr"] = config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
                 scaler.step(optimizer)  # optimizer.step(), unless fp16 gradients overflowed
                 scaler.update()
+                broken = first_nonfinite_parameter(model)
+                if broken is not None:
+                    what = nonfinite_weights(model, broken, loss_value)
+                    raise TrainingDiverged(diverged_message(what, epoch + 1, batch + 1, run_dir))
                 backward = backward_stats(model.deq)
                 probe = None
                 if buffer is not None:
@@ -469,19 +493,20 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
             bar.close()
             if buffer is not None and context.distributed:
                 _sync_buffer(context, buffer, have, order)
-            test_result = evaluate(ddp, data["test_x"], data["test_y"], context,
-                                   amp_dtype=amp_dtype)
+            with blame_divergence(epoch + 1, None, run_dir):
+                test_result = evaluate(ddp, data["test_x"], data["test_y"], context,
+                                       amp_dtype=amp_dtype)
             row = {"epoch": epoch + 1, **accumulator.summary(context), **_test_row(test_result)}
             metrics.append(row)
             checkpoint(epoch + 1, 0, None)
             if context.is_main:
-                _write_jsonl(run_dir / "metrics.jsonl", metrics)
-                _write_jsonl(run_dir / "steps.jsonl", steps)
+                write_jsonl(run_dir / "metrics.jsonl", metrics)
+                write_jsonl(run_dir / "steps.jsonl", steps)
             log(
                 f"epoch {epoch + 1}/{config.epochs}: loss {row['loss']:.4f}, train acc "
                 f"{row['train_accuracy']:.4f}, test acc {row['test_accuracy']:.4f}, forward NFE "
                 f"{row['forward_nfe_mean']:.1f}, backward NFE {row['backward_nfe_mean']:.1f}, "
-                f"{row['seconds']:.1f} s"
+                f"not converged {row['not_converged_share']:.1%}, {row['seconds']:.1f} s"
                 + (
                     f"; fixed-point reuse saved {row['reuse_nfe_saved_share']:.0%} of forward NFE "
                     f"(~{row['reuse_nfe_saved_epoch']:.0f} evaluations this epoch)"
@@ -489,6 +514,11 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
                     else ""
                 )
             )
+            shares = {"training": row["not_converged_share"],
+                      "test": row["test_not_converged_share"]}
+            warning = not_converged_warning(shares, config.max_steps)
+            if warning:
+                log(warning)
             if interrupt.agreed(context):  # Ctrl-C during the evaluation or the checkpoint
                 log(f"interrupted: checkpoint saved in {run_dir}; continue with --resume.")
                 raise KeyboardInterrupt
