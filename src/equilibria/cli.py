@@ -217,7 +217,7 @@ def mnist_config(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
     if args.preset:
         values.update(PRESETS[args.preset])
         values["preset"] = args.preset
-        values["run_name"] = f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        values["run_name"] = _fresh_run_name(args.runs_dir, args.preset)
     if args.resume:
         if not args.run_name:
             raise _UserError("--resume needs --run-name (the run to continue).")
@@ -239,24 +239,44 @@ def mnist_config(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
     values.update(explicit)
     if not values["run_name"] and "RANK" not in os.environ:
         # (under torchrun rank 0 names the run and tells the others: their clocks may differ)
-        values["run_name"] = f"mnist-{values['model']}-{time.strftime('%Y%m%d-%H%M%S')}"
+        values["run_name"] = _fresh_run_name(values["runs_dir"], f"mnist-{values['model']}")
     return TrainConfig.from_dict(values), bool(args.resume)
 
 
-def _saved_config(run_dir: Path) -> TrainConfig:
-    """The config of the run to resume: its config.json, else the one its checkpoint holds
-    (fields written before they existed take their defaults)."""
-    from .train.checkpoint import CHECKPOINT_NAME, load_checkpoint
-    from .train.config import read_config_file
+def _fresh_run_name(runs_dir: str | None, stem: str) -> str:
+    """stem-YYYYmmdd-HHMMSS, with -2, -3, ... when a run started in the same second."""
+    name = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    candidate, count = name, 1
+    while (Path(runs_dir or "runs") / candidate).exists():
+        count += 1
+        candidate = f"{name}-{count}"
+    return candidate
 
-    config_path, checkpoint_path = run_dir / "config.json", run_dir / CHECKPOINT_NAME
-    if config_path.is_file() or not checkpoint_path.is_file():
-        if not config_path.is_file():
-            raise _UserError(f"--resume: {config_path} does not exist; nothing to continue.")
-        return read_config_file(config_path)
-    print(f"{config_path} is missing: using the configuration stored in {checkpoint_path}")
-    saved = load_checkpoint(checkpoint_path)["config"]
-    return TrainConfig.from_dict({**TrainConfig().asdict(), **saved})
+
+def _output_dir(path: str, option: str = "--out") -> Path:
+    """Create the directory `option` names (before any work), or a clear error."""
+    directory = Path(path)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise _UserError(
+            f"{option} {directory}: cannot create the directory ({error.strerror or error}); "
+            f"pass {option} with a writable directory."
+        ) from error
+    return directory
+
+
+def _saved_config(run_dir: Path) -> TrainConfig:
+    """The configuration of the run to resume (config.json, or its checkpoint's copy)."""
+    from .train.config import read_run_config
+
+    try:
+        config, note = read_run_config(run_dir)
+    except FileNotFoundError:
+        raise _UserError(f"--resume: {run_dir} holds no run; nothing to continue.") from None
+    if note:
+        print(note)
+    return config
 
 
 def _train_mnist(args: argparse.Namespace) -> int:
@@ -326,6 +346,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _train_linear2x(args: argparse.Namespace) -> int:
     from .train.linear2x import train_linear2x
 
+    _output_dir(args.out)
     try:
         result = train_linear2x(args.out, epochs=args.epochs, lr=args.lr, seed=args.seed)
     except FloatingPointError as error:
@@ -336,6 +357,12 @@ def _train_linear2x(args: argparse.Namespace) -> int:
     error = abs(result["deq_at_minus_5"] + 10.0)
     print(f"|deq(-5) - (-10)| = {error:.4f} ({'within' if error <= 0.05 else 'NOT within'} 0.05)")
     print(f"plots: {result['fit_png']}, {result['trajectory_png']}")
+    if error > 0.05:
+        print(
+            f"equilibria: error: the fit missed by {error:.3g} (learned slope "
+            f"{result['a']:.4g}, exact 2/3); lower --lr or raise --epochs.",
+            file=sys.stderr,
+        )
     return 0 if error <= 0.05 else EXIT_ERROR
 
 
@@ -372,15 +399,13 @@ def _cobweb(args: argparse.Namespace) -> int:
         rtol=1e-12,
         max_steps=200,
     )
-    out = Path(args.out)
+    out = _image_path(args.out)
+    _output_dir(str(out.parent))
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
         # the staircase is unreadable past ~20 steps; all iterates are printed below
         plots.cobweb(math.cos, iterates[:21], out, fixed_point=float(solution.value[0, 0]))
     except OSError as error:
         raise _UserError(f"cannot write {out} ({error.strerror or error}).") from error
-    except ValueError as error:  # matplotlib: an extension it has no writer for
-        raise _UserError(f"cannot write {out} ({error}); use --out NAME.png.") from error
     for step, value in enumerate(iterates):
         print(f"x{step:<3d} = {value:+.12f}")
     print(
@@ -391,11 +416,27 @@ def _cobweb(args: argparse.Namespace) -> int:
     return 0
 
 
+def _image_path(text: str, option: str = "--out") -> Path:
+    """A file name whose extension matplotlib can write (it would otherwise append .png to
+    a directory's name, or fail after the work is done)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = Path(text)
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    if path.is_dir() or path.suffix.lower().lstrip(".") not in kinds:
+        raise _UserError(
+            f"{option} {path}: expected an image file name ending in .png, .pdf or .svg "
+            f"(one of {', '.join(sorted(kinds))})."
+        )
+    return path
+
+
 def _mechanics(args: argparse.Namespace) -> int:
     try:
         from .mechanics import _demo
     except ImportError as error:
         raise _UserError(f"the mechanics demo is not available ({error}).") from error
+    _output_dir(args.out)
     try:
         summary = _demo.run(Path(args.out), quick=args.quick)
     except _user_errors() as error:

@@ -58,7 +58,7 @@ def cobweb(
     plt = _pyplot()
     lo = min(min(iterates), min(fn(x) for x in iterates)) - 0.2
     hi = max(max(iterates), max(fn(x) for x in iterates)) + 0.2
-    grid = [lo + (hi - lo) * k / 400 for k in range(401)]
+    grid = [lo + (hi - lo) * (k / 400) for k in range(401)]  # (no overflow near 1e308)
     fig, ax = plt.subplots(figsize=(5.5, 5.5))
     ax.plot(grid, [fn(x) for x in grid], label="y = f(x)")
     ax.plot(grid, grid, "k--", lw=1, label="y = x (45°)")

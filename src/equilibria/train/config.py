@@ -25,6 +25,7 @@ __all__ = [
     "check_device_available",
     "parse_device",
     "read_config_file",
+    "read_run_config",
 ]
 
 MODEL_CHOICES = ("seed", "conv")
@@ -127,6 +128,8 @@ class TrainConfig:
         for name in ("max_steps", "epochs", "batch_size", "width", "hidden", "channels"):
             check_positive_int(name, getattr(self, name))
         check_positive_int("seed", self.seed, minimum=0)
+        if self.seed > 2**32 - 1:  # numpy's generator takes 32-bit seeds
+            raise ValueError(f"seed must be <= 2**32 - 1 = {2**32 - 1}, got {self.seed}.")
         if self.subset is not None:
             check_positive_int("subset", self.subset)
             if self.subset > 60_000:
@@ -244,24 +247,46 @@ def read_config_file(path: str | os.PathLike) -> TrainConfig:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as error:
         raise ValueError(f"cannot read {path} ({error}).") from error
-    fix = "fix it, or copy the config.json of the run from a backup"
+    fix = "Fix it, or restore the run's config.json from a copy."
     if not text.strip():
-        raise ValueError(f"{path} is empty; it should hold the run's settings ({fix}).")
+        raise ValueError(f"{path} is empty; it should hold the run's settings. {fix}")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
         raise ValueError(
             f"{path} is not valid JSON ({error.msg} at line {error.lineno}, column "
-            f"{error.colno}); {fix}."
+            f"{error.colno}). {fix}"
         ) from None
     if not isinstance(data, dict):
         raise ValueError(
-            f"{path} holds a JSON {type(data).__name__}, not an object of settings; {fix}."
+            f"{path} holds a JSON {type(data).__name__}, not an object of settings. {fix}"
         )
     try:
         return TrainConfig.from_dict({**TrainConfig().asdict(), **data}).validate()
     except (TypeError, ValueError) as error:
-        raise ValueError(f"{path}: {error} ({fix}).") from error
+        raise ValueError(f"{path}: {error} {fix}") from error
+
+
+def read_run_config(run_dir: str | os.PathLike) -> tuple[TrainConfig, str | None]:
+    """A run's configuration: its config.json, or the copy its checkpoint holds when
+    config.json is gone; and a note saying so (None when config.json was read).
+
+    Raises:
+        FileNotFoundError: neither file is there.
+        ValueError: an invalid config.json (see `read_config_file`).
+        CheckpointError: the checkpoint is damaged (see `load_checkpoint`).
+    """
+    from .checkpoint import CHECKPOINT_NAME, load_checkpoint
+
+    run_dir = Path(run_dir)
+    config_path, checkpoint_path = run_dir / "config.json", run_dir / CHECKPOINT_NAME
+    if config_path.is_file():
+        return read_config_file(config_path), None
+    if not checkpoint_path.is_file():
+        raise FileNotFoundError(f"{run_dir} holds neither config.json nor {CHECKPOINT_NAME}.")
+    saved = load_checkpoint(checkpoint_path)["config"]
+    config = TrainConfig.from_dict({**TrainConfig().asdict(), **saved}).validate()
+    return config, f"{config_path} is missing: using the configuration in {checkpoint_path}"
 
 
 # What a resumed run must share with the run it continues (epochs may grow; where the run

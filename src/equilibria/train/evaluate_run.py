@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, integrity_note, load_checkpoint
-from .config import AMP_DTYPES, check_device_available, parse_device, read_config_file
+from .config import AMP_DTYPES, check_device_available, parse_device, read_run_config
 from .distributed import DistContext
 from .health import not_converged_warning
 from .mnist_loop import _subset_indices, evaluate
@@ -45,15 +45,16 @@ def evaluate_run(
     run_dir = Path(run)
     if not run_dir.is_dir():
         run_dir = Path(runs_dir) / str(run)
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        raise CheckpointError(
-            f"{run} is not a run directory (no config.json in {run} or {run_dir})."
-        )
     try:
-        config = read_config_file(config_path)
+        config, note = read_run_config(run_dir)
+    except FileNotFoundError:
+        where = run_dir if run_dir == Path(run) else f"{run} or {run_dir}"
+        raise CheckpointError(
+            f"{where} is not a run directory (no config.json or checkpoint.pt); pass runs/NAME "
+            "or a run name under --runs-dir."
+        ) from None
     except ValueError as error:
-        raise CheckpointError(f"{error} It is not a valid run configuration.") from error
+        raise CheckpointError(str(error)) from error
     if data_dir is not None:
         config.data_dir = data_dir
     target = check_device_available(parse_device(device, "--device"))
@@ -67,7 +68,7 @@ def evaluate_run(
         expected_config=config.asdict(),
         identity_fields=("model", "width", "hidden", "channels", "solver", "backward"),
     )
-    notes = [note for note in [integrity_note(path, state)] if note]
+    notes = [note for note in [note, integrity_note(path, state)] if note]
     try:
         notes += sync_logs(run_dir, state["metrics"], state["steps"], only_missing_rows=True)
     except OSError as error:
