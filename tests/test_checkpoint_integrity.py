@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
 import subprocess
 import sys
@@ -25,25 +24,6 @@ from equilibria.train.checkpoint import (
     save_checkpoint,
 )
 
-TINY = ["--subset", "128", "--test-subset", "50", "--batch-size", "32", "--solver", "picard",
-        "--quiet", "--no-plots", "--threads", "1"]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A finished 2-epoch run, trained once; tests work on copies of it (`run`)."""
-    runs = tmp_path_factory.mktemp("trained")
-    code = main(["train", "mnist", *TINY, "--epochs", "2", "--runs-dir", str(runs),
-                 "--run-name", "base"])
-    assert code == 0
-    return runs / "base"
-
-
-@pytest.fixture
-def run(trained, tmp_path):
-    shutil.copytree(trained, tmp_path / "r")
-    return tmp_path / "r"
-
 
 def _cli(capsys, *argv):
     code = main(list(argv))
@@ -51,13 +31,13 @@ def _cli(capsys, *argv):
     return code, out + err
 
 
-def _evaluate(capsys, run):
-    return _cli(capsys, "evaluate", str(run), "--test-subset", "50")
+def _evaluate(capsys, run_dir):
+    return _cli(capsys, "evaluate", str(run_dir), "--test-subset", "50")
 
 
-def _resume(capsys, run, epochs=2):
-    return _cli(capsys, "train", "mnist", "--resume", "--run-name", run.name, "--runs-dir",
-                str(run.parent), "--epochs", str(epochs), "--quiet", "--no-plots")
+def _resume(capsys, run_dir, epochs=2):
+    return _cli(capsys, "train", "mnist", "--resume", "--run-name", run_dir.name, "--runs-dir",
+                str(run_dir.parent), "--epochs", str(epochs), "--quiet", "--no-plots")
 
 
 def _negate_floats_on_disk(path, count=1000):
@@ -86,21 +66,21 @@ def _resave(path, edit, keep_checksum=True):
         torch.save(state, path)
 
 
-def test_flipped_weights_are_refused_by_evaluate_and_resume(run, capsys):
-    path = run / "checkpoint.pt"
+def test_flipped_weights_are_refused_by_evaluate_and_resume(tiny_run, capsys):
+    path = tiny_run / "checkpoint.pt"
     _negate_floats_on_disk(path)
     torch.load(path, weights_only=True)  # torch alone does not notice
-    for code, text in (_evaluate(capsys, run), _resume(capsys, run, epochs=3)):
+    for code, text in (_evaluate(capsys, tiny_run), _resume(capsys, tiny_run, epochs=3)):
         assert code == 1 and "fails its integrity check" in text and str(path) in text
 
 
-def test_checkpoint_without_checksum_loads_with_a_note(run, capsys):
-    _resave(run / "checkpoint.pt", lambda state: None, keep_checksum=False)
-    code, text = _evaluate(capsys, run)
+def test_checkpoint_without_checksum_loads_with_a_note(tiny_run, capsys):
+    _resave(tiny_run / "checkpoint.pt", lambda state: None, keep_checksum=False)
+    code, text = _evaluate(capsys, tiny_run)
     assert code == 0 and "written before checkpoints carried a checksum" in text
-    code, text = _resume(capsys, run, epochs=3)
+    code, text = _resume(capsys, tiny_run, epochs=3)
     assert code == 0 and "carried a checksum" in text
-    assert "sha256" in load_checkpoint(run / "checkpoint.pt")  # the next one carries it
+    assert "sha256" in load_checkpoint(tiny_run / "checkpoint.pt")  # the next one carries it
 
 
 class _Payload:
@@ -108,23 +88,23 @@ class _Payload:
         return (os.system, ("touch equilibria_checkpoint_pwned",))
 
 
-def test_malicious_checkpoint_is_refused_without_running_code(run, capsys, monkeypatch):
-    monkeypatch.chdir(run)
+def test_malicious_checkpoint_is_refused_without_running_code(tiny_run, capsys, monkeypatch):
+    monkeypatch.chdir(tiny_run)
     torch.save({"format": checkpoint_module.CHECKPOINT_FORMAT, "x": _Payload()},
-               run / "checkpoint.pt")
-    code, text = _evaluate(capsys, run)
+               tiny_run / "checkpoint.pt")
+    code, text = _evaluate(capsys, tiny_run)
     assert code == 1 and "not a trusted equilibria checkpoint" in text
     assert "Do not load it with torch.load(weights_only=False)" in text
     assert "two options" not in text  # torch's advice, which would run the payload
-    assert not (run / "equilibria_checkpoint_pwned").exists()
+    assert not (tiny_run / "equilibria_checkpoint_pwned").exists()
 
 
 @pytest.mark.parametrize("content", [b"", b"hello, not a checkpoint", b"PK\x03\x04" + b"0" * 99])
-def test_a_file_that_is_not_a_checkpoint_is_named(run, capsys, content):
-    (run / "checkpoint.pt").write_bytes(content)
-    code, text = _evaluate(capsys, run)
+def test_a_file_that_is_not_a_checkpoint_is_named(tiny_run, capsys, content):
+    (tiny_run / "checkpoint.pt").write_bytes(content)
+    code, text = _evaluate(capsys, tiny_run)
     assert code == 1 and "truncated or damaged, or not a checkpoint" in text
-    assert str(run / "checkpoint.pt") in text
+    assert str(tiny_run / "checkpoint.pt") in text
 
 
 @pytest.mark.parametrize(
@@ -140,27 +120,28 @@ def test_a_file_that_is_not_a_checkpoint_is_named(run, capsys, content):
         (lambda state: state.pop("epoch"), "lacks a valid 'epoch' entry"),
     ],
 )
-def test_resume_with_incomplete_optimizer_state_is_refused(run, capsys, edit, message):
-    _resave(run / "checkpoint.pt", edit)
-    code, text = _resume(capsys, run, epochs=3)
-    assert code == 1 and message in text and str(run / "checkpoint.pt") in text
+def test_resume_with_incomplete_optimizer_state_is_refused(tiny_run, capsys, edit, message):
+    _resave(tiny_run / "checkpoint.pt", edit)
+    code, text = _resume(capsys, tiny_run, epochs=3)
+    assert code == 1 and message in text and str(tiny_run / "checkpoint.pt") in text
 
 
-def test_nonfinite_weights_are_blamed_on_the_checkpoint(run, capsys):
+def test_nonfinite_weights_are_blamed_on_the_checkpoint(tiny_run, capsys):
     def poison(state):
         name = next(iter(state["model"]))
         state["model"][name] = torch.full_like(state["model"][name], float("nan"))
 
-    _resave(run / "checkpoint.pt", poison)
-    for code, text in (_evaluate(capsys, run), _resume(capsys, run, epochs=3)):
-        assert code == 1 and "are not finite" in text and str(run / "checkpoint.pt") in text
+    _resave(tiny_run / "checkpoint.pt", poison)
+    for code, text in (_evaluate(capsys, tiny_run), _resume(capsys, tiny_run, epochs=3)):
+        assert code == 1 and "are not finite" in text
+        assert str(tiny_run / "checkpoint.pt") in text
         assert "pass finite values" not in text
 
 
-def test_full_disk_keeps_the_previous_checkpoint(run, monkeypatch):
-    path = run / "checkpoint.pt"
+def test_full_disk_keeps_the_previous_checkpoint(tiny_run, monkeypatch):
+    path = tiny_run / "checkpoint.pt"
     before = path.read_bytes()
-    full = run / "to-dev-full"
+    full = tiny_run / "to-dev-full"
     full.symlink_to("/dev/full")  # every write there fails with ENOSPC, as on a full disk
     monkeypatch.setattr(checkpoint_module, "_temporary_path", lambda _: full)
     with pytest.raises(CheckpointError, match="no space left on the device holding") as error:
@@ -182,38 +163,45 @@ def test_stale_temporary_files_are_removed_and_live_ones_kept(tmp_path):
     assert live.exists() and not dead.exists()
 
 
-def test_resume_cleans_stale_temporaries(run, capsys):
-    stale = run / ".checkpoint.pt.tmp999999999"
+def test_resume_cleans_stale_temporaries(tiny_run, capsys):
+    stale = tiny_run / ".checkpoint.pt.tmp999999999"
     stale.write_bytes(b"half a checkpoint")
-    code, text = _resume(capsys, run)
+    code, text = _resume(capsys, tiny_run)
     assert code == 0 and not stale.exists() and f"removed {stale}" in text
 
 
-def _truncate_logs(run):
+def _truncate_logs(run_dir):
     """What kill -9 right after the final checkpoint's rename leaves: logs a row short."""
     for name, keep in (("metrics.jsonl", 1), ("steps.jsonl", 1)):
-        lines = (run / name).read_text().splitlines(keepends=True)
-        (run / name).write_text("".join(lines[:keep]))
+        lines = (run_dir / name).read_text().splitlines(keepends=True)
+        (run_dir / name).write_text("".join(lines[:keep]))
 
 
 @pytest.mark.parametrize("command", ["resume", "evaluate"])
-def test_logs_are_rebuilt_from_the_checkpoint(run, capsys, command):
-    full = {name: (run / name).read_text() for name in ("metrics.jsonl", "steps.jsonl")}
+def test_logs_are_rebuilt_from_the_checkpoint(tiny_run, capsys, command):
+    full = {name: (tiny_run / name).read_text() for name in ("metrics.jsonl", "steps.jsonl")}
     assert len(full["metrics.jsonl"].splitlines()) == 2
-    _truncate_logs(run)
-    code, text = _resume(capsys, run) if command == "resume" else _evaluate(capsys, run)
+    _truncate_logs(tiny_run)
+    rebuild = _resume if command == "resume" else _evaluate
+    code, text = rebuild(capsys, tiny_run)
     assert code == 0 and "rewritten from the checkpoint" in text
-    assert {name: (run / name).read_text() for name in full} == full
+    assert {name: (tiny_run / name).read_text() for name in full} == full
 
 
-def test_resume_with_fewer_epochs_than_trained_is_refused(run, capsys):
-    code, text = _resume(capsys, run, epochs=1)
+def test_resume_with_fewer_epochs_than_trained_is_refused(tiny_run, capsys):
+    code, text = _resume(capsys, tiny_run, epochs=1)
     assert code == 1 and "already trained 2 epochs" in text and "--epochs 3" in text
-    assert json.loads((run / "config.json").read_text())["epochs"] == 2
+    assert json.loads((tiny_run / "config.json").read_text())["epochs"] == 2
 
 
-def test_resume_without_config_json_uses_the_checkpoint(run, capsys):
-    (run / "config.json").unlink()
-    code, text = _resume(capsys, run, epochs=3)
-    assert code == 0 and "using the configuration stored in" in text
-    assert json.loads((run / "config.json").read_text())["epochs"] == 3
+def test_resume_without_config_json_uses_the_checkpoint(tiny_run, capsys):
+    (tiny_run / "config.json").unlink()
+    code, text = _resume(capsys, tiny_run, epochs=3)
+    assert code == 0 and "config.json is missing: using the configuration in" in text
+    assert json.loads((tiny_run / "config.json").read_text())["epochs"] == 3
+
+
+def test_evaluate_without_config_json_uses_the_checkpoint(tiny_run, capsys):
+    (tiny_run / "config.json").unlink()
+    code, text = _evaluate(capsys, tiny_run)
+    assert code == 0 and "config.json is missing: using the configuration in" in text
