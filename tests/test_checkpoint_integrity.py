@@ -17,12 +17,14 @@ import torch
 
 from equilibria.cli import main
 from equilibria.train import checkpoint as checkpoint_module
+from equilibria.train import mnist_loop
 from equilibria.train.checkpoint import (
     CheckpointError,
     load_checkpoint,
     remove_stale_temporaries,
     save_checkpoint,
 )
+from tiny_runs import TINY
 
 
 def _cli(capsys, *argv):
@@ -205,3 +207,31 @@ def test_evaluate_without_config_json_uses_the_checkpoint(tiny_run, capsys):
     (tiny_run / "config.json").unlink()
     code, text = _evaluate(capsys, tiny_run)
     assert code == 0 and "config.json is missing: using the configuration in" in text
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing in equilibria catches it, so no code of its runs after."""
+
+
+def test_kill_after_the_final_checkpoint_is_repaired_by_resume(tmp_path, capsys, monkeypatch):
+    real = mnist_loop.write_jsonl
+
+    def killed_at_the_last_log(path, rows):
+        # the final checkpoint is renamed into place, metrics.jsonl still has epoch 1 only
+        if path.name == "metrics.jsonl" and rows[-1]["epoch"] == 2:
+            raise _Killed
+        real(path, rows)
+
+    monkeypatch.setattr(mnist_loop, "write_jsonl", killed_at_the_last_log)
+    argv = ["train", "mnist", *TINY, "--epochs", "2", "--runs-dir", tmp_path, "--run-name", "k"]
+    with pytest.raises(_Killed):
+        main([str(arg) for arg in argv])
+    monkeypatch.setattr(mnist_loop, "write_jsonl", real)
+    run_dir = tmp_path / "k"
+    state = load_checkpoint(run_dir / "checkpoint.pt")
+    assert state["epoch"] == 2 and len((run_dir / "metrics.jsonl").read_text().splitlines()) == 1
+    code, text = _resume(capsys, run_dir, epochs=2)
+    assert code == 0 and "has finished its 2 epochs" in text and "rewritten" in text
+    for name, rows in (("metrics.jsonl", state["metrics"]), ("steps.jsonl", state["steps"])):
+        logged = [json.loads(line) for line in (run_dir / name).read_text().splitlines()]
+        assert logged == rows and logged[-1]["epoch"] == 2

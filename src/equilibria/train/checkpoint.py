@@ -1,8 +1,8 @@
 """Checkpoints: atomic writes, checksummed and validated loads, the RNG state for exact resume.
 
-A checkpoint is serialised in memory, written to a temporary file in the run directory,
-flushed to disk, and then renamed over `checkpoint.pt` with os.replace, which is atomic on
-POSIX: a crash, Ctrl-C or a full disk during the write leaves the previous checkpoint intact,
+A checkpoint is written to a temporary file in the run directory, flushed to disk, and then
+renamed over `checkpoint.pt` with os.replace, which is atomic on POSIX: a crash, Ctrl-C or a
+full disk during the write leaves the previous checkpoint intact,
 never a half-written one. A temporary file left by a killed process is removed by the next
 run or resume in that directory (`remove_stale_temporaries`).
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import io
 import os
 import pickle
 import random
@@ -63,30 +62,51 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     path = Path(path)
     state = {"format": CHECKPOINT_FORMAT, **state}
     state[CHECKSUM_KEY] = content_sha256(state)
-    buffer = io.BytesIO()
-    torch.save(state, buffer)  # in memory: a write error is then a plain OSError, not torch's
     tmp = _temporary_path(path)
     try:
         with open(tmp, "wb") as handle:
-            handle.write(buffer.getbuffer())
+            writer = _RecordingWriter(handle)
+            try:
+                torch.save(state, writer)
+            except RuntimeError as error:  # torch's zip writer hides the OSError beneath
+                raise (writer.error or error) from error
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except OSError as error:
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+    except (OSError, RuntimeError) as error:
+        if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
             raise CheckpointError(
-                f"no space left on the device holding {path} (needed {buffer.tell():,} bytes); "
-                "the previous checkpoint there is intact. Free some space and continue with "
-                "--resume, or pass --runs-dir on another disk."
+                f"no space left on the device holding {path}; the previous checkpoint there is "
+                "intact. Free some space and continue with --resume, or pass --runs-dir on "
+                "another disk."
             ) from error
         raise CheckpointError(
-            f"cannot write the checkpoint {path} ({error.strerror or error}); the previous "
-            "checkpoint there is intact. Pass --runs-dir with a writable directory."
+            f"cannot write the checkpoint {path} ({getattr(error, 'strerror', None) or error}); "
+            "the previous checkpoint there is intact. Pass --runs-dir with a writable directory."
         ) from error
     finally:
         if tmp.is_file() or tmp.is_symlink():
             tmp.unlink()
     return path
+
+
+class _RecordingWriter:
+    """A file's write() that remembers the OSError it raised (torch.save reports a failed
+    write as "[enforce fail at inline_container.cc] unexpected pos", without the errno)."""
+
+    def __init__(self, handle) -> None:
+        self.handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
 
 
 def _temporary_path(path: Path) -> Path:
