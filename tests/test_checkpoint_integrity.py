@@ -120,6 +120,7 @@ def test_a_file_that_is_not_a_checkpoint_is_named(tiny_run, capsys, content):
             "exp_avg of parameter 0 has shape (3, 3)",
         ),
         (lambda state: state.pop("epoch"), "lacks a valid 'epoch' entry"),
+        (lambda state: state.update(batch_in_epoch=-1), "lacks a valid 'batch_in_epoch'"),
     ],
 )
 def test_resume_with_incomplete_optimizer_state_is_refused(tiny_run, capsys, edit, message):
@@ -235,3 +236,9 @@ def test_kill_after_the_final_checkpoint_is_repaired_by_resume(tmp_path, capsys,
     for name, rows in (("metrics.jsonl", state["metrics"]), ("steps.jsonl", state["steps"])):
         logged = [json.loads(line) for line in (run_dir / name).read_text().splitlines()]
         assert logged == rows and logged[-1]["epoch"] == 2
+
+
+def test_resume_of_a_run_whose_checkpoint_is_gone_says_so(tiny_run, capsys):
+    (tiny_run / "checkpoint.pt").unlink()
+    code, text = _resume(capsys, tiny_run, epochs=3)
+    assert code == 1 and "has trained epochs but no checkpoint.pt" in text

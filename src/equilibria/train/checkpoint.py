@@ -214,10 +214,11 @@ def load_checkpoint(
             "on disk. Restore it from a copy, or retrain."
         )
     for key, kind in _REQUIRED.items():
-        if not isinstance(state.get(key), kind):
+        value = state.get(key)
+        if not isinstance(value, kind) or (kind is int and value < 0):
             raise CheckpointError(
-                f"{path} lacks a valid {key!r} entry ({type(state.get(key)).__name__}); it "
-                "was not written by equilibria. Restore it from a copy, or retrain."
+                f"{path} lacks a valid {key!r} entry ({type(value).__name__} {value!r:.40}); "
+                "it was not written by equilibria. Restore it from a copy, or retrain."
             )
     if expected_config is not None:
         saved = {**(defaults or {}), **state["config"]}

@@ -118,6 +118,11 @@ def _prepare_run_dir(config: TrainConfig, resume: bool, context: DistContext) ->
         return run_dir
     if resume:
         if not (run_dir / CHECKPOINT_NAME).is_file():
+            if (run_dir / "metrics.jsonl").exists():
+                raise RunDirError(
+                    f"--resume: {run_dir} has trained epochs but no {CHECKPOINT_NAME} to continue "
+                    "from; restore it from a copy, or start again with another --run-name."
+                )
             raise RunDirError(f"--resume: no checkpoint in {run_dir}; start it without --resume.")
         return run_dir
     if (run_dir / CHECKPOINT_NAME).exists() or (run_dir / "metrics.jsonl").exists():
