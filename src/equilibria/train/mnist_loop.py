@@ -7,13 +7,16 @@ fixed so that a resumed run computes exactly what the uninterrupted run would ha
   the batches of any epoch can be rebuilt without replaying earlier ones;
 - a checkpoint holds the model, Adam's state, the python/numpy/torch RNG states, the epoch
   and the batch reached within it, the running sums of that epoch, the fixed-point buffer
-  and the metrics so far. It is written at every epoch end and on Ctrl-C or SIGTERM
-  (mid-epoch, at the next batch boundary; under DDP at the same boundary on every rank, with
-  each rank's RNG state and partial sums).
+  and the metrics and logged steps so far. It is written at every epoch end and on Ctrl-C
+  or SIGTERM (mid-epoch, at the next batch boundary; under DDP at the same boundary on every
+  rank, with each rank's RNG state and partial sums).
 
 Per epoch, metrics.jsonl gets: loss, train/test accuracy, forward and backward NFE means (per
 sample), forward residual statistics, the share of samples whose solve did not converge,
-NFE saved by fixed-point reuse (when on), and seconds.
+NFE saved by fixed-point reuse (when on), and seconds. It and steps.jsonl are written after
+the epoch's checkpoint, which is the source of truth: a resume rewrites them from it when they
+disagree (`run_logs`). After every optimizer step the weights are checked for inf/NaN
+(`health`): a diverging run stops there, before its checkpoint is overwritten.
 """
 
 from __future__ import annotations
@@ -230,7 +233,7 @@ def train_mnist(
         TrainResult(run_dir, metrics, final test accuracy).
 
     Raises:
-        TrainingDiverged: NaN/inf loss (last good checkpoint kept).
+        TrainingDiverged: NaN/inf loss, weights or activations (last good checkpoint kept).
         RunDirError, CheckpointError, MnistNotFoundError, MnistCorruptError, ValueError.
         KeyboardInterrupt: re-raised after a usable checkpoint was written.
     """
