@@ -13,7 +13,7 @@ import torch
 
 from equilibria import plots
 from equilibria.cli import _fresh_run_name, main
-from equilibria.train.health import TrainingDiverged, blame_divergence
+from equilibria.train.health import TrainingDiverged, blame_divergence, loss_explosion
 from tiny_runs import TINY
 
 
@@ -28,14 +28,22 @@ def _train(runs, *extra):
 
 
 @pytest.mark.filterwarnings("ignore:DEQ Implicit backward did not converge")
-def test_diverging_weights_exit_3_with_the_fix_not_blaming_the_input(tmp_path, capsys):
-    # lr 10: after one Adam step the weights are NaN while the loss is still finite
+def test_lr_10_exits_3_with_the_fix_not_blaming_the_input(tmp_path, capsys):
+    # lr 10: the loss explodes at batch 2 and the weights go NaN in its step (or, where the
+    # solvers keep every value finite, the loss keeps growing); never "pass finite values"
     argv = [*_train(tmp_path, "--lr", "10", "--solver", "anderson"), "--batch-size", "64"]
     code, _, err = _cli(capsys, *argv)
     assert code == 3, err
-    assert "became inf or NaN in the optimizer step" in err and "training diverged" in err
-    assert "Lower --lr" in err and "No checkpoint was written yet" in err
-    assert "pass finite values" not in err
+    assert "at epoch 1, batch 2: training diverged" in err and "Lower --lr" in err
+    assert "No checkpoint was written yet" in err and "pass finite values" not in err
+
+
+def test_loss_explosion_criteria():
+    assert loss_explosion(float("nan"), 2.3) == "the loss became nan"
+    assert loss_explosion(float("inf"), None) == "the loss became inf"
+    assert loss_explosion(2299.0, 2.3) is None  # at most 1000 times the first loss
+    assert "grew to 2301, over 1000 times its first value 2.3" in loss_explosion(2301.0, 2.3)
+    assert loss_explosion(1e6, None) is None  # the first batch: nothing to compare with
 
 
 def test_nan_weights_stop_the_run_and_keep_the_last_good_checkpoint(

@@ -5,11 +5,13 @@ can leave inf/NaN weights while the loss it was computed from is finite, and the
 then fails deep in the solver ("x contains inf or NaN ... pass finite values"), blaming the
 input. So the loop checks the weights after every optimizer step (`first_nonfinite_parameter`)
 and turns a non-finite activation with finite inputs into the same diagnosis
-(`blame_divergence`).
+(`blame_divergence`). When the solvers keep every value finite, the loss itself shows it:
+a batch loss LOSS_GROWTH_LIMIT times the run's first one stops the run too (`loss_explosion`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,12 +24,17 @@ __all__ = [
     "blame_divergence",
     "diverged_message",
     "first_nonfinite_parameter",
+    "loss_explosion",
     "nonfinite_weights",
     "not_converged_warning",
 ]
 
 # Above this share of samples stopped at max_steps the equilibria (and gradients) are poor.
 NOT_CONVERGED_WARNING_SHARE = 0.10
+
+# A batch loss this many times the run's first one (2.3 for ten classes at chance) means the
+# weights have run away, even when the solver keeps everything finite.
+LOSS_GROWTH_LIMIT = 1000.0
 
 _FIX = "Lower --lr, add --jac-penalty (e.g. 1.0) to keep f contractive, or tighten --atol/--rtol."
 
@@ -46,6 +53,19 @@ def diverged_message(what: str, epoch: int, batch: int | None, run_dir: Path) ->
     else:
         kept = f"No checkpoint was written yet in {run_dir} (it diverged in its first epoch)."
     return f"{what} at {where}: training diverged. {kept} {_FIX}"
+
+
+def loss_explosion(loss: float, first_loss: float | None) -> str | None:
+    """What went wrong when `loss` is inf/NaN or over LOSS_GROWTH_LIMIT times the run's
+    first batch loss (`first_loss`, None before there is one); None when it is fine."""
+    if not math.isfinite(loss):
+        return f"the loss became {loss}"
+    if first_loss is not None and loss > LOSS_GROWTH_LIMIT * max(first_loss, 1.0):
+        return (
+            f"the loss grew to {loss:.4g}, over {LOSS_GROWTH_LIMIT:g} times its first value "
+            f"{first_loss:.4g}"
+        )
+    return None
 
 
 def first_nonfinite_parameter(model: torch.nn.Module) -> str | None:

@@ -55,6 +55,7 @@ from .health import (
     blame_divergence,
     diverged_message,
     first_nonfinite_parameter,
+    loss_explosion,
     nonfinite_weights,
     not_converged_warning,
 )
@@ -423,12 +424,9 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
                     if penalty_fn is not None:
                         loss = loss + config.jac_penalty * model.jacobian_penalty(penalty_fn)
                 loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    raise TrainingDiverged(
-                        diverged_message(
-                            f"the loss became {loss_value}", epoch + 1, batch + 1, run_dir
-                        )
-                    )
+                what = loss_explosion(loss_value, steps[0]["loss"] if steps else None)
+                if what:
+                    raise TrainingDiverged(diverged_message(what, epoch + 1, batch + 1, run_dir))
                 forward = forward_stats(model.deq.last_solution)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
