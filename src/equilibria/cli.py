@@ -7,10 +7,11 @@
     equilibria cobweb                         # cos(x) = x by repeated application, as a PNG
     equilibria mechanics                      # the adjoint-as-momentum figures
 
-Exit codes: 0 success; 1 an error with a message (missing/corrupt data, bad checkpoint,
-unwritable run directory, ...); 2 bad command-line usage (argparse: unknown command or choice,
-the message lists the choices); 3 the loss became NaN; 130 interrupted (Ctrl-C) after a usable
-checkpoint was saved.
+Exit codes: 0 success; 1 an error with a message (missing/corrupt data, bad or damaged
+checkpoint, invalid config.json, unwritable run directory or full disk, ...); 2 bad
+command-line usage (argparse: unknown command or choice, the message lists the choices); 3
+training diverged (the loss, the weights or the activations became inf/NaN; the last good
+checkpoint is kept); 130 interrupted (Ctrl-C) after a usable checkpoint was saved.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -27,7 +29,7 @@ from pathlib import Path
 from .train.config import AMP_CHOICES, LR_SCHEDULES, MODEL_CHOICES, PRESETS, TrainConfig
 from .train.solvers import BACKWARD_CHOICES, SOLVER_CHOICES
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "entry", "main"]
 
 EXIT_ERROR, EXIT_USAGE, EXIT_NAN, EXIT_INTERRUPTED = 1, 2, 3, 130
 
@@ -168,6 +170,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
 
 
+def entry() -> None:
+    """The console command: run `main` and exit with its code.
+
+    Once the command has finished, its result stands: a Ctrl-C while the interpreter shuts
+    down (atexit handlers, torch's teardown) would otherwise print a KeyboardInterrupt
+    traceback after a successful run, or turn it into a failure.
+    """
+    try:
+        code = main()
+    except KeyboardInterrupt:  # before main's own handler (while parsing the arguments)
+        print("interrupted.", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)
+
+
 class _UserError(Exception):
     pass
 
@@ -199,18 +217,13 @@ def mnist_config(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
     if args.preset:
         values.update(PRESETS[args.preset])
         values["preset"] = args.preset
-        values["run_name"] = f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        values["run_name"] = _fresh_run_name(args.runs_dir, args.preset)
     if args.resume:
         if not args.run_name:
             raise _UserError("--resume needs --run-name (the run to continue).")
-        saved_path = Path(args.runs_dir or "runs") / args.run_name / "config.json"
-        if not saved_path.is_file():
-            raise _UserError(f"--resume: {saved_path} does not exist; nothing to continue.")
-        saved = json.loads(saved_path.read_text())
+        saved = _saved_config(Path(args.runs_dir or "runs") / args.run_name).asdict()
         from .train.config import IDENTITY_FIELDS
 
-        # A field the saved config lacks (written before it existed) has its default.
-        saved = {**TrainConfig().asdict(), **saved}
         conflicts = [
             f"--{name.replace('_', '-')} {explicit[name]!r} (run has {saved[name]!r})"
             for name in IDENTITY_FIELDS
@@ -226,8 +239,44 @@ def mnist_config(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
     values.update(explicit)
     if not values["run_name"] and "RANK" not in os.environ:
         # (under torchrun rank 0 names the run and tells the others: their clocks may differ)
-        values["run_name"] = f"mnist-{values['model']}-{time.strftime('%Y%m%d-%H%M%S')}"
+        values["run_name"] = _fresh_run_name(values["runs_dir"], f"mnist-{values['model']}")
     return TrainConfig.from_dict(values), bool(args.resume)
+
+
+def _fresh_run_name(runs_dir: str | None, stem: str) -> str:
+    """stem-YYYYmmdd-HHMMSS, with -2, -3, ... when a run started in the same second."""
+    name = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    candidate, count = name, 1
+    while (Path(runs_dir or "runs") / candidate).exists():
+        count += 1
+        candidate = f"{name}-{count}"
+    return candidate
+
+
+def _output_dir(path: str, option: str = "--out") -> Path:
+    """Create the directory `option` names (before any work), or a clear error."""
+    directory = Path(path)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise _UserError(
+            f"{option} {directory}: cannot create the directory ({error.strerror or error}); "
+            f"pass {option} with a writable directory."
+        ) from error
+    return directory
+
+
+def _saved_config(run_dir: Path) -> TrainConfig:
+    """The configuration of the run to resume (config.json, or its checkpoint's copy)."""
+    from .train.config import read_run_config
+
+    try:
+        config, note = read_run_config(run_dir)
+    except FileNotFoundError:
+        raise _UserError(f"--resume: {run_dir} holds no run; nothing to continue.") from None
+    if note:
+        print(note)
+    return config
 
 
 def _train_mnist(args: argparse.Namespace) -> int:
@@ -283,6 +332,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         )
     except _user_errors() as error:
         raise _UserError(str(error)) from error
+    for note in report["notes"]:
+        print(note)
     print(
         f"{report['run_dir']}: test accuracy {report['accuracy']:.4f} on {report['count']} "
         f"images (loss {report['loss']:.4f}, forward NFE {report['forward_nfe_mean']:.1f}, "
@@ -295,6 +346,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _train_linear2x(args: argparse.Namespace) -> int:
     from .train.linear2x import train_linear2x
 
+    _output_dir(args.out)
     try:
         result = train_linear2x(args.out, epochs=args.epochs, lr=args.lr, seed=args.seed)
     except FloatingPointError as error:
@@ -305,6 +357,12 @@ def _train_linear2x(args: argparse.Namespace) -> int:
     error = abs(result["deq_at_minus_5"] + 10.0)
     print(f"|deq(-5) - (-10)| = {error:.4f} ({'within' if error <= 0.05 else 'NOT within'} 0.05)")
     print(f"plots: {result['fit_png']}, {result['trajectory_png']}")
+    if error > 0.05:
+        print(
+            f"equilibria: error: the fit missed by {error:.3g} (learned slope "
+            f"{result['a']:.4g}, exact 2/3); lower --lr or raise --epochs.",
+            file=sys.stderr,
+        )
     return 0 if error <= 0.05 else EXIT_ERROR
 
 
@@ -341,11 +399,11 @@ def _cobweb(args: argparse.Namespace) -> int:
         rtol=1e-12,
         max_steps=200,
     )
-    out = Path(args.out)
+    out = _image_path(args.out)
+    _output_dir(str(out.parent))
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
         # the staircase is unreadable past ~20 steps; all iterates are printed below
-        plots.cobweb(math.cos, iterates[:21], out)
+        plots.cobweb(math.cos, iterates[:21], out, fixed_point=float(solution.value[0, 0]))
     except OSError as error:
         raise _UserError(f"cannot write {out} ({error.strerror or error}).") from error
     for step, value in enumerate(iterates):
@@ -358,11 +416,27 @@ def _cobweb(args: argparse.Namespace) -> int:
     return 0
 
 
+def _image_path(text: str, option: str = "--out") -> Path:
+    """A file name whose extension matplotlib can write (it would otherwise append .png to
+    a directory's name, or fail after the work is done)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = Path(text)
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    if path.is_dir() or path.suffix.lower().lstrip(".") not in kinds:
+        raise _UserError(
+            f"{option} {path}: expected an image file name ending in .png, .pdf or .svg "
+            f"(one of {', '.join(sorted(kinds))})."
+        )
+    return path
+
+
 def _mechanics(args: argparse.Namespace) -> int:
     try:
         from .mechanics import _demo
     except ImportError as error:
         raise _UserError(f"the mechanics demo is not available ({error}).") from error
+    _output_dir(args.out)
     try:
         summary = _demo.run(Path(args.out), quick=args.quick)
     except _user_errors() as error:

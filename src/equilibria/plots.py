@@ -40,17 +40,25 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
-def cobweb(fn: Callable[[float], float], iterates: Sequence[float], path: str | Path) -> Path:
+def cobweb(
+    fn: Callable[[float], float],
+    iterates: Sequence[float],
+    path: str | Path,
+    fixed_point: float | None = None,
+) -> Path:
     """Cobweb diagram of x <- fn(x): the curve y = fn(x), the 45-degree line, the staircase.
 
     Arguments:
         fn: the scalar map (e.g. math.cos).
-        iterates: x0, x1 = fn(x0), x2, ...
+        iterates: x0, x1 = fn(x0), x2, ... (the ones drawn; the last is not the fixed point
+            unless they converged).
+        fixed_point: x* = fn(x*) when known: marked and named in the title. Without it the
+            title names the last iterate drawn as what it is.
     """
     plt = _pyplot()
     lo = min(min(iterates), min(fn(x) for x in iterates)) - 0.2
     hi = max(max(iterates), max(fn(x) for x in iterates)) + 0.2
-    grid = [lo + (hi - lo) * k / 400 for k in range(401)]
+    grid = [lo + (hi - lo) * (k / 400) for k in range(401)]  # (no overflow near 1e308)
     fig, ax = plt.subplots(figsize=(5.5, 5.5))
     ax.plot(grid, [fn(x) for x in grid], label="y = f(x)")
     ax.plot(grid, grid, "k--", lw=1, label="y = x (45°)")
@@ -59,9 +67,13 @@ def cobweb(fn: Callable[[float], float], iterates: Sequence[float], path: str | 
         xs += [current, following]
         ys += [following, following]
     ax.plot(xs, ys, color="tab:red", lw=1, label="iterates")
-    ax.plot(iterates[-1], iterates[-1], "o", color="tab:red")
     ax.set(xlabel="x", ylabel="f(x)", xlim=(lo, hi), ylim=(lo, hi))
-    ax.set_title(f"cobweb: fixed point x* = {iterates[-1]:.6f}")
+    if fixed_point is None:
+        ax.plot(iterates[-1], iterates[-1], "o", color="tab:red")
+        ax.set_title(f"cobweb: x{len(iterates) - 1} = {iterates[-1]:.6f}")
+    else:
+        ax.plot(fixed_point, fixed_point, "o", color="black", label="fixed point")
+        ax.set_title(f"cobweb: fixed point x* = {fixed_point:.6f}")
     ax.legend(loc="lower right")
     return _save(fig, path)
 

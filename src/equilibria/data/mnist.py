@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 import os
 import pickle
 import struct
@@ -266,7 +267,8 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     then one big-endian int32 per dimension, then the data.
 
     Raises:
-        MnistCorruptError: bad magic, wrong type, or fewer/more bytes than the header says.
+        MnistCorruptError: bad magic, wrong type, a negative dimension, or fewer/more bytes
+            than the header says.
     """
     path = Path(path)
     try:
@@ -282,7 +284,12 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     if len(raw) < header:
         raise MnistCorruptError(f"{path} is truncated (header incomplete).")
     shape = struct.unpack(f">{ndim}i", raw[4:header])
-    expected = int(np.prod(shape)) if shape else 1
+    if any(size < 0 for size in shape):
+        raise MnistCorruptError(
+            f"{path}: its header declares a negative dimension (shape {shape}); the file is "
+            "damaged or not an IDX file; download it again."
+        )
+    expected = math.prod(shape)
     if len(raw) - header != expected:
         raise MnistCorruptError(
             f"{path} holds {len(raw) - header} data bytes, its header says {expected} "

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -19,6 +22,10 @@ __all__ = [
     "MODEL_CHOICES",
     "PRESETS",
     "TrainConfig",
+    "check_device_available",
+    "parse_device",
+    "read_config_file",
+    "read_run_config",
 ]
 
 MODEL_CHOICES = ("seed", "conv")
@@ -93,6 +100,8 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Raise ValueError/TypeError naming the option and the fix; return self."""
+        _check_field_types(self)
+        parse_device(self.device)
         if self.model not in MODEL_CHOICES:
             raise ValueError(f"unknown model {self.model!r}; choose one of {MODEL_CHOICES}.")
         if self.solver not in SOLVER_CHOICES:
@@ -119,6 +128,8 @@ class TrainConfig:
         for name in ("max_steps", "epochs", "batch_size", "width", "hidden", "channels"):
             check_positive_int(name, getattr(self, name))
         check_positive_int("seed", self.seed, minimum=0)
+        if self.seed > 2**32 - 1:  # numpy's generator takes 32-bit seeds
+            raise ValueError(f"seed must be <= 2**32 - 1 = {2**32 - 1}, got {self.seed}.")
         if self.subset is not None:
             check_positive_int("subset", self.subset)
             if self.subset > 60_000:
@@ -148,6 +159,11 @@ class TrainConfig:
                     f"stalls near {floor / 4:.0e}: rtol {self.rtol:g} would run samples to "
                     f"--max-steps. Pass --rtol {floor:.0e} or larger."
                 )
+        if self.run_name and (Path(self.run_name).name != self.run_name or self.run_name == ".."):
+            raise ValueError(
+                f"run_name {self.run_name!r} must be a plain directory name (no '/' or '..'); "
+                "pass the parent directory as --runs-dir."
+            )
         if self.model == "conv" and self.channels % 8:
             raise ValueError(f"channels must be a multiple of 8, got {self.channels}.")
         return self
@@ -162,6 +178,115 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"config has unknown keys {unknown}; it was written by another tool.")
         return cls(**data)
+
+
+def _check_field_types(config: TrainConfig) -> None:
+    """Each field has its annotated type (a config.json edited by hand may not)."""
+    python_types = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
+                    "None": (type(None),)}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        names = [name.strip() for name in str(field.type).split("|")]
+        allowed = tuple(t for name in names for t in python_types[name])
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            wanted = " or ".join("null" if name == "None" else name for name in names)
+            raise TypeError(
+                f"{field.name} must be {wanted}, got {type(value).__name__} {value!r}."
+            )
+
+
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def parse_device(value: object, option: str = "device") -> torch.device:
+    """The torch.device that `value` ("cpu", "cuda", "cuda:N") names, else a clear error.
+
+    torch.device(5) would silently mean cuda:5 and torch.device("banana") raises deep in torch.
+
+    Raises:
+        TypeError: not a string. ValueError: not a device, or not cpu/cuda.
+    """
+    if not isinstance(value, str):
+        raise TypeError(
+            f"{option} must be a string such as 'cpu', 'cuda' or 'cuda:1', got "
+            f"{type(value).__name__} {value!r}."
+        )
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in DEVICE_TYPES:
+        raise ValueError(f"{option} {value!r} is not a device equilibria runs on; use cpu, "
+                         "cuda or cuda:N.")
+    return device
+
+
+def check_device_available(device: torch.device, option: str = "--device") -> torch.device:
+    """Raise ValueError when `device` is a GPU this machine does not have; return it."""
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise ValueError(f"{option} {device}: CUDA is not available here; use {option} cpu.")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise ValueError(
+            f"{option} {device}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}."
+        )
+    return device
+
+
+def read_config_file(path: str | os.PathLike) -> TrainConfig:
+    """A run's config.json as a validated TrainConfig (fields it lacks take their defaults).
+
+    Raises:
+        ValueError: unreadable, empty, not JSON, not an object, unknown or invalid fields;
+            the message names the file (and the field).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read {path} ({error}).") from error
+    fix = "Fix it, or restore the run's config.json from a copy."
+    if not text.strip():
+        raise ValueError(f"{path} is empty; it should hold the run's settings. {fix}")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{path} is not valid JSON ({error.msg} at line {error.lineno}, column "
+            f"{error.colno}). {fix}"
+        ) from None
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{path} holds a JSON {type(data).__name__}, not an object of settings. {fix}"
+        )
+    try:
+        return TrainConfig.from_dict({**TrainConfig().asdict(), **data}).validate()
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: {error} {fix}") from error
+
+
+def read_run_config(run_dir: str | os.PathLike) -> tuple[TrainConfig, str | None]:
+    """A run's configuration: its config.json, or the copy its checkpoint holds when
+    config.json is gone; and a note saying so (None when config.json was read).
+
+    Raises:
+        FileNotFoundError: neither file is there.
+        ValueError: an invalid config.json (see `read_config_file`).
+        CheckpointError: the checkpoint is damaged (see `load_checkpoint`).
+    """
+    from .checkpoint import CHECKPOINT_NAME, load_checkpoint
+
+    run_dir = Path(run_dir)
+    config_path, checkpoint_path = run_dir / "config.json", run_dir / CHECKPOINT_NAME
+    if config_path.is_file():
+        return read_config_file(config_path), None
+    if not checkpoint_path.is_file():
+        raise FileNotFoundError(f"{run_dir} holds neither config.json nor {CHECKPOINT_NAME}.")
+    saved = load_checkpoint(checkpoint_path)["config"]
+    config = TrainConfig.from_dict({**TrainConfig().asdict(), **saved}).validate()
+    return config, f"{config_path} is missing: using the configuration in {checkpoint_path}"
 
 
 # What a resumed run must share with the run it continues (epochs may grow; where the run

@@ -34,11 +34,11 @@ def setup_distributed(device: str) -> DistContext:
     """Join torchrun's process group when launched by it; pick this process's device.
 
     Raises:
-        ValueError: a CUDA device was asked for and none is available.
+        ValueError: not a device, or a CUDA device this machine does not have.
     """
-    wanted = torch.device(device)
-    if wanted.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available here; use --device cpu.")
+    from .config import check_device_available, parse_device
+
+    wanted = check_device_available(parse_device(device, "--device"))
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return DistContext(0, 1, wanted, False)
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

@@ -3,16 +3,15 @@ checkpoint, and measure accuracy on the MNIST test set."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import torch
-
-from .checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
-from .config import AMP_DTYPES, TrainConfig
+from .checkpoint import CHECKPOINT_NAME, CheckpointError, integrity_note, load_checkpoint
+from .config import AMP_DTYPES, check_device_available, parse_device, read_run_config
 from .distributed import DistContext
+from .health import not_converged_warning
 from .mnist_loop import _subset_indices, evaluate
 from .models import build_model
+from .run_logs import sync_logs
 
 __all__ = ["evaluate_run"]
 
@@ -31,38 +30,49 @@ def evaluate_run(
 
     Returns:
         dict with run_dir, accuracy, loss, forward_nfe_mean, not_converged_share, count,
-        epochs (completed when the checkpoint was written).
+        epochs (completed when the checkpoint was written), and notes: messages for the
+        user (an unverifiable old checkpoint, logs rebuilt from the checkpoint, unconverged
+        solves).
 
     Raises:
-        CheckpointError: no run there, or a checkpoint that is truncated or belongs to
-            another model/configuration than the run's config.json.
+        CheckpointError: no run there, an invalid config.json, or a checkpoint that is
+            truncated, damaged or belongs to another model/configuration than config.json.
+        ValueError: a device that is not one, or a GPU this machine lacks; a test_subset
+            larger than the test set.
     """
     from ..data.mnist import load_mnist, normalize_images
 
     run_dir = Path(run)
     if not run_dir.is_dir():
         run_dir = Path(runs_dir) / str(run)
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        raise CheckpointError(
-            f"{run} is not a run directory (no config.json in {run} or {run_dir})."
-        )
     try:
-        config = TrainConfig.from_dict(json.loads(config_path.read_text())).validate()
-    except (ValueError, TypeError) as error:
+        config, note = read_run_config(run_dir)
+    except FileNotFoundError:
+        where = run_dir if run_dir == Path(run) else f"{run} or {run_dir}"
         raise CheckpointError(
-            f"{config_path} is not a valid run configuration ({error})."
-        ) from error
+            f"{where} is not a run directory (no config.json or checkpoint.pt); pass runs/NAME "
+            "or a run name under --runs-dir."
+        ) from None
+    except ValueError as error:
+        raise CheckpointError(str(error)) from error
     if data_dir is not None:
         config.data_dir = data_dir
-    target = torch.device(device)
+    target = check_device_available(parse_device(device, "--device"))
+    if test_subset is not None and test_subset > 10_000:
+        raise ValueError(f"--test-subset must be <= 10000 (MNIST's test set), got {test_subset}.")
     model = build_model(config)
+    path = run_dir / CHECKPOINT_NAME
     state = load_checkpoint(
-        run_dir / CHECKPOINT_NAME,
+        path,
         model,
         expected_config=config.asdict(),
         identity_fields=("model", "width", "hidden", "channels", "solver", "backward"),
     )
+    notes = [note for note in [note, integrity_note(path, state)] if note]
+    try:
+        notes += sync_logs(run_dir, state["metrics"], state["steps"], only_missing_rows=True)
+    except OSError as error:
+        notes.append(f"note: the logs in {run_dir} lack rows of the checkpoint ({error}).")
     model.to(target)
     arrays = load_mnist(config.data_dir)
     index = _subset_indices(10_000, test_subset, salt=2)
@@ -70,6 +80,7 @@ def evaluate_run(
     labels = arrays.test_labels[index].to(target)
     result = evaluate(model, images, labels, DistContext(0, 1, target, False),
                       amp_dtype=AMP_DTYPES.get(config.amp))
+    warning = not_converged_warning({"test": result["not_converged_share"]}, config.max_steps)
     return {
         "run_dir": str(run_dir),
         "accuracy": result["accuracy"],
@@ -78,4 +89,5 @@ def evaluate_run(
         "not_converged_share": result["not_converged_share"],
         "count": int(index.numel()),
         "epochs": int(state["epoch"]),
+        "notes": notes + ([warning] if warning else []),
     }

@@ -7,20 +7,22 @@ fixed so that a resumed run computes exactly what the uninterrupted run would ha
   the batches of any epoch can be rebuilt without replaying earlier ones;
 - a checkpoint holds the model, Adam's state, the python/numpy/torch RNG states, the epoch
   and the batch reached within it, the running sums of that epoch, the fixed-point buffer
-  and the metrics so far. It is written at every epoch end and on Ctrl-C or SIGTERM
-  (mid-epoch, at the next batch boundary; under DDP at the same boundary on every rank, with
-  each rank's RNG state and partial sums).
+  and the metrics and logged steps so far. It is written at every epoch end and on Ctrl-C
+  or SIGTERM (mid-epoch, at the next batch boundary; under DDP at the same boundary on every
+  rank, with each rank's RNG state and partial sums).
 
 Per epoch, metrics.jsonl gets: loss, train/test accuracy, forward and backward NFE means (per
 sample), forward residual statistics, the share of samples whose solve did not converge,
-NFE saved by fixed-point reuse (when on), and seconds.
+NFE saved by fixed-point reuse (when on), and seconds. It and steps.jsonl are written after
+the epoch's checkpoint, which is the source of truth: a resume rewrites them from it when they
+disagree (`run_logs`). After every optimizer step the weights are checked for inf/NaN
+(`health`): a diverging run stops there, before its checkpoint is overwritten.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -39,13 +41,27 @@ from .checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
     capture_rng,
+    integrity_note,
     load_checkpoint,
+    load_optimizer_state,
+    remove_stale_temporaries,
     restore_rng,
     save_checkpoint,
 )
 from .config import AMP_DTYPES, IDENTITY_FIELDS, TrainConfig
 from .distributed import DistContext, all_reduce_sum, setup_distributed, teardown_distributed
+from .health import (
+    TrainingDiverged,
+    blame_divergence,
+    diverged_message,
+    first_nonfinite_parameter,
+    loss_explosion,
+    nonfinite_weights,
+    not_converged_warning,
+)
+from .interrupt import AgreedStop, DeferredInterrupt
 from .models import build_model
+from .run_logs import sync_logs, write_jsonl
 from .stats import EpochAccumulator, backward_stats, forward_stats
 
 __all__ = ["RunDirError", "TrainResult", "TrainingDiverged", "evaluate", "train_mnist"]
@@ -54,10 +70,6 @@ __all__ = ["RunDirError", "TrainResult", "TrainingDiverged", "evaluate", "train_
 # measure what the warm start saves.
 PROBE_EVERY = 10
 STEP_LOG_EVERY = 5
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN/inf; the last good checkpoint is kept."""
 
 
 class RunDirError(RuntimeError):
@@ -110,6 +122,11 @@ def _prepare_run_dir(config: TrainConfig, resume: bool, context: DistContext) ->
         return run_dir
     if resume:
         if not (run_dir / CHECKPOINT_NAME).is_file():
+            if (run_dir / "metrics.jsonl").exists():
+                raise RunDirError(
+                    f"--resume: {run_dir} has trained epochs but no {CHECKPOINT_NAME} to continue "
+                    "from; restore it from a copy, or start again with another --run-name."
+                )
             raise RunDirError(f"--resume: no checkpoint in {run_dir}; start it without --resume.")
         return run_dir
     if (run_dir / CHECKPOINT_NAME).exists() or (run_dir / "metrics.jsonl").exists():
@@ -129,12 +146,6 @@ def _prepare_run_dir(config: TrainConfig, resume: bool, context: DistContext) ->
         ) from error
     (run_dir / "config.json").write_text(json.dumps(config.asdict(), indent=2) + "\n")
     return run_dir
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    os.replace(tmp, path)
 
 
 @torch.no_grad()
@@ -223,7 +234,7 @@ def train_mnist(
         TrainResult(run_dir, metrics, final test accuracy).
 
     Raises:
-        TrainingDiverged: NaN/inf loss (last good checkpoint kept).
+        TrainingDiverged: NaN/inf loss, weights or activations (last good checkpoint kept).
         RunDirError, CheckpointError, MnistNotFoundError, MnistCorruptError, ValueError.
         KeyboardInterrupt: re-raised after a usable checkpoint was written.
     """
@@ -262,6 +273,9 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
             raise RunDirError("rank 0 could not prepare the run directory (see its message).")
     if failure is not None:
         raise failure
+    if context.is_main:
+        for stale in remove_stale_temporaries(run_dir):
+            log(f"removed {stale}, left by a process killed while writing a checkpoint")
     data = prepare_data(config, device)
     log(
         f"data: {data['source']} ({data['train_x'].shape[0]} train, "
@@ -286,7 +300,16 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
             run_dir / CHECKPOINT_NAME, model, config.asdict(), identity_fields=IDENTITY_FIELDS,
             defaults=TrainConfig().asdict(),
         )
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(run_dir / CHECKPOINT_NAME, optimizer, state)
+        if state["epoch"] > config.epochs:
+            raise CheckpointError(
+                f"{run_dir} has already trained {state['epoch']} epochs; --epochs "
+                f"{config.epochs} is fewer. Pass --epochs {state['epoch'] + 1} or more to "
+                f"train further, or evaluate it with `equilibria evaluate {run_dir}`."
+            )
+        note = integrity_note(run_dir / CHECKPOINT_NAME, state)
+        if note:
+            log(note)
         if "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         start_epoch, start_batch = state["epoch"], state["batch_in_epoch"]
@@ -299,7 +322,13 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
             have.copy_(state["fp_have"])
         if context.is_main:
             (run_dir / "config.json").write_text(json.dumps(config.asdict(), indent=2) + "\n")
-        log(f"resumed {run_dir} at epoch {start_epoch + 1}, batch {start_batch}")
+            for message in sync_logs(run_dir, metrics, steps):
+                log(message)
+        if start_epoch == config.epochs:
+            log(f"{run_dir} has finished its {config.epochs} epochs; evaluating it (pass "
+                "--epochs with more to train further)")
+        else:
+            log(f"resumed {run_dir} at epoch {start_epoch + 1}, batch {start_batch}")
 
     ddp = model
     if context.distributed:
@@ -359,7 +388,7 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
     # Ctrl-C or SIGTERM is held until the batch has finished; under DDP the ranks agree at
     # every batch boundary (torchrun forwards the signal to each worker, not at the same
     # batch) and all stop there together, so the checkpoint is consistent.
-    with _DeferredInterrupt() as interrupt:
+    with DeferredInterrupt() as interrupt:
         for epoch in range(start_epoch, config.epochs):
             sampler.set_epoch(epoch)
             order = torch.tensor(list(iter(sampler)), dtype=torch.long)
@@ -387,19 +416,17 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
                         buffer[index],
                         torch.zeros_like(buffer[index]),
                     )
-                with autocast_context(device.type, amp_dtype):
+                with blame_divergence(epoch + 1, batch + 1, run_dir), autocast_context(
+                    device.type, amp_dtype
+                ):
                     logits = ddp(images, z0=z0).float()
                     loss = _classification_loss(logits, labels)
                     if penalty_fn is not None:
                         loss = loss + config.jac_penalty * model.jacobian_penalty(penalty_fn)
                 loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    raise TrainingDiverged(
-                        f"the loss became {loss_value} at epoch {epoch + 1}, batch {batch + 1}. "
-                        f"The last good checkpoint is kept in {run_dir}. Lower --lr, add "
-                        "--jac-penalty (e.g. 1.0) to keep f contractive, or tighten "
-                        "--atol/--rtol."
-                    )
+                what = loss_explosion(loss_value, steps[0]["loss"] if steps else None)
+                if what:
+                    raise TrainingDiverged(diverged_message(what, epoch + 1, batch + 1, run_dir))
                 forward = forward_stats(model.deq.last_solution)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -411,6 +438,10 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
                         group["lr"] = config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
                 scaler.step(optimizer)  # optimizer.step(), unless fp16 gradients overflowed
                 scaler.update()
+                broken = first_nonfinite_parameter(model)
+                if broken is not None:
+                    what = nonfinite_weights(model, broken, loss_value)
+                    raise TrainingDiverged(diverged_message(what, epoch + 1, batch + 1, run_dir))
                 backward = backward_stats(model.deq)
                 probe = None
                 if buffer is not None:
@@ -447,13 +478,13 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
                     if on_step is not None:
                         on_step(epoch * batches_per_epoch + batch + 1)
                     if interrupt.agreed(context):
-                        raise _AgreedStop
+                        raise AgreedStop
             except KeyboardInterrupt as stop:
                 bar.close()
                 # Under DDP only a stop all ranks agreed on may checkpoint (that takes
                 # collectives); elsewhere any interrupt between batches may.
                 consistent = at_boundary and (
-                    isinstance(stop, _AgreedStop) or not context.distributed
+                    isinstance(stop, AgreedStop) or not context.distributed
                 )
                 if not consistent:
                     # a second Ctrl-C stopped a batch half-way: its state is not consistent
@@ -468,19 +499,20 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
             bar.close()
             if buffer is not None and context.distributed:
                 _sync_buffer(context, buffer, have, order)
-            test_result = evaluate(ddp, data["test_x"], data["test_y"], context,
-                                   amp_dtype=amp_dtype)
+            with blame_divergence(epoch + 1, None, run_dir):
+                test_result = evaluate(ddp, data["test_x"], data["test_y"], context,
+                                       amp_dtype=amp_dtype)
             row = {"epoch": epoch + 1, **accumulator.summary(context), **_test_row(test_result)}
             metrics.append(row)
             checkpoint(epoch + 1, 0, None)
             if context.is_main:
-                _write_jsonl(run_dir / "metrics.jsonl", metrics)
-                _write_jsonl(run_dir / "steps.jsonl", steps)
+                write_jsonl(run_dir / "metrics.jsonl", metrics)
+                write_jsonl(run_dir / "steps.jsonl", steps)
             log(
                 f"epoch {epoch + 1}/{config.epochs}: loss {row['loss']:.4f}, train acc "
                 f"{row['train_accuracy']:.4f}, test acc {row['test_accuracy']:.4f}, forward NFE "
                 f"{row['forward_nfe_mean']:.1f}, backward NFE {row['backward_nfe_mean']:.1f}, "
-                f"{row['seconds']:.1f} s"
+                f"not converged {row['not_converged_share']:.1%}, {row['seconds']:.1f} s"
                 + (
                     f"; fixed-point reuse saved {row['reuse_nfe_saved_share']:.0%} of forward NFE "
                     f"(~{row['reuse_nfe_saved_epoch']:.0f} evaluations this epoch)"
@@ -488,6 +520,11 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
                     else ""
                 )
             )
+            shares = {"training": row["not_converged_share"],
+                      "test": row["test_not_converged_share"]}
+            warning = not_converged_warning(shares, config.max_steps)
+            if warning:
+                log(warning)
             if interrupt.agreed(context):  # Ctrl-C during the evaluation or the checkpoint
                 log(f"interrupted: checkpoint saved in {run_dir}; continue with --resume.")
                 raise KeyboardInterrupt
@@ -499,63 +536,6 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
     if context.is_main and config.plots:
         _final_plots(run_dir, metrics, steps, test_result, data, config)
     return TrainResult(run_dir, metrics, test_result["accuracy"])
-
-
-class _AgreedStop(KeyboardInterrupt):
-    """An interrupt every rank saw at the same batch boundary (safe to checkpoint)."""
-
-
-_STOP_SIGNALS = ("SIGINT", "SIGTERM")
-
-
-class _DeferredInterrupt:
-    """Ctrl-C (SIGINT) or SIGTERM during a batch (or an epoch's evaluation) is held until it
-    has finished.
-
-    The first signal sets a flag that the loop turns into a stop at the next batch boundary,
-    where model, optimizer, RNG and counters agree, so the checkpoint written then resumes
-    exactly. Under torchrun a Ctrl-C reaches torchrun, which forwards it to every worker
-    (then kills them after 30 s): `agreed()` all-reduces the flags so that all ranks stop at
-    the same boundary. The first signal also restores the previous handlers: a second one
-    interrupts at once (and the last checkpoint is kept). Outside the main thread it does
-    nothing.
-    """
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict = {}
-
-    def __enter__(self) -> _DeferredInterrupt:
-        import signal
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for name in _STOP_SIGNALS:
-                number = getattr(signal, name)
-                self._previous[number] = signal.getsignal(number)
-                signal.signal(number, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self._restore()
-        self.requested = True
-
-    def agreed(self, context: DistContext) -> bool:
-        """Whether any rank was asked to stop (a collective under DDP: all ranks call it)."""
-        if not context.distributed:
-            return self.requested
-        flag = torch.tensor([1.0 if self.requested else 0.0], dtype=torch.float64)
-        return bool(all_reduce_sum(context, flag).item() > 0)
-
-    def _restore(self) -> None:
-        import signal
-
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
-        self._previous = {}
-
-    def __exit__(self, *exc) -> None:
-        self._restore()
 
 
 def _rank_state(state: dict, context: DistContext) -> dict:
