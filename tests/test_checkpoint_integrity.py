@@ -17,7 +17,7 @@ import torch
 
 from equilibria.cli import main
 from equilibria.train import checkpoint as checkpoint_module
-from equilibria.train import mnist_loop
+from equilibria.train import loop as mnist_loop
 from equilibria.train.checkpoint import (
     CheckpointError,
     load_checkpoint,

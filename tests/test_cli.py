@@ -8,7 +8,7 @@ import math
 import pytest
 
 from equilibria.cli import build_parser, cobweb_iterates, main
-from equilibria.train import mnist_loop
+from equilibria.train import loop as mnist_loop
 from equilibria.train.solvers import BACKWARD_CHOICES, SOLVER_CHOICES, make_backward, make_solver
 
 SMALL = [

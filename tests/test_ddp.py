@@ -60,7 +60,7 @@ def test_ddp_resume_continues(tmp_path):
 _SIGNALLED_RUN = """
 import os, signal, sys
 from equilibria.train.config import TrainConfig
-from equilibria.train.mnist_loop import train_mnist
+from equilibria.train.loop import train_classifier
 
 def on_step(step):
     if step == 2 and os.environ["RANK"] == "1":
@@ -70,7 +70,7 @@ config = TrainConfig(subset=256, test_subset=200, batch_size=32, epochs=1, solve
                      lr=1e-3, quiet=True, runs_dir=sys.argv[1], run_name="cut",
                      reuse_fixed_points=True)
 try:
-    train_mnist(config, on_step=on_step)
+    train_classifier(config, on_step=on_step)
 except KeyboardInterrupt:
     sys.exit(130)
 """

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from equilibria.train import mnist_loop
+from equilibria.train import loop as mnist_loop
 from equilibria.train.checkpoint import CheckpointError, load_checkpoint
 from equilibria.train.config import TrainConfig
-from equilibria.train.mnist_loop import TrainingDiverged, train_mnist
+from equilibria.train.loop import TrainingDiverged, train_classifier
 
 TIMING = {"seconds"}
 
@@ -53,7 +53,7 @@ def test_short_mnist_epoch_on_the_ode_path_learns(tmp_path):
         lr=2e-3,
         plots=True,
     )
-    result = train_mnist(config, log=lambda _: None)
+    result = train_classifier(config, log=lambda _: None)
     row = result.metrics[0]
     assert result.test_accuracy > 0.5  # chance is 0.1; 8 steps of Adam
     assert row["forward_nfe_mean"] > 0 and row["backward_nfe_mean"] > 0
@@ -69,16 +69,18 @@ def test_short_mnist_epoch_on_the_ode_path_learns(tmp_path):
 
 
 def test_resume_after_an_epoch_equals_uninterrupted(tmp_path):
-    whole = train_mnist(_config(tmp_path, "whole"), log=lambda _: None)
-    train_mnist(_config(tmp_path, "split", epochs=1), log=lambda _: None)
-    resumed = train_mnist(_config(tmp_path, "split", epochs=2), resume=True, log=lambda _: None)
+    whole = train_classifier(_config(tmp_path, "whole"), log=lambda _: None)
+    train_classifier(_config(tmp_path, "split", epochs=1), log=lambda _: None)
+    resumed = train_classifier(_config(tmp_path, "split", epochs=2), resume=True,
+                               log=lambda _: None)
     assert _without_timing(resumed.metrics) == _without_timing(whole.metrics)
     a, b = _weights(whole.run_dir), _weights(resumed.run_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_ctrl_c_mid_epoch_leaves_a_checkpoint_that_resumes_exactly(tmp_path):
-    reference = train_mnist(_config(tmp_path, "ref", reuse_fixed_points=True), log=lambda _: None)
+    reference = train_classifier(_config(tmp_path, "ref", reuse_fixed_points=True),
+                                 log=lambda _: None)
 
     def interrupt(step: int) -> None:
         if step == 8:  # after epoch 2, batch 2 of 6
@@ -86,10 +88,10 @@ def test_ctrl_c_mid_epoch_leaves_a_checkpoint_that_resumes_exactly(tmp_path):
 
     config = _config(tmp_path, "cut", reuse_fixed_points=True)
     with pytest.raises(KeyboardInterrupt):
-        train_mnist(config, on_step=interrupt, log=lambda _: None)
+        train_classifier(config, on_step=interrupt, log=lambda _: None)
     state = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
     assert (state["epoch"], state["batch_in_epoch"]) == (1, 2)
-    resumed = train_mnist(
+    resumed = train_classifier(
         _config(tmp_path, "cut", reuse_fixed_points=True), resume=True, log=lambda _: None
     )
     assert _without_timing(resumed.metrics) == _without_timing(reference.metrics)
@@ -100,7 +102,7 @@ def test_ctrl_c_mid_epoch_leaves_a_checkpoint_that_resumes_exactly(tmp_path):
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, monkeypatch):
-    train_mnist(_config(tmp_path, "nan", epochs=1), log=lambda _: None)
+    train_classifier(_config(tmp_path, "nan", epochs=1), log=lambda _: None)
     before = (tmp_path / "nan" / "checkpoint.pt").read_bytes()
     real = mnist_loop._classification_loss
     calls = {"n": 0}
@@ -112,12 +114,12 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, mo
 
     monkeypatch.setattr(mnist_loop, "_classification_loss", poisoned)
     with pytest.raises(TrainingDiverged, match="loss became nan at epoch 2, batch 2"):
-        train_mnist(_config(tmp_path, "nan", epochs=2), resume=True, log=lambda _: None)
+        train_classifier(_config(tmp_path, "nan", epochs=2), resume=True, log=lambda _: None)
     assert (tmp_path / "nan" / "checkpoint.pt").read_bytes() == before
 
 
 def test_checkpoint_of_another_model_and_truncated_file_are_refused(tmp_path):
-    train_mnist(_config(tmp_path, "a", epochs=1), log=lambda _: None)
+    train_classifier(_config(tmp_path, "a", epochs=1), log=lambda _: None)
     path = tmp_path / "a" / "checkpoint.pt"
     other = _config(tmp_path, "b", model="conv", channels=8).asdict()
     with pytest.raises(CheckpointError, match="another model/configuration: model"):
@@ -133,17 +135,17 @@ def test_checkpoint_of_another_model_and_truncated_file_are_refused(tmp_path):
 
 
 def test_existing_run_is_not_overwritten(tmp_path):
-    train_mnist(_config(tmp_path, "once", epochs=1, subset=64), log=lambda _: None)
+    train_classifier(_config(tmp_path, "once", epochs=1, subset=64), log=lambda _: None)
     with pytest.raises(mnist_loop.RunDirError, match="already holds a run"):
-        train_mnist(_config(tmp_path, "once", epochs=1, subset=64), log=lambda _: None)
+        train_classifier(_config(tmp_path, "once", epochs=1, subset=64), log=lambda _: None)
 
 
 @pytest.mark.cuda
 def test_short_run_on_cuda_learns_and_resumes(tmp_path):
     config = _config(tmp_path, "gpu", device="cuda", epochs=1, reuse_fixed_points=True)
-    first = train_mnist(config, log=lambda _: None)
+    first = train_classifier(config, log=lambda _: None)
     assert first.test_accuracy > 0.3
-    resumed = train_mnist(
+    resumed = train_classifier(
         _config(tmp_path, "gpu", device="cuda", epochs=2, reuse_fixed_points=True),
         resume=True,
         log=lambda _: None,
@@ -224,7 +226,7 @@ def test_a_looser_backward_tolerance_takes_fewer_vjps(tmp_path):
     rows = {}
     for name, rtol in (("tight", None), ("loose", 1e-3)):
         config = _config(tmp_path, name, epochs=1, subset=256, backward_rtol=rtol)
-        rows[name] = train_mnist(config, log=lambda _: None).metrics[0]
+        rows[name] = train_classifier(config, log=lambda _: None).metrics[0]
     assert rows["loose"]["backward_nfe_mean"] < 0.8 * rows["tight"]["backward_nfe_mean"]
     assert rows["loose"]["test_accuracy"] > 0.3  # still learns (chance 0.1)
     config = json.loads((tmp_path / "loose" / "config.json").read_text())
@@ -244,8 +246,8 @@ def test_bad_backward_rtol_names_the_option(tmp_path, overrides, match):
 
 
 def test_mixed_precision_learns_like_float32(tmp_path):
-    plain = train_mnist(_config(tmp_path, "fp32", epochs=1, rtol=4e-3), log=lambda _: None)
-    mixed = train_mnist(
+    plain = train_classifier(_config(tmp_path, "fp32", epochs=1, rtol=4e-3), log=lambda _: None)
+    mixed = train_classifier(
         _config(tmp_path, "bf16", epochs=1, rtol=4e-3, amp="bf16"), log=lambda _: None
     )
     assert mixed.test_accuracy > 0.5  # chance is 0.1
@@ -262,17 +264,17 @@ def test_mixed_precision_learns_like_float32(tmp_path):
 
 def test_fp16_run_resumes_exactly_with_its_loss_scale(tmp_path):
     values = dict(rtol=4e-3, amp="fp16")
-    reference = train_mnist(_config(tmp_path, "ref", **values), log=lambda _: None)
+    reference = train_classifier(_config(tmp_path, "ref", **values), log=lambda _: None)
 
     def interrupt(step: int) -> None:
         if step == 8:  # epoch 2, batch 2 of 6
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_mnist(_config(tmp_path, "cut", **values), on_step=interrupt, log=lambda _: None)
+        train_classifier(_config(tmp_path, "cut", **values), on_step=interrupt, log=lambda _: None)
     state = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
     assert state["scaler"]["scale"] > 0  # the GradScaler's state travels with the run
-    resumed = train_mnist(_config(tmp_path, "cut", **values), resume=True, log=lambda _: None)
+    resumed = train_classifier(_config(tmp_path, "cut", **values), resume=True, log=lambda _: None)
     assert _without_timing(resumed.metrics) == _without_timing(reference.metrics)
     a, b = _weights(reference.run_dir), _weights(resumed.run_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -289,17 +291,17 @@ def test_amp_needs_a_reachable_tolerance_and_a_solver_it_does_not_slow_down():
 
 
 def test_checkpoint_written_before_a_config_field_existed_still_resumes(tmp_path):
-    train_mnist(_config(tmp_path, "old", epochs=1), log=lambda _: None)
+    train_classifier(_config(tmp_path, "old", epochs=1), log=lambda _: None)
     path = tmp_path / "old" / "checkpoint.pt"
     state = torch.load(path, weights_only=True)
     del state["config"]["amp"]  # as written before --amp existed
     del state["sha256"]  # (and before checkpoints carried a checksum)
     torch.save(state, path)
-    resumed = train_mnist(_config(tmp_path, "old", epochs=2), resume=True, log=lambda _: None)
+    resumed = train_classifier(_config(tmp_path, "old", epochs=2), resume=True, log=lambda _: None)
     assert [row["epoch"] for row in resumed.metrics] == [1, 2]
 
 
 @pytest.mark.cuda
 def test_fp16_run_on_cuda_learns(tmp_path):
     config = _config(tmp_path, "gpu-fp16", device="cuda", epochs=1, rtol=4e-3, amp="fp16")
-    assert train_mnist(config, log=lambda _: None).test_accuracy > 0.5
+    assert train_classifier(config, log=lambda _: None).test_accuracy > 0.5

