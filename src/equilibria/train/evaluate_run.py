@@ -8,8 +8,9 @@ from pathlib import Path
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, integrity_note, load_checkpoint
 from .config import AMP_DTYPES, check_device_available, parse_device, read_run_config
 from .distributed import DistContext
+from .evaluation import evaluate
 from .health import not_converged_warning
-from .mnist_loop import _subset_indices, evaluate
+from .mnist_loop import _subset_indices
 from .models import build_model
 from .run_logs import sync_logs
 

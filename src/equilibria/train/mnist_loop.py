@@ -50,6 +50,7 @@ from .checkpoint import (
 )
 from .config import AMP_DTYPES, IDENTITY_FIELDS, TrainConfig
 from .distributed import DistContext, all_reduce_sum, setup_distributed, teardown_distributed
+from .evaluation import evaluate, test_row
 from .health import (
     TrainingDiverged,
     blame_divergence,
@@ -146,73 +147,6 @@ def _prepare_run_dir(config: TrainConfig, resume: bool, context: DistContext) ->
         ) from error
     (run_dir / "config.json").write_text(json.dumps(config.asdict(), indent=2) + "\n")
     return run_dir
-
-
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    context: DistContext | None = None,
-    batch_size: int = 500,
-    amp_dtype: torch.dtype | None = None,
-) -> dict:
-    """Accuracy, loss, forward NFE and residuals on a set, sharded over ranks under DDP
-    (under autocast in `amp_dtype` when given, as the model was trained).
-
-    Returns:
-        dict with accuracy, loss, forward_nfe_mean, not_converged_share, and per-sample
-        `residuals` and `predictions` (in the set's order, gathered over ranks) for plots.
-    """
-    context = context or DistContext(0, 1, images.device, False)
-    core = getattr(model, "module", model)
-    was_training = core.training
-    core.eval()
-    shard = torch.arange(context.rank, images.shape[0], context.world_size)
-    sums = torch.zeros(5, dtype=torch.float64)  # correct, loss, nfe, not converged, count
-    residuals, predictions = [], []
-    for start in range(0, shard.numel(), batch_size):
-        index = shard[start : start + batch_size].to(images.device)
-        with autocast_context(images.device.type, amp_dtype):
-            logits = core(images[index]).float()
-        solution = core.deq.last_solution
-        stats = forward_stats(solution)
-        sums += torch.tensor(
-            [
-                float((logits.argmax(1) == labels[index]).sum()),
-                float(F.cross_entropy(logits, labels[index], reduction="sum")),
-                float(stats["nfe"].sum()),
-                float(stats["not_converged"].sum()),
-                float(index.numel()),
-            ],
-            dtype=torch.float64,
-        )
-        residuals.append(stats["residual"].cpu())
-        predictions.append(logits.argmax(1).cpu())
-    core.train(was_training)
-    sums = all_reduce_sum(context, sums)
-    residuals = torch.cat(residuals) if residuals else torch.zeros(0, dtype=torch.float64)
-    predictions = torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long)
-    if context.distributed:
-        # reassemble the per-sample results in the test set's order on every rank
-        import torch.distributed as dist
-
-        parts = [None] * context.world_size
-        dist.all_gather_object(parts, (shard, residuals, predictions))
-        residuals = torch.zeros(images.shape[0], dtype=torch.float64)
-        predictions = torch.zeros(images.shape[0], dtype=torch.long)
-        for part_shard, part_residuals, part_predictions in parts:
-            residuals[part_shard] = part_residuals
-            predictions[part_shard] = part_predictions
-    count = max(sums[4].item(), 1.0)
-    return {
-        "accuracy": sums[0].item() / count,
-        "loss": sums[1].item() / count,
-        "forward_nfe_mean": sums[2].item() / count,
-        "not_converged_share": sums[3].item() / count,
-        "residuals": residuals,
-        "predictions": predictions,
-    }
 
 
 def train_mnist(
@@ -502,7 +436,7 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
             with blame_divergence(epoch + 1, None, run_dir):
                 test_result = evaluate(ddp, data["test_x"], data["test_y"], context,
                                        amp_dtype=amp_dtype)
-            row = {"epoch": epoch + 1, **accumulator.summary(context), **_test_row(test_result)}
+            row = {"epoch": epoch + 1, **accumulator.summary(context), **test_row(test_result)}
             metrics.append(row)
             checkpoint(epoch + 1, 0, None)
             if context.is_main:
@@ -559,17 +493,6 @@ def _rank_state(state: dict, context: DistContext) -> dict:
         + (", or without torchrun" if len(ranks) == 1 else "")
         + f"), not {context.world_size}."
     )
-
-
-def _test_row(result: dict) -> dict:
-    residuals = result["residuals"]
-    return {
-        "test_accuracy": result["accuracy"],
-        "test_loss": result["loss"],
-        "test_forward_nfe_mean": result["forward_nfe_mean"],
-        "test_not_converged_share": result["not_converged_share"],
-        "test_residual_median": float(residuals.median()) if residuals.numel() else math.nan,
-    }
 
 
 @torch.no_grad()
