@@ -412,6 +412,7 @@ def _cobweb(args: argparse.Namespace) -> int:
 
     if not math.isfinite(args.x0):
         raise _UserError(f"--x0 must be finite, got {args.x0}.")
+    out = _image_path(args.out)
     iterates = cobweb_iterates(args.x0)
     solution = eq.fixed_point(
         torch.cos,  # x is None: fixed_point calls f(z)
@@ -422,7 +423,6 @@ def _cobweb(args: argparse.Namespace) -> int:
         rtol=1e-12,
         max_steps=200,
     )
-    out = _image_path(args.out)
     _output_dir(str(out.parent))
     try:
         # the staircase is unreadable past ~20 steps; all iterates are printed below

@@ -406,7 +406,11 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
             if warning:
                 log(warning)
             if interrupt.agreed(context):  # Ctrl-C during the evaluation or the checkpoint
-                log(f"interrupted: checkpoint saved in {run_dir}; continue with --resume.")
+                if epoch + 1 == config.epochs:  # nothing is left to resume
+                    log(f"interrupted after the last epoch: the run is complete and saved in "
+                        f"{run_dir} (plots skipped); `equilibria evaluate {run_dir}` reports it.")
+                else:
+                    log(f"interrupted: checkpoint saved in {run_dir}; continue with --resume.")
                 raise KeyboardInterrupt
     if test_result is None:  # resumed an already finished run: just evaluate
         test_result = evaluate(ddp, data["test_x"], data["test_y"], context,
