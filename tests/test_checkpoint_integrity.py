@@ -17,7 +17,7 @@ import torch
 
 from equilibria.cli import main
 from equilibria.train import checkpoint as checkpoint_module
-from equilibria.train import loop as mnist_loop
+from equilibria.train import loop
 from equilibria.train.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -215,7 +215,7 @@ class _Killed(BaseException):
 
 
 def test_kill_after_the_final_checkpoint_is_repaired_by_resume(tmp_path, capsys, monkeypatch):
-    real = mnist_loop.write_jsonl
+    real = loop.write_jsonl
 
     def killed_at_the_last_log(path, rows):
         # the final checkpoint is renamed into place, metrics.jsonl still has epoch 1 only
@@ -223,11 +223,11 @@ def test_kill_after_the_final_checkpoint_is_repaired_by_resume(tmp_path, capsys,
             raise _Killed
         real(path, rows)
 
-    monkeypatch.setattr(mnist_loop, "write_jsonl", killed_at_the_last_log)
+    monkeypatch.setattr(loop, "write_jsonl", killed_at_the_last_log)
     argv = ["train", "mnist", *TINY, "--epochs", "2", "--runs-dir", tmp_path, "--run-name", "k"]
     with pytest.raises(_Killed):
         main([str(arg) for arg in argv])
-    monkeypatch.setattr(mnist_loop, "write_jsonl", real)
+    monkeypatch.setattr(loop, "write_jsonl", real)
     run_dir = tmp_path / "k"
     state = load_checkpoint(run_dir / "checkpoint.pt")
     assert state["epoch"] == 2 and len((run_dir / "metrics.jsonl").read_text().splitlines()) == 1

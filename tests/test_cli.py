@@ -8,7 +8,7 @@ import math
 import pytest
 
 from equilibria.cli import build_parser, cobweb_iterates, main
-from equilibria.train import loop as mnist_loop
+from equilibria.train import loop
 from equilibria.train.solvers import BACKWARD_CHOICES, SOLVER_CHOICES, make_backward, make_solver
 
 SMALL = [
@@ -188,7 +188,7 @@ def test_nan_loss_exits_3_and_keeps_the_checkpoint(tmp_path, capsys, monkeypatch
     assert code == 0
     before = (tmp_path / "runs" / "r3" / "checkpoint.pt").read_bytes()
     monkeypatch.setattr(
-        mnist_loop, "_classification_loss", lambda logits, labels: logits.sum() * math.nan
+        loop, "_classification_loss", lambda logits, labels: logits.sum() * math.nan
     )
     code, _, err = _run(
         capsys,

@@ -186,15 +186,15 @@ def test_ctrl_c_during_the_last_evaluation_says_the_run_is_complete(tmp_path, ca
                                                                       monkeypatch):
     import signal
 
-    from equilibria.train import mnist_loop
+    from equilibria.train import loop
 
-    real = mnist_loop.evaluate
+    real = loop.evaluate
 
     def evaluate_then_ctrl_c(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)  # held by the loop until the epoch is saved
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(mnist_loop, "evaluate", evaluate_then_ctrl_c)
+    monkeypatch.setattr(loop, "evaluate", evaluate_then_ctrl_c)
     code, out, err = _cli(capsys, *_train(tmp_path, "--run-name", "last"))
     assert code == 130 and "the run is complete and saved in" in out
     assert "Traceback" not in err and (tmp_path / "last" / "metrics.jsonl").exists()

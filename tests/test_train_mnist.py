@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from equilibria.train import loop as mnist_loop
+from equilibria.train import loop
 from equilibria.train.checkpoint import CheckpointError, load_checkpoint
 from equilibria.train.config import TrainConfig
 from equilibria.train.loop import TrainingDiverged, train_classifier
@@ -104,7 +104,7 @@ def test_ctrl_c_mid_epoch_leaves_a_checkpoint_that_resumes_exactly(tmp_path):
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, monkeypatch):
     train_classifier(_config(tmp_path, "nan", epochs=1), log=lambda _: None)
     before = (tmp_path / "nan" / "checkpoint.pt").read_bytes()
-    real = mnist_loop._classification_loss
+    real = loop._classification_loss
     calls = {"n": 0}
 
     def poisoned(logits, labels):
@@ -112,7 +112,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, mo
         loss = real(logits, labels)
         return loss * float("nan") if calls["n"] >= 2 else loss
 
-    monkeypatch.setattr(mnist_loop, "_classification_loss", poisoned)
+    monkeypatch.setattr(loop, "_classification_loss", poisoned)
     with pytest.raises(TrainingDiverged, match="loss became nan at epoch 2, batch 2"):
         train_classifier(_config(tmp_path, "nan", epochs=2), resume=True, log=lambda _: None)
     assert (tmp_path / "nan" / "checkpoint.pt").read_bytes() == before
@@ -136,7 +136,7 @@ def test_checkpoint_of_another_model_and_truncated_file_are_refused(tmp_path):
 
 def test_existing_run_is_not_overwritten(tmp_path):
     train_classifier(_config(tmp_path, "once", epochs=1, subset=64), log=lambda _: None)
-    with pytest.raises(mnist_loop.RunDirError, match="already holds a run"):
+    with pytest.raises(loop.RunDirError, match="already holds a run"):
         train_classifier(_config(tmp_path, "once", epochs=1, subset=64), log=lambda _: None)
 
 
