@@ -319,7 +319,8 @@ def fixed_point(
     rows: torch.Tensor | None = None  # full-batch index of each state row; None = all rows
     x_rows = x
     state: State | None = None
-    extra: dict[str, torch.Tensor] = {}
+    # Solver stats (SteadyState's "t") exist even when no sample needed a step (all zero).
+    extra = {key: torch.zeros_like(residual0) for key in solver.stat_keys}
     if n_active:
         if compact and n_active < batch:
             rows = active.nonzero().flatten()
@@ -328,7 +329,6 @@ def fixed_point(
         else:
             state = solver.init(_bind(f, x), z0, fz0)
         state["tolerance"] = _take(tolerance0, rows)
-        extra = {key: torch.zeros_like(residual0) for key in solver.stat_keys}
         for key in solver.stat_keys:
             extra[key] = _put(extra[key], rows, state[key].detach().to(residual0.dtype))
 
