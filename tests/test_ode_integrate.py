@@ -212,7 +212,7 @@ def test_statuses_and_last_good_state():
 
     # f returns NaN past t = 0.5: NONFINITE, the state is the last finite one
     def poisoned(t, y):
-        return torch.where((t > 0.5)[:, None], torch.nan, -y)
+        return torch.where(t > 0.5, torch.nan, -y)
 
     for solver, extra in ((eq.Tsit5(), {}), (eq.RK4(), {"dt0": 0.1})):
         sol = odeint(poisoned, torch.ones(2, 3, dtype=torch.float64), (0.0, 1.0), solver=solver,
@@ -322,3 +322,31 @@ def test_cuda_device_preserved(dtype):
     assert sol.status.device.type == "cuda" and bool(sol.success.all())
     cpu = odeint(VAN_DER_POL.f, y0.cpu(), (0.0, 6.0), t_eval=torch.linspace(0, 6, 5))
     assert torch.allclose(sol.value.cpu(), cpu.value, rtol=1e-4, atol=1e-5)
+
+
+def test_time_broadcasts_against_y_when_batch_equals_features():
+    """f sees t shaped (batch, 1): torchdiffeq-style `sin(t) * y` is right even when the
+    batch equals the feature size (with a (batch,) t it broadcast along features instead and
+    silently gave a wrong answer). y' = sin(t) y has y(t) = y0 exp(1 - cos t)."""
+    y0 = torch.arange(1.0, 10.0, dtype=torch.float64).reshape(3, 3)
+    seen = []
+
+    def field(t, y):
+        seen.append(tuple(t.shape))
+        return torch.sin(t) * y
+
+    sol = odeint(field, y0, (0.0, 2.0), rtol=1e-10, atol=1e-12)
+    assert set(seen) == {(3, 1)}
+    exact = y0 * math.exp(1.0 - math.cos(2.0))
+    assert torch.allclose(sol.value, exact, rtol=1e-8, atol=0)
+    # one more dim: t is (batch, 1, 1)
+    seen.clear()
+    odeint(field, y0[:, None, :].expand(3, 2, 3).contiguous(), (0.0, 0.5))
+    assert set(seen) == {(3, 1, 1)}
+
+
+def test_old_time_convention_gets_a_hint():
+    """Code written for a (batch,) t (`t[:, None] * y`) now returns an extra dimension: the
+    error says what t is."""
+    with pytest.raises(ValueError, match=r"t has shape \(batch, 1, \.\.\., 1\)"):
+        odeint(lambda t, y: t[:, None] * y, torch.ones(2, 3), (0.0, 1.0))

@@ -17,8 +17,8 @@ class NeuralODE(torch.nn.Module):
     """y(t1) for dy/dt = f_module(t, y), y(t0) = x, with a choice of gradient.
 
     Arguments:
-        f_module: nn.Module called as f_module(t, y) with t of shape (batch,) and y of shape
-            (batch, ...) (see equilibria.ode for the convention).
+        f_module: nn.Module called as f_module(t, y) with t of shape (batch, 1, ..., 1)
+            (broadcasting against y) and y of shape (batch, ...) (see equilibria.ode).
         t_span: (t0, t1): floats, or tensors that require grad to learn the time span
             (with gradient=Adjoint(); Backprop refuses them rather than drop the gradient).
         solver: solver object (default Dopri5()).

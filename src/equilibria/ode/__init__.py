@@ -1,7 +1,8 @@
 """equilibria.ode: batched explicit Runge–Kutta integration with per-sample step control.
 
 Vector fields are called ``f(t, y)`` with ``y`` of shape (batch, ...) and ``t`` a tensor of
-shape (batch,) (each sample has its own time); see `rk_step`.
+shape (batch, 1, ..., 1) that broadcasts against y (each sample has its own time, and code
+written for a scalar time, ``torch.sin(t) * y``, is right as it stands); see `rk_step`.
 """
 
 from ._adjoint import Adjoint as Adjoint

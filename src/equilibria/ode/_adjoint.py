@@ -104,6 +104,7 @@ class AdjointTrajectory:
 def _augmented_field(f, params, y_shape, y_numel):
     """f_aug(t, s) on the flat augmented state s = [y, a, a_theta], shape (1, total)."""
     batch = y_shape[0]
+    time_shape = (batch,) + (1,) * (len(y_shape) - 1)
 
     def f_aug(t: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         flat = state[0]
@@ -111,7 +112,7 @@ def _augmented_field(f, params, y_shape, y_numel):
         a = flat[y_numel : 2 * y_numel].reshape(y_shape)
         with torch.enable_grad():
             y_var = y.detach().requires_grad_(True)
-            dydt = f(t.expand(batch), y_var)
+            dydt = f(t.reshape(()).expand(batch).reshape(time_shape), y_var)
             grads = torch.autograd.grad(
                 dydt, (y_var, *params), grad_outputs=a, allow_unused=True
             )
@@ -159,7 +160,7 @@ def adjoint_trajectory(
     conjugate to y in the Hamiltonian H = a . f (see equilibria.mechanics).
 
     Arguments:
-        f: vector field f(t, y), t of shape (batch,).
+        f: vector field f(t, y), t of shape (batch, 1, ..., 1).
         y_end, a_end: (batch, ...) state and costate at t_span[0].
         t_span: (t_end, t_start); usually t_end > t_start (backwards in time).
         params: tensors f depends on (requires_grad) whose gradients a_theta to accumulate.
@@ -282,7 +283,8 @@ def _time_span_gradient(f, value, y0, grad_value, a0, t0: float, t1: float,
     batch = y0.shape[0]
     with torch.no_grad():
         def rate(t: float, y: torch.Tensor) -> torch.Tensor:
-            return f(torch.full((batch,), t, dtype=y.dtype, device=y.device), y)
+            return f(torch.full((batch,) + (1,) * (y.dim() - 1), t, dtype=y.dtype,
+                                device=y.device), y)
 
         grad_t0 = -(a0 * rate(t0, y0)).sum()
         grad_t1 = torch.zeros_like(grad_t0) if has_grid else (grad_value * rate(t1, value)).sum()

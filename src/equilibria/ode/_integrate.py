@@ -24,7 +24,7 @@ from .._checks import (
 from .._solution import Solution, Status
 from ._controller import PIController, initial_step, scaled_error
 from ._interp import dense_value
-from ._rk import rk_stages
+from ._rk import rk_stages, time_like
 from ._solvers import RungeKutta, Tsit5
 
 __all__ = ["odeint"]
@@ -49,13 +49,24 @@ def _row_finite(x: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(x.reshape(x.shape[0], -1).sum(dim=1))
 
 
+# What each public entry point accepts, for the hint of a failure after compaction.
+_CLOSURE_FIX = {
+    "odeint": "pass them as odeint(..., args=(x,)) so they are sliced with y, or use "
+              "compact=False",
+    "odeint_adjoint": "pass them as odeint_adjoint(..., args=(x,)) so they are sliced with y",
+    "NeuralODE": "pass them as NeuralODE(...)(y0, args=(x,)) so they are sliced with y",
+}
+
+
 class _Field:
     """f(t, y, *args) with the output checked, args sliced to the rows still running."""
 
-    def __init__(self, f: Callable, args: tuple[torch.Tensor, ...], batch: int) -> None:
+    def __init__(self, f: Callable, args: tuple[torch.Tensor, ...], batch: int,
+                 api: str = "odeint") -> None:
         self.f = f
         self.args = args
         self.batch = batch
+        self.fix = _CLOSURE_FIX[api]
 
     def select(self, rows: torch.Tensor) -> None:
         self.args = tuple(a.index_select(0, rows) for a in self.args)
@@ -69,19 +80,24 @@ class _Field:
                 raise
             raise ValueError(
                 f"f failed on a batch of {y.shape[0]} rows (the {self.batch}-sample batch "
-                "with finished samples dropped). If f closes over batch-shaped tensors, "
-                "pass them as odeint(..., args=(x,)) so they are sliced with y, or use "
-                "compact=False."
+                f"with finished samples dropped). If f closes over batch-shaped tensors, "
+                f"{self.fix}."
             ) from error
         if not isinstance(out, torch.Tensor):
             raise ValueError(f"f must return a tensor, got {type(out).__name__}.")
         if out.shape != y.shape or out.dtype != y.dtype or out.device != y.device:
-            hint = (
-                " (rows were dropped from the batch: if f closes over batch-shaped tensors, "
-                "pass them as args=(...) or use compact=False)"
-                if compacted
-                else ""
-            )
+            hint = ""
+            if out.dim() > y.dim():
+                hint = (
+                    f" (t has shape (batch, 1, ..., 1) = {tuple(t.shape)} and broadcasts "
+                    "against y as it is; code written for a (batch,) t, like t[:, None] * y, "
+                    "adds a dimension: drop the indexing)"
+                )
+            elif compacted:
+                hint = (
+                    " (rows were dropped from the batch: if f closes over batch-shaped "
+                    f"tensors, {self.fix})"
+                )
             raise ValueError(
                 f"f returned {tuple(out.shape)} {out.dtype} on {out.device} for y of "
                 f"{tuple(y.shape)} {y.dtype} on {y.device}; f(t, y) must return dy/dt with "
@@ -191,8 +207,9 @@ def odeint(
     4th-order interpolants; others: cubic Hermite), so t_eval does not change the steps.
 
     Arguments:
-        f: vector field f(t, y, *args) -> dy/dt; t has shape (batch,) (each sample's own
-            time, in y's dtype), y shape (batch, ...). Rows must be independent.
+        f: vector field f(t, y, *args) -> dy/dt; t has shape (batch, 1, ..., 1) (each
+            sample's own time, in y's dtype, broadcasting against y: ``torch.sin(t) * y`` is
+            right as written), y shape (batch, ...). Rows must be independent.
         y0: (batch, ...) initial state, float32 or float64, any device.
         t_span: (t0, t1); t1 < t0 integrates backwards in time.
         solver: a solver object (Euler(), Midpoint(), Heun(), RK4(), Bosh3(), Dopri5(),
@@ -271,7 +288,7 @@ def odeint(
     idx = torch.arange(batch, device=device)
     t = torch.full((batch,), t0, **f64)
     y = y0
-    k1 = field(t.to(dtype), y)
+    k1 = field(time_like(t, y), y)
     nfe = torch.ones(batch, **i64)
     if n_steps is not None:
         dt0 = span / n_steps
@@ -337,7 +354,7 @@ def odeint(
                                 t0 + (n_accepted + 1).double() * (direction * dt0))
         else:
             t_new = torch.where(last, torch.full_like(t, t1), t + dt_step)
-        k_next = stages[-1] if tab.fsal else field(t_new.to(dtype), y_new)
+        k_next = stages[-1] if tab.fsal else field(time_like(t_new, y_new), y_new)
         with torch.no_grad():
             finite = _row_finite(y_new) & _row_finite(k_next)
             if adaptive:
@@ -428,7 +445,7 @@ def odeint(
 
 
 def _call_terminate(terminate, t, y, dydt, dtype) -> torch.Tensor:
-    hit = terminate(t.to(dtype), y, dydt)
+    hit = terminate(time_like(t, y), y, dydt)
     if not isinstance(hit, torch.Tensor) or hit.shape != (y.shape[0],):
         shape = tuple(hit.shape) if isinstance(hit, torch.Tensor) else type(hit).__name__
         hint = (
