@@ -9,6 +9,8 @@ dropped from the batch ("compaction"), so they stop costing evaluations of f.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,7 +29,21 @@ from ._interp import dense_value
 from ._rk import rk_stages, time_like
 from ._solvers import RungeKutta, Tsit5
 
-__all__ = ["odeint"]
+__all__ = ["check_args", "check_t_eval", "odeint"]
+
+# Which public entry point runs this odeint (for error texts that name what it accepts).
+_API: contextvars.ContextVar[str] = contextvars.ContextVar("equilibria_ode_api",
+                                                           default="odeint")
+
+
+@contextlib.contextmanager
+def _api(name: str):
+    # the outermost entry point names itself (NeuralODE runs odeint_adjoint runs odeint)
+    token = _API.set(name if _API.get() == "odeint" else _API.get())
+    try:
+        yield
+    finally:
+        _API.reset(token)
 
 _RUNNING = -1
 # Drop finished rows once at least this fraction of the batch still runs no more: a
@@ -106,7 +122,35 @@ class _Field:
         return out
 
 
-def _check_t_eval(t_eval: Any, t0: float, t1: float) -> torch.Tensor:
+def check_args(args: Any, y0: torch.Tensor, api: str) -> tuple[torch.Tensor, ...]:
+    """Per-sample conditioning: a tensor or a tuple of tensors, each with y0's batch in dim 0.
+
+    Raises:
+        TypeError: args not a tensor / tuple of tensors.
+        ValueError: a tensor whose dim 0 is not y0's batch.
+    """
+    if isinstance(args, torch.Tensor):
+        args = (args,)
+    if not isinstance(args, (tuple, list)):
+        raise TypeError(
+            f"{api}: args must be a tensor or a tuple of tensors with y0's batch in dim 0, got "
+            f"{type(args).__name__}."
+        )
+    batch = y0.shape[0]
+    for i, a in enumerate(args):
+        if not isinstance(a, torch.Tensor):
+            raise TypeError(f"{api}: args[{i}] must be a tensor, got {type(a).__name__}.")
+        if a.dim() == 0 or a.shape[0] != batch:
+            got = "a 0-dim tensor" if a.dim() == 0 else f"batch {a.shape[0]}"
+            raise ValueError(
+                f"{api}: args[{i}] has {got} (shape {tuple(a.shape)}) but y0 has batch {batch}; "
+                "args are per-sample, sliced with y: give each a dim 0 of y0's batch (a tensor "
+                "shared by all samples: x.expand(batch, ...), or close over it in f)."
+            )
+    return tuple(args)
+
+
+def check_t_eval(t_eval: Any, t0: float, t1: float) -> torch.Tensor:
     t_eval = torch.as_tensor(t_eval, dtype=torch.float64).detach().cpu()
     if t_eval.dim() != 1 or t_eval.numel() == 0:
         raise ValueError(
@@ -166,16 +210,7 @@ def _check_inputs(f, y0, t_span, solver, rtol, atol, max_steps, dt0, n_steps, te
         )
     if terminate is not None and not callable(terminate):
         raise TypeError("terminate must be callable terminate(t, y, dydt) -> (batch,) bool.")
-    if isinstance(args, torch.Tensor):
-        args = (args,)
-    if not isinstance(args, (tuple, list)):
-        raise TypeError("args must be a tuple of tensors with the batch in dim 0.")
-    for i, a in enumerate(args):
-        if not isinstance(a, torch.Tensor) or a.dim() == 0 or a.shape[0] != y0.shape[0]:
-            raise ValueError(
-                f"args[{i}] must be a tensor with the batch ({y0.shape[0]}) in dim 0."
-            )
-    return t0, t1, rtol, atol, dt0, tuple(args)
+    return t0, t1, rtol, atol, dt0, check_args(args, y0, _API.get())
 
 
 @outside_autocast(fn="f", state="y0")
@@ -267,7 +302,7 @@ def odeint(
     # n_steps forces equal steps, also for an adaptive method (its error estimate unused)
     adaptive = solver.adaptive and n_steps is None
     batch, device, dtype = y0.shape[0], y0.device, y0.dtype
-    t_grid = None if t_eval is None else _check_t_eval(t_eval, t0, t1)
+    t_grid = None if t_eval is None else check_t_eval(t_eval, t0, t1)
     i64 = dict(dtype=torch.int64, device=device)
     f64 = dict(dtype=torch.float64, device=device)
 
@@ -281,7 +316,7 @@ def odeint(
     direction = 1.0 if t1 > t0 else -1.0
     span = abs(t1 - t0)
     eps = torch.finfo(dtype).eps
-    field = _Field(f, args, batch)
+    field = _Field(f, args, batch, _API.get())
     k_order = (tab.error_order or tab.order) + 1
 
     # --- state of the rows still in the batch (row r is global sample idx[r]) ---
