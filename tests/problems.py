@@ -136,3 +136,19 @@ class MLPField(torch.nn.Module):
     def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         hidden = torch.tanh(y @ self.w1.T + self.b1 + t * self.wt)
         return hidden @ self.w2.T + self.b2
+
+
+def central_difference(loss, tensors, directions, h: float = 1e-5) -> float:
+    """(loss() at x + h d  -  loss() at x - h d) / 2h, the tensors x shifted in place along the
+    directions d (and restored): a float64 directional derivative to check gradients."""
+    with torch.no_grad():
+        def at(sign: float) -> float:
+            for x, d in zip(tensors, directions):
+                x.add_(sign * h * d)
+            try:
+                return float(loss())
+            finally:
+                for x, d in zip(tensors, directions):
+                    x.sub_(sign * h * d)
+
+        return (at(1.0) - at(-1.0)) / (2 * h)

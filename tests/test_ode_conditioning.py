@@ -9,6 +9,7 @@ import torch
 import equilibria as eq
 from equilibria.nn import NeuralODE
 from equilibria.ode import Adjoint, Backprop, odeint, odeint_adjoint
+from problems import central_difference
 
 TIGHT = {"rtol": 1e-10, "atol": 1e-12}
 
@@ -45,18 +46,7 @@ def test_conditioned_neural_ode_gradients_match_central_differences():
     params = list(field.parameters())
     directions = [torch.randn(v.shape, generator=gen, dtype=torch.float64)
                   for v in (y0, x, *params)]
-    h = 1e-5
-    with torch.no_grad():
-        def shifted(sign):
-            for p, d in zip(params, directions[2:]):
-                p.add_(sign * h * d)
-            value = _loss(field, y0 + sign * h * directions[0], x + sign * h * directions[1],
-                          weights)
-            for p, d in zip(params, directions[2:]):
-                p.sub_(sign * h * d)
-            return value
-
-        fd = (shifted(1.0) - shifted(-1.0)) / (2 * h)
+    fd = central_difference(lambda: _loss(field, y0, x, weights), [y0, x, *params], directions)
     for gradient in (Adjoint(), Backprop()):
         node = NeuralODE(field, (0.0, 1.0), gradient=gradient, **TIGHT)
         out = node(y0, args=(x,))
@@ -64,9 +54,7 @@ def test_conditioned_neural_ode_gradients_match_central_differences():
         analytic = sum(float((g * d).sum()) for g, d in zip(grads, directions))
         assert abs(analytic - fd) <= 1e-6 * abs(fd), (type(gradient).__name__, analytic, fd)
         # the conditioning gradient alone, against its own central difference
-        with torch.no_grad():
-            fd_x = (_loss(field, y0, x + h * directions[1], weights)
-                    - _loss(field, y0, x - h * directions[1], weights)) / (2 * h)
+        fd_x = central_difference(lambda: _loss(field, y0, x, weights), [x], directions[1:2])
         analytic_x = float((grads[1] * directions[1]).sum())
         assert abs(analytic_x - fd_x) <= 1e-6 * abs(fd_x), (type(gradient).__name__,)
 

@@ -26,6 +26,7 @@ class Status(enum.IntEnum):
     STEP_SIZE_TOO_SMALL = 4
     EVENT = 5
     LINEAR_SOLVE_FAILED = 6
+    NEWTON_FAILED = 7
 
     @property
     def fix(self) -> str:
@@ -59,6 +60,11 @@ _FIXES = {
         "ImplicitEuler) for stiff steady states."
     ),
     Status.EVENT: "nothing to fix: the sample stopped at its terminate condition.",
+    Status.NEWTON_FAILED: (
+        "the implicit stages' Newton iterations kept failing as the step shrank: pass a "
+        "smaller first step (dt0=...), loosen rtol/atol, or allow more iterations "
+        "(Kvaerno3(newton=Newton(max_iters=20)))."
+    ),
     Status.LINEAR_SOLVE_FAILED: (
         "the inner linear solve did not converge: raise the linear solver's max_iters "
         "or restart, or loosen its tolerance."

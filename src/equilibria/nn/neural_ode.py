@@ -9,9 +9,9 @@ import torch
 
 from .._checks import check_batched_state, check_positive_int, check_tolerances
 from .._solution import Solution
-from ..ode import Dopri5, RungeKutta, odeint
+from ..ode import Dopri5, ImplicitRK, RungeKutta, odeint
 from ..ode._adjoint import Adjoint, Backprop, odeint_adjoint
-from ..ode._integrate import _api, check_args, check_t_eval
+from ..ode._inputs import _api, check_args, check_t_eval
 
 
 def _check_t_span(t_span: object) -> None:
@@ -83,8 +83,11 @@ class NeuralODE(torch.nn.Module):
             raise TypeError(
                 f"f_module must be an nn.Module f(t, y), got {type(f_module).__name__}."
             )
-        if not isinstance(solver, RungeKutta):
-            raise TypeError(f"solver must be a solver object (Dopri5(), ...), got {solver!r}.")
+        if not isinstance(solver, (RungeKutta, ImplicitRK)):
+            raise TypeError(
+                f"solver must be a solver object (Dopri5(), ..., or implicit Kvaerno3(), "
+                f"Kvaerno5()), got {solver!r}."
+            )
         if not isinstance(gradient, (Adjoint, Backprop)):
             raise TypeError(f"gradient must be Adjoint() or Backprop(), got {gradient!r}.")
         check_tolerances(atol, rtol)

@@ -37,7 +37,9 @@ import torch
 from .._autocast import autocast_context, autocast_dtype
 from .._checks import check_batched_state, check_positive, check_positive_int, rms_norm
 from .._solution import Solution
-from ._integrate import _api, check_args, odeint
+from ._implicit import ImplicitRK
+from ._inputs import _api, check_args
+from ._integrate import odeint
 from ._solvers import RungeKutta, Tsit5
 
 __all__ = ["Adjoint", "AdjointTrajectory", "Backprop", "adjoint_trajectory", "odeint_adjoint"]
@@ -75,7 +77,7 @@ class Adjoint:
         for name in ("rtol", "atol"):
             if getattr(self, name) is not None:
                 check_positive(f"Adjoint.{name}", getattr(self, name))
-        if self.solver is not None and not isinstance(self.solver, RungeKutta):
+        if self.solver is not None and not isinstance(self.solver, (RungeKutta, ImplicitRK)):
             raise TypeError(f"Adjoint.solver must be a solver object, got {self.solver!r}.")
         if self.max_steps is not None:
             check_positive_int("Adjoint.max_steps", self.max_steps)

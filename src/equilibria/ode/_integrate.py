@@ -1,4 +1,4 @@
-"""odeint: batched explicit Runge–Kutta integration with per-sample step control.
+"""odeint: batched Runge–Kutta integration (explicit or ESDIRK) with per-sample step control.
 
 Every sample b has its own time t_b, step dt_b, accept/reject decision and status; updates
 are merged with ``torch.where`` masks, so a sample's trajectory does not depend on its
@@ -9,41 +9,20 @@ dropped from the batch ("compaction"), so they stop costing evaluations of f.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 
 from .._autocast import outside_autocast
-from .._checks import (
-    check_batched_state,
-    check_positive,
-    check_positive_int,
-    check_tolerances,
-)
 from .._solution import Solution, Status
 from ._controller import PIController, initial_step, scaled_error
+from ._implicit import ImplicitRK, esdirk_stages
+from ._inputs import _API, _Field, call_terminate, check_inputs, check_t_eval
 from ._interp import dense_value
 from ._rk import rk_stages, time_like
 from ._solvers import RungeKutta, Tsit5
 
-__all__ = ["check_args", "check_t_eval", "odeint"]
-
-# Which public entry point runs this odeint (for error texts that name what it accepts).
-_API: contextvars.ContextVar[str] = contextvars.ContextVar("equilibria_ode_api",
-                                                           default="odeint")
-
-
-@contextlib.contextmanager
-def _api(name: str):
-    # the outermost entry point names itself (NeuralODE runs odeint_adjoint runs odeint)
-    token = _API.set(name if _API.get() == "odeint" else _API.get())
-    try:
-        yield
-    finally:
-        _API.reset(token)
+__all__ = ["odeint"]
 
 _RUNNING = -1
 # Drop finished rows once at least this fraction of the batch still runs no more: a
@@ -54,6 +33,9 @@ _COMPACT_FRACTION = 0.875
 # declared NONFINITE: 0.2^10 ~ 1e-7, so a blow-up that smaller steps cannot avoid is reported
 # instead of grinding down to the dt floor.
 _MAX_NONFINITE_TRIES = 10
+# Consecutive Newton failures (each shrinking dt by 0.3, with a fresh Jacobian) before a sample
+# is declared NEWTON_FAILED: 0.3^15 ~ 1e-8 of the step that first failed.
+_MAX_NEWTON_TRIES = 15
 
 
 def _rows(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -63,154 +45,6 @@ def _rows(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def _row_finite(x: torch.Tensor) -> torch.Tensor:
     # A sum is non-finite iff some element is (barring overflow of huge finite values).
     return torch.isfinite(x.reshape(x.shape[0], -1).sum(dim=1))
-
-
-# What each public entry point accepts, for the hint of a failure after compaction.
-_CLOSURE_FIX = {
-    "odeint": "pass them as odeint(..., args=(x,)) so they are sliced with y, or use "
-              "compact=False",
-    "odeint_adjoint": "pass them as odeint_adjoint(..., args=(x,)) so they are sliced with y",
-    "NeuralODE": "pass them as NeuralODE(...)(y0, args=(x,)) so they are sliced with y",
-}
-
-
-class _Field:
-    """f(t, y, *args) with the output checked, args sliced to the rows still running."""
-
-    def __init__(self, f: Callable, args: tuple[torch.Tensor, ...], batch: int,
-                 api: str = "odeint") -> None:
-        self.f = f
-        self.args = args
-        self.batch = batch
-        self.fix = _CLOSURE_FIX[api]
-
-    def select(self, rows: torch.Tensor) -> None:
-        self.args = tuple(a.index_select(0, rows) for a in self.args)
-
-    def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        compacted = y.shape[0] != self.batch
-        try:
-            out = self.f(t, y, *self.args)
-        except RuntimeError as error:
-            if not compacted:
-                raise
-            raise ValueError(
-                f"f failed on a batch of {y.shape[0]} rows (the {self.batch}-sample batch "
-                f"with finished samples dropped). If f closes over batch-shaped tensors, "
-                f"{self.fix}."
-            ) from error
-        if not isinstance(out, torch.Tensor):
-            raise ValueError(f"f must return a tensor, got {type(out).__name__}.")
-        if out.shape != y.shape or out.dtype != y.dtype or out.device != y.device:
-            hint = ""
-            if out.dim() > y.dim():
-                hint = (
-                    f" (t has shape (batch, 1, ..., 1) = {tuple(t.shape)} and broadcasts "
-                    "against y as it is; code written for a (batch,) t, like t[:, None] * y, "
-                    "adds a dimension: drop the indexing)"
-                )
-            elif compacted:
-                hint = (
-                    " (rows were dropped from the batch: if f closes over batch-shaped "
-                    f"tensors, {self.fix})"
-                )
-            raise ValueError(
-                f"f returned {tuple(out.shape)} {out.dtype} on {out.device} for y of "
-                f"{tuple(y.shape)} {y.dtype} on {y.device}; f(t, y) must return dy/dt with "
-                f"y's shape, dtype and device{hint}."
-            )
-        return out
-
-
-def check_args(args: Any, y0: torch.Tensor, api: str) -> tuple[torch.Tensor, ...]:
-    """Per-sample conditioning: a tensor or a tuple of tensors, each with y0's batch in dim 0.
-
-    Raises:
-        TypeError: args not a tensor / tuple of tensors.
-        ValueError: a tensor whose dim 0 is not y0's batch.
-    """
-    if isinstance(args, torch.Tensor):
-        args = (args,)
-    if not isinstance(args, (tuple, list)):
-        raise TypeError(
-            f"{api}: args must be a tensor or a tuple of tensors with y0's batch in dim 0, got "
-            f"{type(args).__name__}."
-        )
-    batch = y0.shape[0]
-    for i, a in enumerate(args):
-        if not isinstance(a, torch.Tensor):
-            raise TypeError(f"{api}: args[{i}] must be a tensor, got {type(a).__name__}.")
-        if a.dim() == 0 or a.shape[0] != batch:
-            got = "a 0-dim tensor" if a.dim() == 0 else f"batch {a.shape[0]}"
-            raise ValueError(
-                f"{api}: args[{i}] has {got} (shape {tuple(a.shape)}) but y0 has batch {batch}; "
-                "args are per-sample, sliced with y: give each a dim 0 of y0's batch (a tensor "
-                "shared by all samples: x.expand(batch, ...), or close over it in f)."
-            )
-    return tuple(args)
-
-
-def check_t_eval(t_eval: Any, t0: float, t1: float) -> torch.Tensor:
-    t_eval = torch.as_tensor(t_eval, dtype=torch.float64).detach().cpu()
-    if t_eval.dim() != 1 or t_eval.numel() == 0:
-        raise ValueError(
-            f"t_eval must be a non-empty 1-D sequence, got shape {tuple(t_eval.shape)}."
-        )
-    if not bool(torch.isfinite(t_eval).all()):
-        raise ValueError("t_eval contains inf or NaN.")
-    lo, hi = min(t0, t1), max(t0, t1)
-    if float(t_eval.min()) < lo or float(t_eval.max()) > hi:
-        raise ValueError(
-            f"t_eval must lie inside t_span [{lo}, {hi}], got values in "
-            f"[{float(t_eval.min())}, {float(t_eval.max())}]."
-        )
-    steps = (t_eval[1:] - t_eval[:-1]) * (1.0 if t1 > t0 else -1.0)
-    if bool((steps <= 0).any()):
-        raise ValueError(
-            "t_eval must be strictly monotone in the direction of integration (from t_span[0] "
-            "towards t_span[1])."
-        )
-    return t_eval
-
-
-def _check_inputs(f, y0, t_span, solver, rtol, atol, max_steps, dt0, n_steps, terminate, args):
-    if not callable(f):
-        raise TypeError(f"f must be callable f(t, y), got {type(f).__name__}.")
-    check_batched_state("y0", y0)
-    if not isinstance(solver, RungeKutta):
-        raise TypeError(
-            f"solver must be an equilibria.ode solver object (Euler(), RK4(), Tsit5(), ...), "
-            f"got {type(solver).__name__}."
-        )
-    if not isinstance(t_span, (tuple, list)) or len(t_span) != 2:
-        raise ValueError(f"t_span must be a pair (t0, t1), got {t_span!r}.")
-    if torch.is_grad_enabled() and any(
-        isinstance(v, torch.Tensor) and v.requires_grad for v in t_span
-    ):
-        raise ValueError(
-            "t_span requires grad, but odeint does not differentiate with respect to the time "
-            "span (the gradient would be lost): use odeint_adjoint or NeuralODE(gradient="
-            "Adjoint()), which do, or pass t_span as floats / detached tensors."
-        )
-    t0, t1 = (float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for v in t_span)
-    if not (torch.isfinite(torch.tensor([t0, t1])).all()):
-        raise ValueError(f"t_span must be finite, got {t_span!r}.")
-    atol, rtol = check_tolerances(atol, rtol)
-    check_positive_int("max_steps", max_steps)
-    if dt0 is not None:
-        dt0 = check_positive("dt0", abs(dt0) if isinstance(dt0, (int, float)) else dt0)
-    if n_steps is not None:
-        check_positive_int("n_steps", n_steps)
-        if dt0 is not None:
-            raise ValueError("pass either dt0 or n_steps, not both.")
-    if not solver.adaptive and dt0 is None and n_steps is None:
-        raise ValueError(
-            f"{type(solver).__name__} is a fixed-step method: pass dt0=... (the step size) or "
-            "n_steps=..., or use an adaptive solver (Bosh3(), Dopri5(), Tsit5())."
-        )
-    if terminate is not None and not callable(terminate):
-        raise TypeError("terminate must be callable terminate(t, y, dydt) -> (batch,) bool.")
-    return t0, t1, rtol, atol, dt0, check_args(args, y0, _API.get())
 
 
 @outside_autocast(fn="f", state="y0")
@@ -289,7 +123,7 @@ def odeint(
 
     Reference: Hairer, Nørsett, Wanner, *Solving ODEs I* (2nd ed.), II.4-II.6.
     """
-    t0, t1, rtol, atol, dt0, args = _check_inputs(
+    t0, t1, rtol, atol, dt0, args = check_inputs(
         f, y0, t_span, solver, rtol, atol, max_steps, dt0, n_steps, terminate, args
     )
     if not isinstance(controller, PIController):
@@ -343,6 +177,14 @@ def odeint(
     bad_recent = torch.zeros(batch, dtype=torch.bool, device=device)
     err_prev = torch.ones(batch, **f64)
     stage_nfe = tab.n_stages - 1 + (0 if tab.fsal else 1)
+    implicit = isinstance(solver, ImplicitRK)
+    # implicit methods: per-sample Jacobians kept across steps (dense path), which samples
+    # need a fresh one, consecutive Newton failures and whether the latest rejection was one
+    jacobian = None
+    refresh = torch.ones(batch, dtype=torch.bool, device=device)
+    eta = torch.ones(batch, **f64)
+    n_newton_bad = torch.zeros(batch, **i64)
+    newton_recent = torch.zeros(batch, dtype=torch.bool, device=device)
 
     # --- results for the whole batch, filled when rows leave the batch ---
     full = {"y": y0, "t": t.clone(), "status": status.clone(), "nfe": nfe.clone(),
@@ -383,7 +225,13 @@ def odeint(
                 last = remaining <= dt.abs() * (1.0 + 1e-9)
             dt_step = torch.where(active, torch.where(last, remaining, dt.abs()) * direction,
                                   torch.zeros_like(dt))
-        y_new, y_err, stages, _ = rk_stages(field, t, y, dt_step, tab, k1)
+        if implicit:
+            y_new, y_err, stages, step_nfe, newton_ok, jacobian, theta, eta_new = esdirk_stages(
+                field, t, y, dt_step, solver, k1, rtol, atol, jacobian, refresh, eta
+            )
+            eta = torch.where(active, eta_new, eta)
+        else:
+            y_new, y_err, stages, _ = rk_stages(field, t, y, dt_step, tab, k1)
         if n_steps is not None:
             t_new = torch.where(last, torch.full_like(t, t1),
                                 t0 + (n_accepted + 1).double() * (direction * dt0))
@@ -401,7 +249,18 @@ def odeint(
                 accept = active & finite & (err <= 1.0)
             else:
                 accept = active & finite
-            nfe += active.long() * stage_nfe
+            if implicit:
+                accept &= newton_ok
+                nfe += step_nfe
+                failed = active & finite & ~newton_ok
+                n_newton_bad = torch.where(failed, n_newton_bad + 1,
+                                           torch.where(active, 0, n_newton_bad))
+                newton_recent = torch.where(active & ~accept, failed, newton_recent)
+                # a slow or failed Newton gets a fresh Jacobian (at the state it retries from)
+                refresh = torch.where(active, ~newton_ok | (theta > solver.newton.refresh),
+                                      refresh)
+            else:
+                nfe += active.long() * stage_nfe
             n_accepted += accept
             n_rejected += active & ~accept
             n_bad = torch.where(active & ~finite, n_bad + 1, torch.zeros_like(n_bad))
@@ -420,21 +279,32 @@ def odeint(
                 factor = controller.factor(err.nan_to_num(1e10), err_prev, accept, k_order)
                 factor = torch.where(finite, factor, torch.full_like(factor,
                                                                      controller.min_factor))
+                if implicit:
+                    # Newton failed: the step was too long for the stage solves to converge
+                    factor = torch.where(finite & ~newton_ok, torch.full_like(factor, 0.3),
+                                         factor)
                 dt = torch.where(active, dt_step * factor, dt)
                 err_prev = torch.where(accept, err.clamp_min(1e-4), err_prev)
             # --- who stops here, and why ---
             status = torch.where(accept & last, int(Status.SUCCESS), status)
             if terminate is not None:
-                hit = _call_terminate(terminate, t, y, k1, dtype)
+                hit = call_terminate(terminate, t, y, k1, dtype)
                 status = torch.where(accept & hit & (status == _RUNNING), int(Status.EVENT), status)
             running = status == _RUNNING
             bad = running & (n_bad >= (_MAX_NONFINITE_TRIES if adaptive else 1))
             status = torch.where(bad, int(Status.NONFINITE), status)
+            if implicit:
+                # fixed steps cannot shrink: a Newton failure ends the sample at once
+                tries = _MAX_NEWTON_TRIES if adaptive else 1
+                stuck = (status == _RUNNING) & (n_newton_bad >= tries)
+                status = torch.where(stuck, int(Status.NEWTON_FAILED), status)
             if adaptive:
                 floor = 10 * eps * torch.clamp_min(t.abs(), span)
                 small = (status == _RUNNING) & (dt.abs() < floor)
                 why = torch.where(bad_recent, int(Status.NONFINITE),
                                   int(Status.STEP_SIZE_TOO_SMALL))
+                if implicit:
+                    why = torch.where(newton_recent, int(Status.NEWTON_FAILED), why)
                 status = torch.where(small, why, status)
             out_of_steps = (status == _RUNNING) & (n_accepted + n_rejected >= max_steps)
             status = torch.where(out_of_steps, int(Status.MAX_STEPS), status)
@@ -456,6 +326,13 @@ def odeint(
             )
             if next_i is not None:
                 next_i = next_i.index_select(0, keep)
+            if implicit:
+                refresh, n_newton_bad, newton_recent, eta = (
+                    x.index_select(0, keep)
+                    for x in (refresh, n_newton_bad, newton_recent, eta)
+                )
+                if jacobian is not None:
+                    jacobian = jacobian.index_select(0, keep)
             field.select(keep)
     status = torch.where(status == _RUNNING, int(Status.MAX_STEPS), status)
     flush()
@@ -477,23 +354,6 @@ def odeint(
     if throw:
         solution.raise_if_failed("odeint")
     return solution
-
-
-def _call_terminate(terminate, t, y, dydt, dtype) -> torch.Tensor:
-    hit = terminate(time_like(t, y), y, dydt)
-    if not isinstance(hit, torch.Tensor) or hit.shape != (y.shape[0],):
-        shape = tuple(hit.shape) if isinstance(hit, torch.Tensor) else type(hit).__name__
-        hint = (
-            " It is called on the rows still running (finished ones are dropped): compute "
-            "it row-wise from (t, y, dydt), or use compact=False."
-            if isinstance(hit, torch.Tensor) and hit.dim() == 1
-            else ""
-        )
-        raise ValueError(
-            f"terminate must return a (batch,) = ({y.shape[0]},) bool tensor, got {shape}."
-            + hint
-        )
-    return hit.to(torch.bool)
 
 
 def _fill_t_eval(out, grid, next_i, idx, accept, t, t_new, dt_step, direction, tab, y, y_new,
