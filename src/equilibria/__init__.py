@@ -19,6 +19,7 @@ from .ode import ButcherTableau as ButcherTableau
 from .ode import Dopri5 as Dopri5
 from .ode import ESDIRKTableau as ESDIRKTableau
 from .ode import Euler as Euler
+from .ode import Event as Event
 from .ode import ExplicitRK as ExplicitRK
 from .ode import Heun as Heun
 from .ode import ImplicitRK as ImplicitRK

@@ -13,6 +13,7 @@ from ._adjoint import adjoint_trajectory as adjoint_trajectory
 from ._adjoint import odeint_adjoint as odeint_adjoint
 from ._controller import PIController as PIController
 from ._esdirk_tableau import ESDIRKTableau as ESDIRKTableau
+from ._events import Event as Event
 from ._implicit import ImplicitRK as ImplicitRK
 from ._implicit import Kvaerno3 as Kvaerno3
 from ._implicit import Kvaerno5 as Kvaerno5

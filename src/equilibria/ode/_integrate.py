@@ -16,6 +16,7 @@ import torch
 from .._autocast import outside_autocast
 from .._solution import Solution, Status
 from ._controller import PIController, initial_step, scaled_error
+from ._events import Event, locate, state_at
 from ._implicit import ImplicitRK, esdirk_stages
 from ._inputs import _API, _Field, call_terminate, check_inputs, check_t_eval
 from ._interp import dense_value
@@ -65,12 +66,16 @@ def odeint(
     args: tuple[torch.Tensor, ...] = (),
     compact: bool = True,
     error_norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    event: Event | None = None,
 ) -> Solution:
     """Integrate dy/dt = f(t, y) from t_span[0] to t_span[1], every sample on its own steps.
 
-    Adaptive methods (Bosh3, Dopri5, Tsit5) accept a step when the per-sample RMS of
-    y_err / (atol + rtol max(|y|, |y_new|)) is <= 1 and choose the next one with a PI
-    controller; the first step comes from Hairer's algorithm unless dt0 is given. Fixed-step
+    Adaptive methods (Bosh3, Dopri5, Tsit5; implicit Kvaerno3, Kvaerno5) accept a step when
+    the per-sample RMS of y_err / (atol + rtol max(|y|, |y_new|)) is <= 1 and choose the next
+    one with a PI controller; the first step comes from Hairer's algorithm unless dt0 is
+    given. Implicit (ESDIRK) methods, for stiff problems, solve their stages per sample by
+    Newton's method (see `equilibria.ode.esdirk_stages`); a sample whose Newton iterations
+    fail has its step rejected and retried with 0.3 dt. Fixed-step
     methods take steps of dt0 (or (t1 - t0)/n_steps); the last step is shortened to land on t1.
     With t_eval, values at those times come from dense output (Dopri5/Tsit5: their own
     4th-order interpolants; others: cubic Hermite), so t_eval does not change the steps.
@@ -82,7 +87,7 @@ def odeint(
         y0: (batch, ...) initial state, float32 or float64, any device.
         t_span: (t0, t1); t1 < t0 integrates backwards in time.
         solver: a solver object (Euler(), Midpoint(), Heun(), RK4(), Bosh3(), Dopri5(),
-            Tsit5(), ExplicitRK(tableau)).
+            Tsit5(), ExplicitRK(tableau); implicit Kvaerno3(), Kvaerno5()).
         rtol, atol: tolerances of the local error test (adaptive methods).
         t_eval: optional increasing (or, backwards, decreasing) times inside t_span.
         max_steps: per-sample bound on attempted steps (accepted + rejected).
@@ -90,9 +95,10 @@ def odeint(
         n_steps: take this many equal steps of (t1 - t0)/n_steps, with any method (an
             adaptive one then runs without step control; its error estimate is unused).
         terminate: optional hook terminate(t, y, dydt) -> (batch,) bool, called after every
-            accepted step (t: (batch,), dydt = f(t, y)); True stops that sample with
-            Status.EVENT. The continuous DEQ path stops at ||dy/dt|| <= atol + rtol ||y||.
-            Like f, it sees only the rows still running and must be row-wise.
+            accepted step (t shaped as for f, dydt = f(t, y)); True stops that sample with
+            Status.EVENT at the end of that step (nothing is located: use `event` for the
+            time at which a condition is met). Like f, it sees only the rows still running
+            and must be row-wise.
         throw: raise EquilibriaError when any sample failed.
         controller: the PIController for adaptive methods.
         args: tensors with the batch in dim 0, passed as f(t, y, *args) and sliced together
@@ -101,18 +107,31 @@ def odeint(
         error_norm: per-row norm of the scaled local error, (rows, ...) -> (rows,), for the
             step test (default: RMS over the row). E.g. a seminorm that leaves out
             components nothing else depends on (the adjoint's parameter integrals).
+        event: optional `Event(fn, direction, terminal)`: the time where fn(t, y, *args)
+            crosses 0 is located per sample on the dense output of the step that contains
+            it (to a few ulps of t; accurate to the solver's tolerance). Terminal: the
+            sample stops there with Status.EVENT (also inside the last step). With autograd
+            recording, the event time and state carry their implicit-function-theorem
+            derivative (Chen, Amos & Nickel 2021).
 
     Returns:
         Solution with value (batch, ...) at t1 (or at each sample's stopping time), or
         (len(t_eval), batch, ...) with t_eval (a sample that stopped early holds its final
         state at later t_eval points); status (batch,) int64 (SUCCESS, EVENT, MAX_STEPS,
-        NONFINITE with the last finite state, STEP_SIZE_TOO_SMALL); stats: "nfe", "n_steps"
-        (accepted), "n_rejected" (int64, (batch,)) and "t" (float64, (batch,), final time).
+        NONFINITE with the last finite state, STEP_SIZE_TOO_SMALL, NEWTON_FAILED); stats:
+        "nfe", "n_steps" (accepted), "n_rejected" (int64, (batch,)) and "t" (float64,
+        (batch,), final time: the event time for a terminal event). With a terminal event
+        also "event_t" ((batch,), y's dtype, differentiable; NaN where no event) and
+        "event_y" ((batch, ...), the state at the event, differentiable; NaN rows where
+        none); with a non-terminal one "n_events" ((batch,) int64) and "event_times"
+        ((batch, max n_events) float64, in time order, NaN-padded; at most one event per
+        sample per step is found).
 
     Raises:
         ValueError: non-finite y0, bad t_span/t_eval, rtol/atol <= 0, max_steps < 1, missing
-            dt0 for a fixed-step method, f returning the wrong shape/dtype/device.
-        TypeError: y0 not a tensor, unknown solver type.
+            dt0 for a fixed-step method, f returning the wrong shape/dtype/device, an event
+            function not returning one floating value per sample.
+        TypeError: y0 not a tensor, unknown solver type, event not an Event.
         EquilibriaError: with throw=True when a sample failed.
 
     Under ``torch.autocast`` f runs in the autocast dtype (its output cast back to y0's
@@ -128,6 +147,11 @@ def odeint(
     )
     if not isinstance(controller, PIController):
         raise TypeError(f"controller must be a PIController, got {type(controller).__name__}.")
+    if event is not None and not isinstance(event, Event):
+        raise TypeError(
+            f"event must be an equilibria.ode.Event(fn, direction, terminal), got "
+            f"{type(event).__name__}; wrap a function as Event(fn)."
+        )
     if error_norm is not None and not callable(error_norm):
         raise TypeError(
             f"error_norm must be callable (rows, ...) -> (rows,), got {type(error_norm).__name__}."
@@ -186,9 +210,21 @@ def odeint(
     n_newton_bad = torch.zeros(batch, **i64)
     newton_recent = torch.zeros(batch, dtype=torch.bool, device=device)
 
+    # events: g at each row's current state; a terminal event's time (y's dtype, carrying
+    # its gradient) and state; a non-terminal event's (sample, time) records
+    g_old = event_t = event_y = None
+    records: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if event is not None:
+        with torch.no_grad():
+            g_old = event.value(t, y, field.args)
+        event_t = torch.full((batch,), float("nan"), dtype=dtype, device=device)
+        event_y = torch.full_like(y0, float("nan"))
+
     # --- results for the whole batch, filled when rows leave the batch ---
     full = {"y": y0, "t": t.clone(), "status": status.clone(), "nfe": nfe.clone(),
             "n_steps": n_accepted.clone(), "n_rejected": n_rejected.clone()}
+    if event is not None:
+        full["event_t"], full["event_y"] = event_t.clone(), event_y.clone()
     out = next_i = None
     if t_grid is not None:
         grid = t_grid.to(device)
@@ -207,6 +243,9 @@ def odeint(
             full[key] = full[key].index_copy(0, idx, value)
         if next_i is not None:
             full["next_i"] = full["next_i"].index_copy(0, idx, next_i)
+        if event is not None:
+            full["event_t"] = full["event_t"].index_copy(0, idx, event_t)
+            full["event_y"] = full["event_y"].index_copy(0, idx, event_y)
 
     # On CUDA, reading "how many still run" back to the host stalls the launch queue: look
     # only every few steps (the rows already done are masked no-ops in between). On CPU the
@@ -266,15 +305,40 @@ def odeint(
             n_bad = torch.where(active & ~finite, n_bad + 1, torch.zeros_like(n_bad))
             bad_recent = torch.where(active & ~accept, ~finite, bad_recent)
 
+        stop = None  # rows whose terminal event lies inside this accepted step
+        t_end, y_end = t_new, y_new
+        if event is not None:
+            with torch.no_grad():
+                g_new = event.value(t_new, y_new, field.args)
+                g_start = g_old
+                crossed = accept & event.crosses(g_start, g_new)
+                g_old = torch.where(accept, g_new, g_old)
+            if bool(crossed.any()):
+                theta_event = locate(event, field.args, tab, crossed, t, dt_step, y, y_new,
+                                     stages, k_next, g_start, g_new)
+                t_event = t + theta_event * dt_step
+                if event.terminal:
+                    stop = crossed
+                    y_hit, t_hit = state_at(event, field, tab, theta_event, t_event, dt_step,
+                                            y, y_new, stages, k_next)
+                    nfe += stop.long()  # f at the event, for the derivative's denominator
+                    t_end = torch.where(stop, t_event, t_new)
+                    y_end = torch.where(_rows(stop, y), y_hit, y_new)
+                    event_t = torch.where(stop, t_hit, event_t)
+                    event_y = torch.where(_rows(stop, y), y_hit, event_y)
+                else:
+                    rows = crossed.nonzero().flatten()
+                    records.append((idx.index_select(0, rows), t_event.index_select(0, rows)))
+
         if out is not None:
-            next_i = _fill_t_eval(out, grid, next_i, idx, accept, t, t_new, dt_step, direction,
-                                  tab, y, y_new, stages, k_next)
+            next_i = _fill_t_eval(out, grid, next_i, idx, accept, t, t_end, dt_step, direction,
+                                  tab, y, y_new, stages, k_next, y_end)
 
         acc_rows = _rows(accept, y)
-        y = torch.where(acc_rows, y_new, y)
+        y = torch.where(acc_rows, y_end, y)
         k1 = torch.where(acc_rows, k_next, k1)
         with torch.no_grad():
-            t = torch.where(accept, t_new, t)
+            t = torch.where(accept, t_end, t)
             if adaptive:
                 factor = controller.factor(err.nan_to_num(1e10), err_prev, accept, k_order)
                 factor = torch.where(finite, factor, torch.full_like(factor,
@@ -287,6 +351,8 @@ def odeint(
                 err_prev = torch.where(accept, err.clamp_min(1e-4), err_prev)
             # --- who stops here, and why ---
             status = torch.where(accept & last, int(Status.SUCCESS), status)
+            if stop is not None:  # an event inside the last step is an event too
+                status = torch.where(stop, int(Status.EVENT), status)
             if terminate is not None:
                 hit = call_terminate(terminate, t, y, k1, dtype)
                 status = torch.where(accept & hit & (status == _RUNNING), int(Status.EVENT), status)
@@ -326,6 +392,9 @@ def odeint(
             )
             if next_i is not None:
                 next_i = next_i.index_select(0, keep)
+            if event is not None:
+                g_old, event_t, event_y = (x.index_select(0, keep)
+                                           for x in (g_old, event_t, event_y))
             if implicit:
                 refresh, n_newton_bad, newton_recent, eta = (
                     x.index_select(0, keep)
@@ -345,34 +414,54 @@ def odeint(
         out = torch.where(unreached.reshape(unreached.shape + (1,) * (y0.dim() - 1)),
                           value.unsqueeze(0), out)
         value = out
-    solution = Solution(
-        value,
-        full["status"],
-        {"nfe": full["nfe"], "n_steps": full["n_steps"], "n_rejected": full["n_rejected"],
-         "t": full["t"]},
-    )
+    stats = {"nfe": full["nfe"], "n_steps": full["n_steps"], "n_rejected": full["n_rejected"],
+             "t": full["t"]}
+    if event is not None and event.terminal:
+        stats["event_t"], stats["event_y"] = full["event_t"], full["event_y"]
+    elif event is not None:
+        stats.update(_event_records(records, batch, device))
+    solution = Solution(value, full["status"], stats)
     if throw:
         solution.raise_if_failed("odeint")
     return solution
 
 
-def _fill_t_eval(out, grid, next_i, idx, accept, t, t_new, dt_step, direction, tab, y, y_new,
-                 stages, k_next):
-    """Write the dense-output value at every t_eval point inside this accepted step."""
+def _fill_t_eval(out, grid, next_i, idx, accept, t, t_end, dt_step, direction, tab, y, y_new,
+                 stages, k_next, y_end):
+    """Write the dense-output value at every t_eval point inside this accepted step, up to
+    t_end (the step's end, or a terminal event inside it, where the state is y_end)."""
     n_eval = grid.numel()
     extra = (1,) * (y.dim() - 1)
     for _ in range(n_eval):
         with torch.no_grad():
             pos = next_i.clamp_max(n_eval - 1)
             t_point = grid[pos]
-            inside = accept & (next_i < n_eval) & ((t_point - t_new) * direction <= 0)
+            inside = accept & (next_i < n_eval) & ((t_point - t_end) * direction <= 0)
             if not bool(inside.any()):
                 break
             safe_dt = torch.where(dt_step == 0, torch.ones_like(dt_step), dt_step)
             theta = ((t_point - t) / safe_dt).clamp(0.0, 1.0)
         value = dense_value(tab, theta, dt_step, y, y_new, stages, k_next)
-        value = torch.where((t_point == t_new).reshape((-1,) + extra), y_new, value)
+        value = torch.where((t_point == t_end).reshape((-1,) + extra), y_end, value)
         current = out[pos, idx]
         out[pos, idx] = torch.where(inside.reshape((-1,) + extra), value, current)
         next_i = next_i + inside
     return next_i
+
+
+def _event_records(records, batch, device) -> dict[str, torch.Tensor]:
+    """Non-terminal events: n_events (batch,) int64 and event_times (batch, max count)
+    float64, each row's times in the order found, NaN-padded."""
+    counts = torch.zeros(batch, dtype=torch.int64, device=device)
+    rows = [r for r, _ in records]
+    times = [t for _, t in records]
+    for r in rows:
+        counts.index_add_(0, r, torch.ones_like(r))
+    width = int(counts.max()) if batch else 0
+    table = torch.full((batch, width), float("nan"), dtype=torch.float64, device=device)
+    filled = torch.zeros(batch, dtype=torch.int64, device=device)
+    for r, t in zip(rows, times):  # one record per sample per step, in time order
+        table[r, filled[r]] = t
+        filled[r] += 1
+    return {"n_events": counts, "event_times": table}
+
