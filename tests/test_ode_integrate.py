@@ -350,3 +350,36 @@ def test_old_time_convention_gets_a_hint():
     error says what t is."""
     with pytest.raises(ValueError, match=r"t has shape \(batch, 1, \.\.\., 1\)"):
         odeint(lambda t, y: t[:, None] * y, torch.ones(2, 3), (0.0, 1.0))
+
+
+@pytest.mark.parametrize("solver", [eq.Tsit5(), eq.Kvaerno5()], ids=_name)
+def test_per_sample_t_eval_equals_single_sample_runs(solver):
+    """t_eval of shape (batch, n): row b's values at its own times equal those of sample b
+    solved alone with that row as its t_eval (and the exact solution)."""
+    y0 = torch.tensor([[1.0, 0.0], [0.5, -1.5], [2.0, 1.0]], dtype=torch.float64)
+    grid = torch.tensor([[0.0, 0.7, 1.9, 5.0], [0.3, 0.4, 2.5, 4.9], [1.0, 2.0, 3.0, 4.0]],
+                        dtype=torch.float64)
+    rtol = 1e-9 if solver.order == 5 and not isinstance(solver, eq.ImplicitRK) else 1e-7
+    tol = {"rtol": rtol, "atol": rtol * 1e-2}
+    sol = odeint(LINEAR.f, y0, (0.0, 5.0), solver=solver, t_eval=grid, **tol)
+    assert sol.value.shape == (4, 3, 2)
+    for b in range(3):
+        alone = odeint(LINEAR.f, y0[b : b + 1], (0.0, 5.0), solver=solver, t_eval=grid[b],
+                       **tol)
+        assert torch.allclose(sol.value[:, b], alone.value[:, 0], rtol=0, atol=1e-12)
+        exact = torch.stack([torch.tensor(LINEAR.closed_form(np.array([float(s)]),
+                                                             y0[b].numpy())[0])
+                             for s in grid[b]])
+        assert torch.allclose(sol.value[:, b], exact, rtol=0, atol=100 * rtol)
+
+
+def test_per_sample_t_eval_is_checked():
+    y0 = torch.ones(2, 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"\(batch, n\) = \(2, n\)"):
+        odeint(_ok, y0, (0.0, 1.0), t_eval=torch.rand(3, 4))
+    with pytest.raises(ValueError, match=r"monotone .*\(rows \[1\]\); sort each row"):
+        odeint(_ok, y0, (0.0, 1.0), t_eval=[[0.1, 0.5], [0.5, 0.1]])
+    with pytest.raises(ValueError, match="inside t_span"):
+        odeint(_ok, y0, (0.0, 1.0), t_eval=[[0.1, 0.5], [0.2, 1.5]])
+    with pytest.raises(ValueError, match=r"shape \(n,\) shared"):
+        eq.odeint_adjoint(_ok, y0, (0.0, 1.0), t_eval=[[0.1, 0.5], [0.2, 0.3]])

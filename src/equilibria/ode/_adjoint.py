@@ -366,6 +366,12 @@ def odeint_adjoint(
     params = tuple(params)
     # the forward odeint inside the Function validates every argument
     t_grid = None if t_eval is None else torch.as_tensor(t_eval, dtype=torch.float64)
+    if t_grid is not None and t_grid.dim() != 1:
+        raise ValueError(
+            f"odeint_adjoint takes a t_eval of shape (n,) shared by the batch, got "
+            f"{tuple(t_grid.shape)}; per-sample (batch, n) times need odeint (Backprop), "
+            "whose gradient follows each sample's own grid."
+        )
     t_pair = None
     if isinstance(t_span, (tuple, list)) and len(t_span) == 2:
         if any(isinstance(t, torch.Tensor) and t.requires_grad for t in t_span):

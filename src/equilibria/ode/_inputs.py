@@ -119,11 +119,21 @@ def check_args(args: Any, y0: torch.Tensor, api: str) -> tuple[torch.Tensor, ...
     return tuple(args)
 
 
-def check_t_eval(t_eval: Any, t0: float, t1: float) -> torch.Tensor:
+def check_t_eval(t_eval: Any, t0: float, t1: float, batch: int | None = None) -> torch.Tensor:
+    """t_eval as float64 on the CPU: (n,) shared by all samples, or (batch, n) per sample
+    (when `batch` is given), each row strictly monotone towards t1 and inside t_span."""
     t_eval = torch.as_tensor(t_eval, dtype=torch.float64).detach().cpu()
-    if t_eval.dim() != 1 or t_eval.numel() == 0:
+    per_sample = t_eval.dim() == 2 and batch is not None
+    if (t_eval.dim() != 1 and not per_sample) or t_eval.numel() == 0:
+        shapes = "(n,) or (batch, n)" if batch is not None else "(n,)"
         raise ValueError(
-            f"t_eval must be a non-empty 1-D sequence, got shape {tuple(t_eval.shape)}."
+            f"t_eval must be a non-empty {shapes} sequence of times, got shape "
+            f"{tuple(t_eval.shape)}."
+        )
+    if per_sample and t_eval.shape[0] != batch:
+        raise ValueError(
+            f"a per-sample t_eval must have shape (batch, n) = ({batch}, n), got "
+            f"{tuple(t_eval.shape)}; one row of times per sample of y0."
         )
     if not bool(torch.isfinite(t_eval).all()):
         raise ValueError("t_eval contains inf or NaN.")
@@ -133,11 +143,15 @@ def check_t_eval(t_eval: Any, t0: float, t1: float) -> torch.Tensor:
             f"t_eval must lie inside t_span [{lo}, {hi}], got values in "
             f"[{float(t_eval.min())}, {float(t_eval.max())}]."
         )
-    steps = (t_eval[1:] - t_eval[:-1]) * (1.0 if t1 > t0 else -1.0)
+    steps = (t_eval[..., 1:] - t_eval[..., :-1]) * (1.0 if t1 > t0 else -1.0)
     if bool((steps <= 0).any()):
+        where = ""
+        if per_sample:
+            rows = (steps <= 0).any(dim=1).nonzero().flatten()[:8].tolist()
+            where = f" (rows {rows})"
         raise ValueError(
-            "t_eval must be strictly monotone in the direction of integration (from t_span[0] "
-            "towards t_span[1])."
+            f"t_eval must be strictly monotone in the direction of integration (from t_span[0] "
+            f"towards t_span[1]){where}; sort each row."
         )
     return t_eval
 

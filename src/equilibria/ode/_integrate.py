@@ -89,7 +89,8 @@ def odeint(
         solver: a solver object (Euler(), Midpoint(), Heun(), RK4(), Bosh3(), Dopri5(),
             Tsit5(), ExplicitRK(tableau); implicit Kvaerno3(), Kvaerno5()).
         rtol, atol: tolerances of the local error test (adaptive methods).
-        t_eval: optional increasing (or, backwards, decreasing) times inside t_span.
+        t_eval: optional increasing (or, backwards, decreasing) times inside t_span: (n,)
+            shared by all samples, or (batch, n), each sample its own times.
         max_steps: per-sample bound on attempted steps (accepted + rejected).
         dt0: first step size (adaptive) or the step size (fixed-step); sign is ignored.
         n_steps: take this many equal steps of (t1 - t0)/n_steps, with any method (an
@@ -116,8 +117,9 @@ def odeint(
 
     Returns:
         Solution with value (batch, ...) at t1 (or at each sample's stopping time), or
-        (len(t_eval), batch, ...) with t_eval (a sample that stopped early holds its final
-        state at later t_eval points); status (batch,) int64 (SUCCESS, EVENT, MAX_STEPS,
+        (n, batch, ...) with t_eval (value[i, b] at t_eval[i], or at t_eval[b, i] per
+        sample; a sample that stopped early holds its final state at later t_eval points);
+        status (batch,) int64 (SUCCESS, EVENT, MAX_STEPS,
         NONFINITE with the last finite state, STEP_SIZE_TOO_SMALL, NEWTON_FAILED); stats:
         "nfe", "n_steps" (accepted), "n_rejected" (int64, (batch,)) and "t" (float64,
         (batch,), final time: the event time for a terminal event). With a terminal event
@@ -160,12 +162,13 @@ def odeint(
     # n_steps forces equal steps, also for an adaptive method (its error estimate unused)
     adaptive = solver.adaptive and n_steps is None
     batch, device, dtype = y0.shape[0], y0.device, y0.dtype
-    t_grid = None if t_eval is None else check_t_eval(t_eval, t0, t1)
+    t_grid = None if t_eval is None else check_t_eval(t_eval, t0, t1, y0.shape[0])
     i64 = dict(dtype=torch.int64, device=device)
     f64 = dict(dtype=torch.float64, device=device)
 
     if t0 == t1 or batch == 0:
-        value = y0 if t_grid is None else y0.unsqueeze(0).expand(len(t_grid), *y0.shape)
+        value = (y0 if t_grid is None
+                 else y0.unsqueeze(0).expand(t_grid.shape[-1], *y0.shape))
         zeros = torch.zeros(batch, **i64)
         return Solution(value, torch.zeros(batch, **i64),
                         {"nfe": zeros, "n_steps": zeros.clone(), "n_rejected": zeros.clone(),
@@ -227,13 +230,13 @@ def odeint(
         full["event_t"], full["event_y"] = event_t.clone(), event_y.clone()
     out = next_i = None
     if t_grid is not None:
-        grid = t_grid.to(device)
-        n_eval = grid.numel()
+        # (batch, n) per sample (a shared grid is expanded: one code path)
+        grid = t_grid.to(device).expand(batch, t_grid.shape[-1])
+        n_eval = grid.shape[1]
         out = y0.new_zeros((n_eval,) + tuple(y0.shape))
-        at_start = int((grid == t0).sum())
-        if at_start:
-            out[0] = y0
-        next_i = torch.full((batch,), at_start, **i64)
+        at_start = grid[:, 0] == t0  # strictly monotone: only the first time can be t0
+        out[0] = torch.where(_rows(at_start, y0), y0, out[0])
+        next_i = at_start.long()
         full["next_i"] = next_i.clone()
 
     def flush() -> None:
@@ -430,12 +433,12 @@ def _fill_t_eval(out, grid, next_i, idx, accept, t, t_end, dt_step, direction, t
                  stages, k_next, y_end):
     """Write the dense-output value at every t_eval point inside this accepted step, up to
     t_end (the step's end, or a terminal event inside it, where the state is y_end)."""
-    n_eval = grid.numel()
+    n_eval = grid.shape[1]
     extra = (1,) * (y.dim() - 1)
     for _ in range(n_eval):
         with torch.no_grad():
             pos = next_i.clamp_max(n_eval - 1)
-            t_point = grid[pos]
+            t_point = grid[idx, pos]
             inside = accept & (next_i < n_eval) & ((t_point - t_end) * direction <= 0)
             if not bool(inside.any()):
                 break
