@@ -1,6 +1,6 @@
 """Shared ODE problem set: batched vector fields with closed forms or scipy references.
 
-Each `Problem` has a batched field ``f(t, y)`` (t of shape (batch,), y of shape (batch, d)),
+Each `Problem` has a batched field ``f(t, y)`` (t of shape (batch, 1), y of shape (batch, d)),
 a batch of initial states, a time span and ``reference(t_points)`` giving the true solution
 at those times, shape (len(t_points), batch, d), float64 — from a closed form, or from
 scipy's DOP853 at rtol 1e-12, atol 1e-14.
@@ -97,7 +97,7 @@ LOTKA_VOLTERRA = Problem(
 
 
 def _forced(t, y):
-    return -y + torch.sin(3.0 * t)[:, None]
+    return -y + torch.sin(3.0 * t)
 
 
 # Time-dependent field: y' = -y + sin(3t); closed form for t0 = 0.
@@ -134,5 +134,21 @@ class MLPField(torch.nn.Module):
         self.b2 = torch.nn.Parameter(0.1 * torch.randn(dim, generator=gen, dtype=dtype))
 
     def forward(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        hidden = torch.tanh(y @ self.w1.T + self.b1 + t[:, None] * self.wt)
+        hidden = torch.tanh(y @ self.w1.T + self.b1 + t * self.wt)
         return hidden @ self.w2.T + self.b2
+
+
+def central_difference(loss, tensors, directions, h: float = 1e-5) -> float:
+    """(loss() at x + h d  -  loss() at x - h d) / 2h, the tensors x shifted in place along the
+    directions d (and restored): a float64 directional derivative to check gradients."""
+    with torch.no_grad():
+        def at(sign: float) -> float:
+            for x, d in zip(tensors, directions):
+                x.add_(sign * h * d)
+            try:
+                return float(loss())
+            finally:
+                for x, d in zip(tensors, directions):
+                    x.sub_(sign * h * d)
+
+        return (at(1.0) - at(-1.0)) / (2 * h)

@@ -30,7 +30,7 @@ class MLPField(torch.nn.Module):
     def forward(self, t, x):
         out = self.l2(self.act(self.l1(x)))
         if self.time_dependent:
-            out = out * (1 + 0.5 * torch.sin(3 * t))[:, None]
+            out = out * (1 + 0.5 * torch.sin(3 * t))
         return out
 
 
@@ -211,10 +211,11 @@ def test_hamiltonian_is_p_dot_f_per_sample():
     f = field(time_dependent=True)
     x, p = x0(), torch.randn(4, 3, dtype=DTYPE)
     t = torch.tensor([0.0, 0.5, 1.0, 2.0], dtype=DTYPE)
-    expected = (p * f(t, x)).sum(dim=1)
+    expected = (p * f(t[:, None], x)).sum(dim=1)  # f sees t shaped (batch, 1), as in odeint
     assert torch.equal(hamiltonian(f, x, p, t), expected)
+    assert torch.equal(hamiltonian(f, x, p, t[:, None]), expected)
     scalar = hamiltonian(f, x, p, 0.5)
-    assert torch.equal(scalar, (p * f(torch.full((4,), 0.5, dtype=DTYPE), x)).sum(dim=1))
+    assert torch.equal(scalar, (p * f(torch.full((4, 1), 0.5, dtype=DTYPE), x)).sum(dim=1))
 
 
 def test_costate_bad_input():

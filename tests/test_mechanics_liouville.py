@@ -51,7 +51,7 @@ class _Field(torch.nn.Module):
         ).double()
 
     def forward(self, t, x):
-        return self.net(torch.cat([x, t[:, None].to(x)], dim=1))
+        return self.net(torch.cat([x, t.to(x)], dim=1))
 
 
 def test_nonlinear_field_three_ways_and_float64_finite_differences_agree():

@@ -262,7 +262,7 @@ class _Forced(torch.nn.Module):
                                                       dtype=torch.float64))
 
     def forward(self, t, y):
-        return torch.tanh(y @ self.w.T) + torch.sin(2.0 * t)[:, None] * y
+        return torch.tanh(y @ self.w.T) + torch.sin(2.0 * t) * y
 
 
 @pytest.mark.parametrize("with_t_eval", [False, True])

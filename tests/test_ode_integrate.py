@@ -212,7 +212,7 @@ def test_statuses_and_last_good_state():
 
     # f returns NaN past t = 0.5: NONFINITE, the state is the last finite one
     def poisoned(t, y):
-        return torch.where((t > 0.5)[:, None], torch.nan, -y)
+        return torch.where(t > 0.5, torch.nan, -y)
 
     for solver, extra in ((eq.Tsit5(), {}), (eq.RK4(), {"dt0": 0.1})):
         sol = odeint(poisoned, torch.ones(2, 3, dtype=torch.float64), (0.0, 1.0), solver=solver,
@@ -322,3 +322,64 @@ def test_cuda_device_preserved(dtype):
     assert sol.status.device.type == "cuda" and bool(sol.success.all())
     cpu = odeint(VAN_DER_POL.f, y0.cpu(), (0.0, 6.0), t_eval=torch.linspace(0, 6, 5))
     assert torch.allclose(sol.value.cpu(), cpu.value, rtol=1e-4, atol=1e-5)
+
+
+def test_time_broadcasts_against_y_when_batch_equals_features():
+    """f sees t shaped (batch, 1): torchdiffeq-style `sin(t) * y` is right even when the
+    batch equals the feature size (with a (batch,) t it broadcast along features instead and
+    silently gave a wrong answer). y' = sin(t) y has y(t) = y0 exp(1 - cos t)."""
+    y0 = torch.arange(1.0, 10.0, dtype=torch.float64).reshape(3, 3)
+    seen = []
+
+    def field(t, y):
+        seen.append(tuple(t.shape))
+        return torch.sin(t) * y
+
+    sol = odeint(field, y0, (0.0, 2.0), rtol=1e-10, atol=1e-12)
+    assert set(seen) == {(3, 1)}
+    exact = y0 * math.exp(1.0 - math.cos(2.0))
+    assert torch.allclose(sol.value, exact, rtol=1e-8, atol=0)
+    # one more dim: t is (batch, 1, 1)
+    seen.clear()
+    odeint(field, y0[:, None, :].expand(3, 2, 3).contiguous(), (0.0, 0.5))
+    assert set(seen) == {(3, 1, 1)}
+
+
+def test_old_time_convention_gets_a_hint():
+    """Code written for a (batch,) t (`t[:, None] * y`) now returns an extra dimension: the
+    error says what t is."""
+    with pytest.raises(ValueError, match=r"t has shape \(batch, 1, \.\.\., 1\)"):
+        odeint(lambda t, y: t[:, None] * y, torch.ones(2, 3), (0.0, 1.0))
+
+
+@pytest.mark.parametrize("solver", [eq.Tsit5(), eq.Kvaerno5()], ids=_name)
+def test_per_sample_t_eval_equals_single_sample_runs(solver):
+    """t_eval of shape (batch, n): row b's values at its own times equal those of sample b
+    solved alone with that row as its t_eval (and the exact solution)."""
+    y0 = torch.tensor([[1.0, 0.0], [0.5, -1.5], [2.0, 1.0]], dtype=torch.float64)
+    grid = torch.tensor([[0.0, 0.7, 1.9, 5.0], [0.3, 0.4, 2.5, 4.9], [1.0, 2.0, 3.0, 4.0]],
+                        dtype=torch.float64)
+    rtol = 1e-9 if solver.order == 5 and not isinstance(solver, eq.ImplicitRK) else 1e-7
+    tol = {"rtol": rtol, "atol": rtol * 1e-2}
+    sol = odeint(LINEAR.f, y0, (0.0, 5.0), solver=solver, t_eval=grid, **tol)
+    assert sol.value.shape == (4, 3, 2)
+    for b in range(3):
+        alone = odeint(LINEAR.f, y0[b : b + 1], (0.0, 5.0), solver=solver, t_eval=grid[b],
+                       **tol)
+        assert torch.allclose(sol.value[:, b], alone.value[:, 0], rtol=0, atol=1e-12)
+        exact = torch.stack([torch.tensor(LINEAR.closed_form(np.array([float(s)]),
+                                                             y0[b].numpy())[0])
+                             for s in grid[b]])
+        assert torch.allclose(sol.value[:, b], exact, rtol=0, atol=100 * rtol)
+
+
+def test_per_sample_t_eval_is_checked():
+    y0 = torch.ones(2, 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"\(batch, n\) = \(2, n\)"):
+        odeint(_ok, y0, (0.0, 1.0), t_eval=torch.rand(3, 4))
+    with pytest.raises(ValueError, match=r"monotone .*\(rows \[1\]\); sort each row"):
+        odeint(_ok, y0, (0.0, 1.0), t_eval=[[0.1, 0.5], [0.5, 0.1]])
+    with pytest.raises(ValueError, match="inside t_span"):
+        odeint(_ok, y0, (0.0, 1.0), t_eval=[[0.1, 0.5], [0.2, 1.5]])
+    with pytest.raises(ValueError, match=r"shape \(n,\) shared"):
+        eq.odeint_adjoint(_ok, y0, (0.0, 1.0), t_eval=[[0.1, 0.5], [0.2, 0.3]])

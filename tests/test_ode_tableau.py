@@ -125,12 +125,12 @@ def test_rk_step_fsal_and_per_sample_dt():
 
     def f(t_, y_):
         calls.append(t_.clone())
-        return torch.sin(t_)[:, None] - y_
+        return torch.sin(t_) - y_
 
     y_new, y_err, k_last, nfe = rk_step(f, t, y, dt, tab)
     assert nfe == tab.n_stages == len(calls)
-    assert torch.equal(calls[-1], t + dt)  # last stage at t + dt (c[-1] = 1)
-    assert torch.allclose(k_last, f(t + dt, y_new), rtol=0, atol=1e-15)
+    assert torch.equal(calls[-1], (t + dt)[:, None])  # last stage at t + dt (c[-1] = 1)
+    assert torch.allclose(k_last, f((t + dt)[:, None], y_new), rtol=0, atol=1e-15)
     assert torch.equal(y_new[2], y[2]) and torch.all(y_err[2] == 0)  # dt = 0 -> unchanged
     # each row equals the same step taken alone
     for b in range(3):

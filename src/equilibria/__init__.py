@@ -17,10 +17,16 @@ from .ode import Backprop as Backprop
 from .ode import Bosh3 as Bosh3
 from .ode import ButcherTableau as ButcherTableau
 from .ode import Dopri5 as Dopri5
+from .ode import ESDIRKTableau as ESDIRKTableau
 from .ode import Euler as Euler
+from .ode import Event as Event
 from .ode import ExplicitRK as ExplicitRK
 from .ode import Heun as Heun
+from .ode import ImplicitRK as ImplicitRK
+from .ode import Kvaerno3 as Kvaerno3
+from .ode import Kvaerno5 as Kvaerno5
 from .ode import Midpoint as Midpoint
+from .ode import Newton as Newton
 from .ode import PIController as PIController
 from .ode import Tsit5 as Tsit5
 from .ode import odeint as odeint

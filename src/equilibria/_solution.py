@@ -27,6 +27,7 @@ class Status(enum.IntEnum):
     EVENT = 5
     LINEAR_SOLVE_FAILED = 6
     SINGULAR = 7
+    NEWTON_FAILED = 8
 
     @property
     def fix(self) -> str:
@@ -65,6 +66,11 @@ _FIXES = {
         "ImplicitEuler) for stiff steady states."
     ),
     Status.EVENT: "nothing to fix: the sample stopped at its terminate condition.",
+    Status.NEWTON_FAILED: (
+        "the implicit stages' Newton iterations kept failing as the step shrank: pass a "
+        "smaller first step (dt0=...), loosen rtol/atol, or allow more iterations "
+        "(Kvaerno3(newton=Newton(max_iters=20)))."
+    ),
     Status.LINEAR_SOLVE_FAILED: (
         "the inner linear solve did not converge: raise the linear solver's max_iters "
         "or restart, or loosen its tolerance."

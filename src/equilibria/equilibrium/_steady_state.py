@@ -7,13 +7,16 @@ from dataclasses import dataclass, field
 import torch
 
 from .._checks import check_positive, rms_norm
-from ..ode import RungeKutta, rk_step
+from ..ode import ImplicitRK, RungeKutta, esdirk_stages, rk_step
 from ._pseudo_transient import ImplicitEuler
 from ._solver import FixedPointSolver, Fn, State, expand_as_batch
 
 __all__ = ["SteadyState"]
 
-_CHOICES = "eq.ImplicitEuler() (default), or an explicit RK method: eq.Tsit5(), eq.Dopri5(), ..."
+_CHOICES = (
+    "eq.ImplicitEuler() (default), an implicit ESDIRK method (eq.Kvaerno3(), eq.Kvaerno5()), "
+    "or an explicit RK method: eq.Tsit5(), eq.Dopri5(), ..."
+)
 
 
 @dataclass(frozen=True)
@@ -45,9 +48,16 @@ class SteadyState(FixedPointSolver):
       just inside that edge instead of being rejected over and over. Explicit methods stay
       stability-limited on stiff spectra (measured in benchmarks/results/equilibrium.md).
       Fixed-step methods step with dt0.
+    - an implicit ESDIRK method (`Kvaerno3`, `Kvaerno5`): each step is
+      `equilibria.ode.esdirk_stages` (Newton per stage; on a state of more than
+      ``newton.dense_max`` elements, GMRES on difference JVPs), with the same error control
+      (no stability cap: the methods are L-stable, so dt grows as the error estimate falls,
+      and near the steady state each stage becomes a Newton step on f(z) - z = 0). A step
+      whose Newton iterations fail is retried with 0.3 dt.
 
     Arguments:
-        solver: `ImplicitEuler(...)` or an explicit RK solver object.
+        solver: `ImplicitEuler(...)`, an implicit `Kvaerno3(...)`/`Kvaerno5(...)` or an
+            explicit RK solver object.
         dt0: first step (> 0) for the explicit methods (ImplicitEuler has its own dt0).
         rtol, atol: local error tolerances of the adaptive explicit methods (> 0).
 
@@ -69,7 +79,7 @@ class SteadyState(FixedPointSolver):
     stat_keys = ("t",)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.solver, (ImplicitEuler, RungeKutta)):
+        if not isinstance(self.solver, (ImplicitEuler, RungeKutta, ImplicitRK)):
             raise TypeError(
                 f"SteadyState's solver must be {_CHOICES}; got {type(self.solver).__name__}."
             )
@@ -100,7 +110,69 @@ class SteadyState(FixedPointSolver):
     def step(self, fn: Fn, state: State, step_index: int) -> tuple[State, int | torch.Tensor]:
         if isinstance(self.solver, ImplicitEuler):
             return self.solver.step(fn, state, step_index)
+        if isinstance(self.solver, ImplicitRK):
+            return self._esdirk_step(fn, state)
         return self._rk_step(fn, state)
+
+    def _newton_scale(self, state: State, z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        size = rms_norm(z).detach()
+        local = self.atol + self.rtol * size
+        target = state.get("tolerance")
+        if target is None:
+            return local
+        floor = torch.maximum(0.1 * target.to(local.dtype),
+                              10 * torch.finfo(z.dtype).eps * (1 + size))
+        return torch.minimum(local, 0.1 * rms_norm(g).detach()).maximum(floor)
+
+    def _esdirk_step(self, fn: Fn, state: State) -> tuple[State, torch.Tensor]:
+        z, fz, t, dt = state["z"], state["fz"], state["t"], state["dt"]
+
+        def vector_field(time: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return fn(y) - y
+
+        g = fz - z
+        z_new, error, _, nfe, converged, jacobian, theta, eta = esdirk_stages(
+            vector_field, t, z, dt, self.solver, g, self.rtol, self.atol,
+            state.get("jacobian"), state.get("refresh"), state.get("eta"),
+            # stages solved to a tenth of the current residual (an inexact Newton's forcing),
+            # never looser than the local error test nor tighter than a tenth of the loop's
+            # target: the transient needs no more, the steady state no less
+            newton_scale=self._newton_scale(state, z, g),
+        )
+        # f at the new state, evaluated: the loop's convergence test must see the true f(z)
+        fz_new = fn(z_new)
+        nfe = nfe + 1
+        scale = self.atol + self.rtol * torch.maximum(z.abs(), z_new.abs())
+        ratio = rms_norm((error / scale).detach())
+        residual = rms_norm(g).detach()
+        residual_new = rms_norm(fz_new - z_new).detach()
+        finite = torch.isfinite(ratio) & torch.isfinite(residual_new)
+        # Accuracy of the transient is not the goal, the steady state is: a step is kept when
+        # its stages converged and the residual did not grow more than 2-fold; dt grows by
+        # the larger of the accuracy factor and the residual's fall (switched evolution
+        # relaxation, as ImplicitEuler), which an L-stable method can afford.
+        accept = finite & converged & (residual_new <= 2 * residual)
+        tableau = self.solver.tableau
+        exponent = -1.0 / (tableau.error_order + 1)
+        safe_ratio = torch.where(torch.isfinite(ratio), ratio, torch.full_like(ratio, 1e10))
+        factor = (0.9 * safe_ratio.clamp_min(1e-10).pow(exponent)).clamp(0.2, 10.0)
+        fall = torch.where(residual_new > 0, residual / residual_new,
+                           torch.full_like(residual, 1e3))
+        factor = torch.maximum(factor, fall.clamp(max=1e3))
+        factor = torch.where(accept, factor, torch.full_like(factor, 0.25))
+        keep = expand_as_batch(accept, z)
+        new_state = {
+            "z": torch.where(keep, z_new, z),
+            "fz": torch.where(keep, fz_new, fz),
+            "t": torch.where(accept, t + dt, t),
+            "dt": dt * factor.to(dt.dtype),
+            "cap": state["cap"],
+            "refresh": ~converged | (theta > self.solver.newton.refresh),
+            "eta": eta,
+        }
+        if jacobian is not None:
+            new_state["jacobian"] = jacobian
+        return new_state, nfe
 
     def _rk_step(self, fn: Fn, state: State) -> tuple[State, int | torch.Tensor]:
         z, fz, t, dt = state["z"], state["fz"], state["t"], state["dt"]

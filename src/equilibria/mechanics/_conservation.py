@@ -28,6 +28,7 @@ import torch
 
 from .._checks import check_finite, check_positive_int, check_tolerances
 from ..ode import Tsit5, odeint
+from ..ode._rk import time_like
 from ._costate import Costate, VectorField
 
 __all__ = [
@@ -99,7 +100,7 @@ def _hamiltonian_path(f: VectorField, cs: Costate) -> tuple[torch.Tensor, torch.
     with torch.no_grad():
         n, batch = cs.x.shape[:2]
         fields = torch.stack(
-            [f(cs.t[k].to(cs.x).expand(batch), cs.x[k]) for k in range(n)]
+            [f(time_like(cs.t[k].to(cs.x).expand(batch), cs.x[k]), cs.x[k]) for k in range(n)]
         )
         values = (cs.p * fields).reshape(n, batch, -1).sum(dim=2)
         return values, _pair_scale(cs.p, fields)
@@ -195,6 +196,7 @@ def tangent_pairing(
         rows = state.shape[0]
         x = state[:, :size].reshape(rows, *shape[1:])
         v = state[:, size:].reshape(rows, *shape[1:])
+        t = time_like(t, x)  # odeint shapes t against the flat state, f expects x's shape
         dx, dv = torch.func.jvp(lambda y: f(t, y), (x,), (v,))
         return torch.cat([dx.reshape(rows, -1), dv.reshape(rows, -1)], dim=1)
 

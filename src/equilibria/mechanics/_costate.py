@@ -24,8 +24,9 @@ Each sample is integrated with its own steps, forwards and backwards (unlike
 `equilibria.ode.adjoint_trajectory`, which solves the batch as one system): a sample's p does
 not depend on its batch-mates. Parameter gradients are kept per sample (torch.func.vmap).
 
-Convention (the odeint one): F is called f(t, x) with t of shape (batch,) (each sample its
-own time) and x of shape (batch, ...). Every sample is its own problem; samples never mix.
+Convention (the odeint one): F is called f(t, x) with t of shape (batch, 1, ..., 1) (each
+sample its own time, broadcasting against x) and x of shape (batch, ...). Every sample is its
+own problem; samples never mix.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import torch
 from .._checks import check_finite, check_positive_int, check_tolerances
 from .._solution import EquilibriaError, Solution
 from ..ode import Tsit5, odeint
+from ..ode._rk import time_like
 
 __all__ = ["Costate", "costate", "hamiltonian"]
 
@@ -79,9 +81,9 @@ def hamiltonian(f: VectorField, x: torch.Tensor, p: torch.Tensor, t: Any) -> tor
     """H(x, p, t) = Σ p·F(t, x) over each sample's elements.
 
     Arguments:
-        f: the vector field f(t, x), t of shape (batch,).
+        f: the vector field f(t, x), t of shape (batch, 1, ..., 1).
         x, p: (batch, ...) state and costate, same shape.
-        t: a number, a 0-dim tensor or a (batch,) tensor.
+        t: a number, a 0-dim tensor, a (batch,) or a (batch, 1, ..., 1) tensor.
 
     Returns:
         (batch,) tensor.
@@ -120,9 +122,9 @@ def costate(
     """x(t) forwards and the adjoint p(t) = ∂L/∂x(t) backwards, on a common grid.
 
     Arguments:
-        f: vector field f(t, x) -> dx/dt, t (batch,), x (batch, ...). With param_grads=True it
-            must be a torch.nn.Module (its parameters are the θ of dL/dθ) that handles a
-            batch of one (it is vmapped over samples by torch.func).
+        f: vector field f(t, x) -> dx/dt, t (batch, 1, ...), x (batch, ...). With
+            param_grads=True it must be a torch.nn.Module (its parameters are the θ of dL/dθ)
+            that handles a batch of one (it is vmapped over samples by torch.func).
         x0: (batch, ...) initial state.
         t_span: (t0, T).
         loss_fn: L(x(T)) -> scalar or (batch,) per-sample losses; p(T) = ∂L/∂x(T). Give
@@ -239,14 +241,16 @@ class _AugmentedField:
         p = state[:, size : 2 * size].reshape(batch, *self.shape[1:])
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
-            t = t.detach().to(state.dtype).requires_grad_(True)
+            # odeint shapes t against the flat state; f expects it shaped against x
+            t = time_like(t.detach(), x).requires_grad_(True)
             dx = self.f(t, x)
             # Σ_i p_i·F(t_i, x_i): its gradient in x_i (t_i) is sample i's p·∂F/∂x (p·∂F/∂t),
             # because sample i's output depends on its own x_i and t_i only.
             vjp_x, vjp_t = torch.autograd.grad(dx, (x, t), grad_outputs=p, allow_unused=True)
         vjp_x = torch.zeros_like(x) if vjp_x is None else vjp_x
         vjp_t = torch.zeros_like(t) if vjp_t is None else vjp_t
-        parts = [dx.detach().reshape(batch, -1), -vjp_x.reshape(batch, -1), -vjp_t[:, None]]
+        parts = [dx.detach().reshape(batch, -1), -vjp_x.reshape(batch, -1),
+                 -vjp_t.reshape(batch, 1)]
         if self.named:
             parts.append(-self._per_sample_param_vjp(t.detach(), x.detach(), p))
         return torch.cat(parts, dim=1)
@@ -331,14 +335,18 @@ def _backward_in_segments(
 
 
 def _batch_time(t: Any, x: torch.Tensor) -> torch.Tensor:
-    """A number / 0-dim / (batch,) time as a (batch,) tensor in x's dtype and device."""
+    """A number / 0-dim / (batch,) / (batch, 1, ..., 1) time as the (batch, 1, ..., 1) tensor
+    in x's dtype and device that vector fields receive (the odeint convention)."""
     batch = x.shape[0]
     if isinstance(t, torch.Tensor):
         if t.dim() == 0:
-            return t.to(x).expand(batch)
-        if t.shape == (batch,):
-            return t.to(x)
-        raise ValueError(f"t must be a number, 0-dim or of shape ({batch},), got {tuple(t.shape)}.")
+            return time_like(t.to(x).expand(batch), x)
+        if t.shape[0] == batch and t.numel() == batch:
+            return time_like(t, x)
+        raise ValueError(
+            f"t must be a number, 0-dim or of shape ({batch},) / ({batch}, 1, ..., 1), got "
+            f"{tuple(t.shape)}."
+        )
     if isinstance(t, bool) or not isinstance(t, (int, float)):
         raise TypeError(f"t must be a number or a tensor, got {type(t).__name__}.")
-    return x.new_full((batch,), float(t))
+    return x.new_full((batch,) + (1,) * (x.dim() - 1), float(t))

@@ -167,7 +167,9 @@ class LayerODE:
         return field[index.to(field.device)]
 
     def vector_field(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """f(t, x) = w(t) x + b(t) + g(x) in the odeint convention (t (batch,), x (batch, d))."""
+        """f(t, x) = w(t) x + b(t) + g(x); t (batch, 1) (the odeint convention) or (batch,)."""
+        # odeint passes t shaped (batch, 1) to broadcast against x; the tables index by (batch,)
+        t = t.reshape(t.shape[0]) if t.dim() > 1 else t
         w = self.w_at(t)
         b = self.b_at(t)
         linear = x @ w.T if w.dim() == 2 else torch.einsum("bij,bj->bi", w, x)

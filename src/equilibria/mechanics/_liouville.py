@@ -29,6 +29,7 @@ import torch
 
 from .._solution import Solution
 from ..ode import odeint
+from ..ode._rk import time_like
 from ._costate import VectorField, _check_flow, _solve_options, costate
 
 __all__ = ["PhaseVolume", "liouville"]
@@ -77,6 +78,7 @@ class _VariationalField:
         x = state[:, :d].reshape(shape)
         v = state[:, d : d + d * d].reshape(batch, d, d)
         columns, fx = [], None
+        t = time_like(t, x)  # odeint shapes t against the flat state, f expects x's shape
         for i in range(d):
             tangent = torch.zeros_like(x).reshape(batch, d)
             tangent[:, i] = 1.0
@@ -105,7 +107,7 @@ def liouville(
     variational equation and (adjoint=True) by the adjoint `costate`.
 
     Arguments:
-        f: vector field f(t, x) -> dx/dt, t of shape (batch,), x (batch, ...); must be
+        f: vector field f(t, x) -> dx/dt, t of shape (batch, 1, ..., 1), x (batch, ...); must be
             differentiable by torch.func.jvp.
         x0: (batch, ...) floating initial states, at most 64 elements per sample (the
             Jacobian costs one JVP per element at every evaluation).

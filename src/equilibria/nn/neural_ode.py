@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
+from .._checks import check_batched_state, check_positive_int, check_tolerances
 from .._solution import Solution
-from ..ode import Dopri5, RungeKutta, odeint
+from ..ode import Dopri5, ImplicitRK, RungeKutta, odeint
 from ..ode._adjoint import Adjoint, Backprop, odeint_adjoint
+from ..ode._inputs import _api, check_args, check_t_eval
+
+
+def _check_t_span(t_span: object) -> None:
+    """A pair of finite, distinct-or-equal times (floats or 0-dim tensors)."""
+    if not isinstance(t_span, (tuple, list)) or len(t_span) != 2:
+        raise ValueError(f"t_span must be a pair (t0, t1), got {t_span!r}.")
+    for name, value in zip(("t0", "t1"), t_span):
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise ValueError(f"t_span's {name} must be a number or a 1-element tensor.")
+            value = float(value.detach())
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"t_span's {name} must be a number, got {type(value).__name__}.")
+        if not math.isfinite(value):
+            raise ValueError(
+                f"t_span must be finite, got {name} = {value!r}; pass e.g. t_span=(0.0, 1.0)."
+            )
 
 __all__ = ["NeuralODE"]
 
@@ -17,8 +37,8 @@ class NeuralODE(torch.nn.Module):
     """y(t1) for dy/dt = f_module(t, y), y(t0) = x, with a choice of gradient.
 
     Arguments:
-        f_module: nn.Module called as f_module(t, y) with t of shape (batch,) and y of shape
-            (batch, ...) (see equilibria.ode for the convention).
+        f_module: nn.Module called as f_module(t, y) with t of shape (batch, 1, ..., 1)
+            (broadcasting against y) and y of shape (batch, ...) (see equilibria.ode).
         t_span: (t0, t1): floats, or tensors that require grad to learn the time span
             (with gradient=Adjoint(); Backprop refuses them rather than drop the gradient).
         solver: solver object (default Dopri5()).
@@ -28,6 +48,11 @@ class NeuralODE(torch.nn.Module):
         t_eval: optional times; forward then returns (len(t_eval), batch, ...).
         throw: raise EquilibriaError when a sample fails in the forward solve.
 
+    Call it as ``node(y0)`` or, conditioned, ``node(y0, args=(x,))``: per-sample tensors with
+    y0's batch in dim 0, passed as f_module(t, y, *args), sliced with y when finished samples
+    are dropped, and differentiated with either gradient (a conditioning that comes from an
+    encoder gets its gradient).
+
     Attributes:
         last_solution: the Solution of the latest forward (status, stats; after backward
             with Adjoint, stats["adjoint_nfe"]).
@@ -35,6 +60,8 @@ class NeuralODE(torch.nn.Module):
     Raises:
         TypeError: when f_module is not an nn.Module, or solver/gradient are not the objects
             named above.
+        ValueError: at construction: rtol/atol not finite and > 0, t_span not a pair of
+            finite times, max_steps < 1, t_eval outside t_span (each naming the fix).
 
     Reference: Chen et al., "Neural Ordinary Differential Equations", NeurIPS 2018.
     """
@@ -56,10 +83,19 @@ class NeuralODE(torch.nn.Module):
             raise TypeError(
                 f"f_module must be an nn.Module f(t, y), got {type(f_module).__name__}."
             )
-        if not isinstance(solver, RungeKutta):
-            raise TypeError(f"solver must be a solver object (Dopri5(), ...), got {solver!r}.")
+        if not isinstance(solver, (RungeKutta, ImplicitRK)):
+            raise TypeError(
+                f"solver must be a solver object (Dopri5(), ..., or implicit Kvaerno3(), "
+                f"Kvaerno5()), got {solver!r}."
+            )
         if not isinstance(gradient, (Adjoint, Backprop)):
             raise TypeError(f"gradient must be Adjoint() or Backprop(), got {gradient!r}.")
+        check_tolerances(atol, rtol)
+        check_positive_int("max_steps", max_steps)
+        _check_t_span(t_span)
+        if t_eval is not None:
+            # odeint's own check, run now so a bad grid fails at construction
+            check_t_eval(t_eval, *(float(t) for t in t_span))
         self.f_module = f_module
         self.t_span = t_span
         self.solver = solver
@@ -71,15 +107,25 @@ class NeuralODE(torch.nn.Module):
         self.throw = throw
         self.last_solution: Solution | None = None
 
-    def forward(self, y0: torch.Tensor) -> torch.Tensor:
-        """y0: (batch, ...) -> y(t1) (batch, ...), or (len(t_eval), batch, ...)."""
-        if isinstance(self.gradient, Adjoint):
-            sol = odeint_adjoint(self.f_module, y0, self.t_span, solver=self.solver,
-                                 rtol=self.rtol, atol=self.atol, t_eval=self.t_eval,
-                                 max_steps=self.max_steps, gradient=self.gradient)
-        else:
-            sol = odeint(self.f_module, y0, self.t_span, solver=self.solver, rtol=self.rtol,
-                         atol=self.atol, t_eval=self.t_eval, max_steps=self.max_steps)
+    def forward(
+        self, y0: torch.Tensor, args: tuple[torch.Tensor, ...] | torch.Tensor = ()
+    ) -> torch.Tensor:
+        """y0: (batch, ...) -> y(t1) (batch, ...), or (len(t_eval), batch, ...).
+
+        args: per-sample conditioning (tensors with y0's batch in dim 0), passed as
+        f_module(t, y, *args)."""
+        check_batched_state("y0", y0)
+        args = check_args(args, y0, "NeuralODE")
+        with _api("NeuralODE"):
+            if isinstance(self.gradient, Adjoint):
+                sol = odeint_adjoint(self.f_module, y0, self.t_span, solver=self.solver,
+                                     rtol=self.rtol, atol=self.atol, t_eval=self.t_eval,
+                                     max_steps=self.max_steps, gradient=self.gradient,
+                                     args=args)
+            else:
+                sol = odeint(self.f_module, y0, self.t_span, solver=self.solver,
+                             rtol=self.rtol, atol=self.atol, t_eval=self.t_eval,
+                             max_steps=self.max_steps, args=args)
         self.last_solution = sol
         if self.throw:
             sol.raise_if_failed("NeuralODE")

@@ -1,7 +1,9 @@
-"""equilibria.ode: batched explicit Runge–Kutta integration with per-sample step control.
+"""equilibria.ode: batched Runge–Kutta integration (explicit, and implicit ESDIRK for stiff
+problems) with per-sample step control.
 
 Vector fields are called ``f(t, y)`` with ``y`` of shape (batch, ...) and ``t`` a tensor of
-shape (batch,) (each sample has its own time); see `rk_step`.
+shape (batch, 1, ..., 1) that broadcasts against y (each sample has its own time, and code
+written for a scalar time, ``torch.sin(t) * y``, is right as it stands); see `rk_step`.
 """
 
 from ._adjoint import Adjoint as Adjoint
@@ -10,6 +12,13 @@ from ._adjoint import Backprop as Backprop
 from ._adjoint import adjoint_trajectory as adjoint_trajectory
 from ._adjoint import odeint_adjoint as odeint_adjoint
 from ._controller import PIController as PIController
+from ._esdirk_tableau import ESDIRKTableau as ESDIRKTableau
+from ._events import Event as Event
+from ._implicit import ImplicitRK as ImplicitRK
+from ._implicit import Kvaerno3 as Kvaerno3
+from ._implicit import Kvaerno5 as Kvaerno5
+from ._implicit import Newton as Newton
+from ._implicit import esdirk_stages as esdirk_stages
 from ._integrate import odeint as odeint
 from ._rk import rk_step as rk_step
 from ._solvers import RK4 as RK4

@@ -35,8 +35,10 @@ from dataclasses import dataclass
 import torch
 
 from .._autocast import autocast_context, autocast_dtype
-from .._checks import check_positive, check_positive_int, rms_norm
+from .._checks import check_batched_state, check_positive, check_positive_int, rms_norm
 from .._solution import Solution
+from ._implicit import ImplicitRK
+from ._inputs import _api, check_args
 from ._integrate import odeint
 from ._solvers import RungeKutta, Tsit5
 
@@ -75,7 +77,7 @@ class Adjoint:
         for name in ("rtol", "atol"):
             if getattr(self, name) is not None:
                 check_positive(f"Adjoint.{name}", getattr(self, name))
-        if self.solver is not None and not isinstance(self.solver, RungeKutta):
+        if self.solver is not None and not isinstance(self.solver, (RungeKutta, ImplicitRK)):
             raise TypeError(f"Adjoint.solver must be a solver object, got {self.solver!r}.")
         if self.max_steps is not None:
             check_positive_int("Adjoint.max_steps", self.max_steps)
@@ -101,9 +103,15 @@ class AdjointTrajectory:
     solution: Solution
 
 
-def _augmented_field(f, params, y_shape, y_numel):
-    """f_aug(t, s) on the flat augmented state s = [y, a, a_theta], shape (1, total)."""
+def _augmented_field(f, params, y_shape, y_numel, args=()):
+    """f_aug(t, s) on the flat augmented state s = [y, a, a_theta], shape (1, total).
+
+    ``params`` are the tensors whose gradients are integrated (the module's parameters, then
+    the per-sample ``args`` that require grad, whose integrals are per sample because row b
+    of f depends on row b of args only); ``args`` are passed as f(t, y, *args)."""
     batch = y_shape[0]
+    time_shape = (batch,) + (1,) * (len(y_shape) - 1)
+    n_module = len(params) - sum(a.requires_grad for a in args)
 
     def f_aug(t: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         flat = state[0]
@@ -111,10 +119,10 @@ def _augmented_field(f, params, y_shape, y_numel):
         a = flat[y_numel : 2 * y_numel].reshape(y_shape)
         with torch.enable_grad():
             y_var = y.detach().requires_grad_(True)
-            dydt = f(t.expand(batch), y_var)
-            grads = torch.autograd.grad(
-                dydt, (y_var, *params), grad_outputs=a, allow_unused=True
-            )
+            arg_vars = tuple(x.detach().requires_grad_(x.requires_grad) for x in args)
+            dydt = f(t.reshape(()).expand(batch).reshape(time_shape), y_var, *arg_vars)
+            wrt = (*params[:n_module], *(x for x in arg_vars if x.requires_grad))
+            grads = torch.autograd.grad(dydt, (y_var, *wrt), grad_outputs=a, allow_unused=True)
         pieces = [dydt.detach().reshape(-1), -grads[0].reshape(-1)]
         for g, p in zip(grads[1:], params):
             pieces.append(
@@ -150,6 +158,7 @@ def adjoint_trajectory(
     atol: float = 1e-8,
     max_steps: int = 10_000,
     seminorm: bool = False,
+    args: Sequence[torch.Tensor] = (),
 ) -> AdjointTrajectory:
     """Solve the adjoint (costate) system backwards: y, a = dL/dy and a_theta over time.
 
@@ -159,7 +168,7 @@ def adjoint_trajectory(
     conjugate to y in the Hamiltonian H = a . f (see equilibria.mechanics).
 
     Arguments:
-        f: vector field f(t, y), t of shape (batch,).
+        f: vector field f(t, y), t of shape (batch, 1, ..., 1).
         y_end, a_end: (batch, ...) state and costate at t_span[0].
         t_span: (t_end, t_start); usually t_end > t_start (backwards in time).
         params: tensors f depends on (requires_grad) whose gradients a_theta to accumulate.
@@ -167,6 +176,8 @@ def adjoint_trajectory(
             a; default: only t_start.
         solver, rtol, atol, max_steps: as in odeint (one shared step size for the batch).
         seminorm: leave a_theta out of the step test (see the module docstring).
+        args: per-sample tensors (batch in dim 0) passed as f(t, y, *args); those that
+            require grad get their gradient integrated too, after params' (in a_params).
 
     Returns:
         AdjointTrajectory(y, a, a_params, solution).
@@ -181,13 +192,14 @@ def adjoint_trajectory(
             f"a_end has shape {tuple(a_end.shape)} but y_end has {tuple(y_end.shape)}; "
             "the costate has the state's shape."
         )
-    params = tuple(params)
+    args = tuple(args)
+    params = tuple(params) + tuple(a for a in args if a.requires_grad)
     y_numel = y_end.numel()
     state0 = torch.cat(
         [y_end.detach().reshape(-1), a_end.detach().to(y_end.dtype).reshape(-1)]
         + [torch.zeros(p.numel(), dtype=y_end.dtype, device=y_end.device) for p in params]
     )[None]
-    f_aug = _augmented_field(f, params, y_end.shape, y_numel)
+    f_aug = _augmented_field(f, params, y_end.shape, y_numel, args)
     t_eval = [t_span[1]] if t_record is None else t_record
     error_norm = None
     if seminorm and params:
@@ -207,13 +219,17 @@ def adjoint_trajectory(
 
 class _AdjointFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, config, y0, t_pair, *params):
+    def forward(ctx, config, y0, t_pair, *inputs):
         # t_pair: (2,) float64 tensor of (t0, t1) when the time span is differentiated, else
-        # None; config's t_span holds the same times as floats.
-        f, t_span, t_grid, solver, rtol, atol, max_steps, dt0, gradient, stats_out = config
-        with torch.no_grad():
+        # None; config's t_span holds the same times as floats. inputs: the module's
+        # parameters, then the per-sample args.
+        f, t_span, t_grid, solver, rtol, atol, max_steps, dt0, gradient, stats_out, n_params = (
+            config
+        )
+        args = inputs[n_params:]
+        with torch.no_grad(), _api("odeint_adjoint"):
             sol = odeint(f, y0, t_span, solver=solver, rtol=rtol, atol=atol, t_eval=t_grid,
-                         max_steps=max_steps, dt0=dt0)
+                         max_steps=max_steps, dt0=dt0, args=args)
         stats_out.update(sol.stats)
         stats_out["status"] = sol.status
         # The backward integrates f again: under the forward's autocast, as torch.utils.
@@ -223,14 +239,19 @@ class _AdjointFunction(torch.autograd.Function):
         ctx.t_pair = t_pair is not None
         # y0 is needed again only for dL/dt0 = -a(t0) . f(t0, y0).
         saved_y0 = y0 if ctx.t_pair else y0.new_empty(0)
-        ctx.save_for_backward(sol.value, saved_y0, *params)
+        ctx.save_for_backward(sol.value, saved_y0, *inputs)
         return sol.value
 
     @staticmethod
     def _backward(ctx, grad_value):
-        f, t_span, t_grid, solver, rtol, atol, max_steps, dt0, gradient, stats_out = ctx.config
-        value, y0, *params = ctx.saved_tensors
-        params = tuple(params)
+        f, t_span, t_grid, solver, rtol, atol, max_steps, dt0, gradient, stats_out, n_params = (
+            ctx.config
+        )
+        value, y0, *inputs = ctx.saved_tensors
+        params = tuple(inputs[:n_params])
+        # the args whose gradient is asked for are integrated after the params
+        wants = ctx.needs_input_grad[3 + n_params:]
+        args = tuple(a.detach().requires_grad_(w) for a, w in zip(inputs[n_params:], wants))
         b_solver = gradient.solver or solver
         b_rtol = gradient.rtol or rtol
         b_atol = gradient.atol or atol
@@ -241,7 +262,7 @@ class _AdjointFunction(torch.autograd.Function):
         else:
             times, states, grads = [float(t) for t in t_grid], value, grad_value
         a = torch.zeros_like(states[-1])
-        a_params = [torch.zeros_like(p) for p in params]
+        a_params = [torch.zeros_like(p) for p in params + tuple(x for x in args if x.requires_grad)]
         nfe = 0
         # walk the recorded times from the last back to t0, adding each point's gradient
         points = list(range(len(times) - 1, -1, -1))
@@ -252,17 +273,19 @@ class _AdjointFunction(torch.autograd.Function):
             if t_to == t_from:
                 continue
             traj = adjoint_trajectory(f, states[i], a, (t_from, t_to), params, None, b_solver,
-                                      b_rtol, b_atol, b_steps, gradient.seminorm)
+                                      b_rtol, b_atol, b_steps, gradient.seminorm, args)
             nfe += int(traj.solution.stats["nfe"].sum())
             a = traj.a[-1]
             a_params = [acc + g for acc, g in zip(a_params, traj.a_params)]
         grad_t = None
         if ctx.t_pair and ctx.needs_input_grad[2]:
             grad_t, extra_nfe = _time_span_gradient(f, value, y0, grad_value, a, t0, t1,
-                                                    t_grid is not None)
+                                                    t_grid is not None, args)
             nfe += extra_nfe
         stats_out["adjoint_nfe"] = nfe
-        return (None, a, grad_t, *a_params)
+        grad_args = iter(a_params[n_params:])
+        grad_inputs = [next(grad_args) if w else None for w in wants]
+        return (None, a, grad_t, *a_params[:n_params], *grad_inputs)
 
     @staticmethod
     def backward(ctx, grad_value):
@@ -271,7 +294,7 @@ class _AdjointFunction(torch.autograd.Function):
 
 
 def _time_span_gradient(f, value, y0, grad_value, a0, t0: float, t1: float,
-                        has_grid: bool) -> tuple[torch.Tensor, int]:
+                        has_grid: bool, args=()) -> tuple[torch.Tensor, int]:
     """(dL/dt0, dL/dt1) as a (2,) float64 tensor, and the evaluations of f it took.
 
     Moving t1 moves the returned state y(t1) along the flow: dL/dt1 = g . f(t1, y(t1)). With
@@ -282,7 +305,8 @@ def _time_span_gradient(f, value, y0, grad_value, a0, t0: float, t1: float,
     batch = y0.shape[0]
     with torch.no_grad():
         def rate(t: float, y: torch.Tensor) -> torch.Tensor:
-            return f(torch.full((batch,), t, dtype=y.dtype, device=y.device), y)
+            return f(torch.full((batch,) + (1,) * (y.dim() - 1), t, dtype=y.dtype,
+                                device=y.device), y, *(x.detach() for x in args))
 
         grad_t0 = -(a0 * rate(t0, y0)).sum()
         grad_t1 = torch.zeros_like(grad_t0) if has_grid else (grad_value * rate(t1, value)).sum()
@@ -302,15 +326,20 @@ def odeint_adjoint(
     dt0: float | None = None,
     params: Sequence[torch.Tensor] | None = None,
     gradient: Adjoint = Adjoint(),  # noqa: B008
+    args: tuple[torch.Tensor, ...] | torch.Tensor = (),
 ) -> Solution:
     """odeint whose value is differentiated by the continuous adjoint (O(1) memory).
 
     Arguments:
-        f: vector field f(t, y); an nn.Module's parameters are found automatically.
+        f: vector field f(t, y, *args); an nn.Module's parameters are found automatically.
         y0, t_span, solver, rtol, atol, t_eval, max_steps, dt0: as in odeint.
         params: tensors to differentiate besides y0 (default: f.parameters() that require
             grad when f is an nn.Module, else none).
         gradient: the Adjoint options (backward tolerances, solver, step bound).
+        args: per-sample conditioning, tensors with y0's batch in dim 0, passed as
+            f(t, y, *args) and sliced with y when finished samples are dropped; those that
+            require grad are differentiated (their adjoint integral is per sample:
+            dL/dargs_b = int a_b^T df_b/dargs_b dt).
 
     Returns:
         Solution whose value is differentiable w.r.t. y0 and params, and w.r.t. t_span's
@@ -322,9 +351,12 @@ def odeint_adjoint(
 
     Raises:
         TypeError: when gradient is not an Adjoint; as odeint otherwise.
+        ValueError: args not tensors with y0's batch in dim 0; as odeint otherwise.
     """
     if not isinstance(gradient, Adjoint):
         raise TypeError(f"gradient must be Adjoint(...), got {type(gradient).__name__}.")
+    check_batched_state("y0", y0)
+    args = check_args(args, y0, "odeint_adjoint")
     if params is None:
         params = (
             tuple(p for p in f.parameters() if p.requires_grad)
@@ -334,6 +366,12 @@ def odeint_adjoint(
     params = tuple(params)
     # the forward odeint inside the Function validates every argument
     t_grid = None if t_eval is None else torch.as_tensor(t_eval, dtype=torch.float64)
+    if t_grid is not None and t_grid.dim() != 1:
+        raise ValueError(
+            f"odeint_adjoint takes a t_eval of shape (n,) shared by the batch, got "
+            f"{tuple(t_grid.shape)}; per-sample (batch, n) times need odeint (Backprop), "
+            "whose gradient follows each sample's own grid."
+        )
     t_pair = None
     if isinstance(t_span, (tuple, list)) and len(t_span) == 2:
         if any(isinstance(t, torch.Tensor) and t.requires_grad for t in t_span):
@@ -345,7 +383,7 @@ def odeint_adjoint(
         t_span = tuple(float(t.detach()) if isinstance(t, torch.Tensor) else t for t in t_span)
     stats: dict = {}
     config = (f, t_span, t_grid, solver, rtol, atol, max_steps,
-              dt0, gradient, stats)
-    value = _AdjointFunction.apply(config, y0, t_pair, *params)
+              dt0, gradient, stats, len(params))
+    value = _AdjointFunction.apply(config, y0, t_pair, *params, *args)
     status = stats.pop("status")
     return Solution(value, status, stats)

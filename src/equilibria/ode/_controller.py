@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .._checks import rms_norm
+from ._rk import time_like
 
 __all__ = ["PIController", "initial_step", "scaled_error"]
 
@@ -125,7 +126,7 @@ def initial_step(
     scaled by atol + rtol |y0|.
 
     Arguments:
-        f: the vector field (t of shape (batch,) in y's dtype).
+        f: the vector field (t of shape (batch, 1, ..., 1) in y's dtype).
         t0: (batch,) float64 start times.
         y0, f0: (batch, ...) state and f(t0, y0).
         direction: +1.0 or -1.0 (sign of t1 - t0).
@@ -144,7 +145,7 @@ def initial_step(
         h0 = torch.where(tiny, torch.full_like(d0, 1e-6), 0.01 * d0 / d1.clamp_min(1e-300))
         h0 = h0.clamp_max(max_dt)
         y1 = y0 + (direction * h0).to(y0.dtype).reshape((-1,) + (1,) * (y0.dim() - 1)) * f0
-        f1 = f((t0 + direction * h0).to(y0.dtype), y1)
+        f1 = f(time_like(t0 + direction * h0, y0), y1)
         d2 = rms_norm((f1 - f0) / scale).double() / h0
         d_max = torch.maximum(d1, d2)
         h1 = torch.where(

@@ -1,4 +1,4 @@
-"""odeint: batched explicit Runge–Kutta integration with per-sample step control.
+"""odeint: batched Runge–Kutta integration (explicit or ESDIRK) with per-sample step control.
 
 Every sample b has its own time t_b, step dt_b, accept/reject decision and status; updates
 are merged with ``torch.where`` masks, so a sample's trajectory does not depend on its
@@ -10,21 +10,17 @@ dropped from the batch ("compaction"), so they stop costing evaluations of f.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 
 from .._autocast import outside_autocast
-from .._checks import (
-    check_batched_state,
-    check_positive,
-    check_positive_int,
-    check_tolerances,
-)
 from .._solution import Solution, Status
 from ._controller import PIController, initial_step, scaled_error
+from ._events import Event, locate, state_at
+from ._implicit import ImplicitRK, esdirk_stages
+from ._inputs import _API, _Field, call_terminate, check_inputs, check_t_eval
 from ._interp import dense_value
-from ._rk import rk_stages
+from ._rk import rk_stages, time_like
 from ._solvers import RungeKutta, Tsit5
 
 __all__ = ["odeint"]
@@ -38,6 +34,9 @@ _COMPACT_FRACTION = 0.875
 # declared NONFINITE: 0.2^10 ~ 1e-7, so a blow-up that smaller steps cannot avoid is reported
 # instead of grinding down to the dt floor.
 _MAX_NONFINITE_TRIES = 10
+# Consecutive Newton failures (each shrinking dt by 0.3, with a fresh Jacobian) before a sample
+# is declared NEWTON_FAILED: 0.3^15 ~ 1e-8 of the step that first failed.
+_MAX_NEWTON_TRIES = 15
 
 
 def _rows(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -47,119 +46,6 @@ def _rows(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def _row_finite(x: torch.Tensor) -> torch.Tensor:
     # A sum is non-finite iff some element is (barring overflow of huge finite values).
     return torch.isfinite(x.reshape(x.shape[0], -1).sum(dim=1))
-
-
-class _Field:
-    """f(t, y, *args) with the output checked, args sliced to the rows still running."""
-
-    def __init__(self, f: Callable, args: tuple[torch.Tensor, ...], batch: int) -> None:
-        self.f = f
-        self.args = args
-        self.batch = batch
-
-    def select(self, rows: torch.Tensor) -> None:
-        self.args = tuple(a.index_select(0, rows) for a in self.args)
-
-    def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        compacted = y.shape[0] != self.batch
-        try:
-            out = self.f(t, y, *self.args)
-        except RuntimeError as error:
-            if not compacted:
-                raise
-            raise ValueError(
-                f"f failed on a batch of {y.shape[0]} rows (the {self.batch}-sample batch "
-                "with finished samples dropped). If f closes over batch-shaped tensors, "
-                "pass them as odeint(..., args=(x,)) so they are sliced with y, or use "
-                "compact=False."
-            ) from error
-        if not isinstance(out, torch.Tensor):
-            raise ValueError(f"f must return a tensor, got {type(out).__name__}.")
-        if out.shape != y.shape or out.dtype != y.dtype or out.device != y.device:
-            hint = (
-                " (rows were dropped from the batch: if f closes over batch-shaped tensors, "
-                "pass them as args=(...) or use compact=False)"
-                if compacted
-                else ""
-            )
-            raise ValueError(
-                f"f returned {tuple(out.shape)} {out.dtype} on {out.device} for y of "
-                f"{tuple(y.shape)} {y.dtype} on {y.device}; f(t, y) must return dy/dt with "
-                f"y's shape, dtype and device{hint}."
-            )
-        return out
-
-
-def _check_t_eval(t_eval: Any, t0: float, t1: float) -> torch.Tensor:
-    t_eval = torch.as_tensor(t_eval, dtype=torch.float64).detach().cpu()
-    if t_eval.dim() != 1 or t_eval.numel() == 0:
-        raise ValueError(
-            f"t_eval must be a non-empty 1-D sequence, got shape {tuple(t_eval.shape)}."
-        )
-    if not bool(torch.isfinite(t_eval).all()):
-        raise ValueError("t_eval contains inf or NaN.")
-    lo, hi = min(t0, t1), max(t0, t1)
-    if float(t_eval.min()) < lo or float(t_eval.max()) > hi:
-        raise ValueError(
-            f"t_eval must lie inside t_span [{lo}, {hi}], got values in "
-            f"[{float(t_eval.min())}, {float(t_eval.max())}]."
-        )
-    steps = (t_eval[1:] - t_eval[:-1]) * (1.0 if t1 > t0 else -1.0)
-    if bool((steps <= 0).any()):
-        raise ValueError(
-            "t_eval must be strictly monotone in the direction of integration (from t_span[0] "
-            "towards t_span[1])."
-        )
-    return t_eval
-
-
-def _check_inputs(f, y0, t_span, solver, rtol, atol, max_steps, dt0, n_steps, terminate, args):
-    if not callable(f):
-        raise TypeError(f"f must be callable f(t, y), got {type(f).__name__}.")
-    check_batched_state("y0", y0)
-    if not isinstance(solver, RungeKutta):
-        raise TypeError(
-            f"solver must be an equilibria.ode solver object (Euler(), RK4(), Tsit5(), ...), "
-            f"got {type(solver).__name__}."
-        )
-    if not isinstance(t_span, (tuple, list)) or len(t_span) != 2:
-        raise ValueError(f"t_span must be a pair (t0, t1), got {t_span!r}.")
-    if torch.is_grad_enabled() and any(
-        isinstance(v, torch.Tensor) and v.requires_grad for v in t_span
-    ):
-        raise ValueError(
-            "t_span requires grad, but odeint does not differentiate with respect to the time "
-            "span (the gradient would be lost): use odeint_adjoint or NeuralODE(gradient="
-            "Adjoint()), which do, or pass t_span as floats / detached tensors."
-        )
-    t0, t1 = (float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for v in t_span)
-    if not (torch.isfinite(torch.tensor([t0, t1])).all()):
-        raise ValueError(f"t_span must be finite, got {t_span!r}.")
-    atol, rtol = check_tolerances(atol, rtol)
-    check_positive_int("max_steps", max_steps)
-    if dt0 is not None:
-        dt0 = check_positive("dt0", abs(dt0) if isinstance(dt0, (int, float)) else dt0)
-    if n_steps is not None:
-        check_positive_int("n_steps", n_steps)
-        if dt0 is not None:
-            raise ValueError("pass either dt0 or n_steps, not both.")
-    if not solver.adaptive and dt0 is None and n_steps is None:
-        raise ValueError(
-            f"{type(solver).__name__} is a fixed-step method: pass dt0=... (the step size) or "
-            "n_steps=..., or use an adaptive solver (Bosh3(), Dopri5(), Tsit5())."
-        )
-    if terminate is not None and not callable(terminate):
-        raise TypeError("terminate must be callable terminate(t, y, dydt) -> (batch,) bool.")
-    if isinstance(args, torch.Tensor):
-        args = (args,)
-    if not isinstance(args, (tuple, list)):
-        raise TypeError("args must be a tuple of tensors with the batch in dim 0.")
-    for i, a in enumerate(args):
-        if not isinstance(a, torch.Tensor) or a.dim() == 0 or a.shape[0] != y0.shape[0]:
-            raise ValueError(
-                f"args[{i}] must be a tensor with the batch ({y0.shape[0]}) in dim 0."
-            )
-    return t0, t1, rtol, atol, dt0, tuple(args)
 
 
 @outside_autocast(fn="f", state="y0")
@@ -180,33 +66,40 @@ def odeint(
     args: tuple[torch.Tensor, ...] = (),
     compact: bool = True,
     error_norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    event: Event | None = None,
 ) -> Solution:
     """Integrate dy/dt = f(t, y) from t_span[0] to t_span[1], every sample on its own steps.
 
-    Adaptive methods (Bosh3, Dopri5, Tsit5) accept a step when the per-sample RMS of
-    y_err / (atol + rtol max(|y|, |y_new|)) is <= 1 and choose the next one with a PI
-    controller; the first step comes from Hairer's algorithm unless dt0 is given. Fixed-step
+    Adaptive methods (Bosh3, Dopri5, Tsit5; implicit Kvaerno3, Kvaerno5) accept a step when
+    the per-sample RMS of y_err / (atol + rtol max(|y|, |y_new|)) is <= 1 and choose the next
+    one with a PI controller; the first step comes from Hairer's algorithm unless dt0 is
+    given. Implicit (ESDIRK) methods, for stiff problems, solve their stages per sample by
+    Newton's method (see `equilibria.ode.esdirk_stages`); a sample whose Newton iterations
+    fail has its step rejected and retried with 0.3 dt. Fixed-step
     methods take steps of dt0 (or (t1 - t0)/n_steps); the last step is shortened to land on t1.
     With t_eval, values at those times come from dense output (Dopri5/Tsit5: their own
     4th-order interpolants; others: cubic Hermite), so t_eval does not change the steps.
 
     Arguments:
-        f: vector field f(t, y, *args) -> dy/dt; t has shape (batch,) (each sample's own
-            time, in y's dtype), y shape (batch, ...). Rows must be independent.
+        f: vector field f(t, y, *args) -> dy/dt; t has shape (batch, 1, ..., 1) (each
+            sample's own time, in y's dtype, broadcasting against y: ``torch.sin(t) * y`` is
+            right as written), y shape (batch, ...). Rows must be independent.
         y0: (batch, ...) initial state, float32 or float64, any device.
         t_span: (t0, t1); t1 < t0 integrates backwards in time.
         solver: a solver object (Euler(), Midpoint(), Heun(), RK4(), Bosh3(), Dopri5(),
-            Tsit5(), ExplicitRK(tableau)).
+            Tsit5(), ExplicitRK(tableau); implicit Kvaerno3(), Kvaerno5()).
         rtol, atol: tolerances of the local error test (adaptive methods).
-        t_eval: optional increasing (or, backwards, decreasing) times inside t_span.
+        t_eval: optional increasing (or, backwards, decreasing) times inside t_span: (n,)
+            shared by all samples, or (batch, n), each sample its own times.
         max_steps: per-sample bound on attempted steps (accepted + rejected).
         dt0: first step size (adaptive) or the step size (fixed-step); sign is ignored.
         n_steps: take this many equal steps of (t1 - t0)/n_steps, with any method (an
             adaptive one then runs without step control; its error estimate is unused).
         terminate: optional hook terminate(t, y, dydt) -> (batch,) bool, called after every
-            accepted step (t: (batch,), dydt = f(t, y)); True stops that sample with
-            Status.EVENT. The continuous DEQ path stops at ||dy/dt|| <= atol + rtol ||y||.
-            Like f, it sees only the rows still running and must be row-wise.
+            accepted step (t shaped as for f, dydt = f(t, y)); True stops that sample with
+            Status.EVENT at the end of that step (nothing is located: use `event` for the
+            time at which a condition is met). Like f, it sees only the rows still running
+            and must be row-wise.
         throw: raise EquilibriaError when any sample failed.
         controller: the PIController for adaptive methods.
         args: tensors with the batch in dim 0, passed as f(t, y, *args) and sliced together
@@ -215,18 +108,32 @@ def odeint(
         error_norm: per-row norm of the scaled local error, (rows, ...) -> (rows,), for the
             step test (default: RMS over the row). E.g. a seminorm that leaves out
             components nothing else depends on (the adjoint's parameter integrals).
+        event: optional `Event(fn, direction, terminal)`: the time where fn(t, y, *args)
+            crosses 0 is located per sample on the dense output of the step that contains
+            it (to a few ulps of t; accurate to the solver's tolerance). Terminal: the
+            sample stops there with Status.EVENT (also inside the last step). With autograd
+            recording, the event time and state carry their implicit-function-theorem
+            derivative (Chen, Amos & Nickel 2021).
 
     Returns:
         Solution with value (batch, ...) at t1 (or at each sample's stopping time), or
-        (len(t_eval), batch, ...) with t_eval (a sample that stopped early holds its final
-        state at later t_eval points); status (batch,) int64 (SUCCESS, EVENT, MAX_STEPS,
-        NONFINITE with the last finite state, STEP_SIZE_TOO_SMALL); stats: "nfe", "n_steps"
-        (accepted), "n_rejected" (int64, (batch,)) and "t" (float64, (batch,), final time).
+        (n, batch, ...) with t_eval (value[i, b] at t_eval[i], or at t_eval[b, i] per
+        sample; a sample that stopped early holds its final state at later t_eval points);
+        status (batch,) int64 (SUCCESS, EVENT, MAX_STEPS,
+        NONFINITE with the last finite state, STEP_SIZE_TOO_SMALL, NEWTON_FAILED); stats:
+        "nfe", "n_steps" (accepted), "n_rejected" (int64, (batch,)) and "t" (float64,
+        (batch,), final time: the event time for a terminal event). With a terminal event
+        also "event_t" ((batch,), y's dtype, differentiable; NaN where no event) and
+        "event_y" ((batch, ...), the state at the event, differentiable; NaN rows where
+        none); with a non-terminal one "n_events" ((batch,) int64) and "event_times"
+        ((batch, max n_events) float64, in time order, NaN-padded; at most one event per
+        sample per step is found).
 
     Raises:
         ValueError: non-finite y0, bad t_span/t_eval, rtol/atol <= 0, max_steps < 1, missing
-            dt0 for a fixed-step method, f returning the wrong shape/dtype/device.
-        TypeError: y0 not a tensor, unknown solver type.
+            dt0 for a fixed-step method, f returning the wrong shape/dtype/device, an event
+            function not returning one floating value per sample.
+        TypeError: y0 not a tensor, unknown solver type, event not an Event.
         EquilibriaError: with throw=True when a sample failed.
 
     Under ``torch.autocast`` f runs in the autocast dtype (its output cast back to y0's
@@ -237,11 +144,16 @@ def odeint(
 
     Reference: Hairer, Nørsett, Wanner, *Solving ODEs I* (2nd ed.), II.4-II.6.
     """
-    t0, t1, rtol, atol, dt0, args = _check_inputs(
+    t0, t1, rtol, atol, dt0, args = check_inputs(
         f, y0, t_span, solver, rtol, atol, max_steps, dt0, n_steps, terminate, args
     )
     if not isinstance(controller, PIController):
         raise TypeError(f"controller must be a PIController, got {type(controller).__name__}.")
+    if event is not None and not isinstance(event, Event):
+        raise TypeError(
+            f"event must be an equilibria.ode.Event(fn, direction, terminal), got "
+            f"{type(event).__name__}; wrap a function as Event(fn)."
+        )
     if error_norm is not None and not callable(error_norm):
         raise TypeError(
             f"error_norm must be callable (rows, ...) -> (rows,), got {type(error_norm).__name__}."
@@ -250,12 +162,13 @@ def odeint(
     # n_steps forces equal steps, also for an adaptive method (its error estimate unused)
     adaptive = solver.adaptive and n_steps is None
     batch, device, dtype = y0.shape[0], y0.device, y0.dtype
-    t_grid = None if t_eval is None else _check_t_eval(t_eval, t0, t1)
+    t_grid = None if t_eval is None else check_t_eval(t_eval, t0, t1, y0.shape[0])
     i64 = dict(dtype=torch.int64, device=device)
     f64 = dict(dtype=torch.float64, device=device)
 
     if t0 == t1 or batch == 0:
-        value = y0 if t_grid is None else y0.unsqueeze(0).expand(len(t_grid), *y0.shape)
+        value = (y0 if t_grid is None
+                 else y0.unsqueeze(0).expand(t_grid.shape[-1], *y0.shape))
         zeros = torch.zeros(batch, **i64)
         return Solution(value, torch.zeros(batch, **i64),
                         {"nfe": zeros, "n_steps": zeros.clone(), "n_rejected": zeros.clone(),
@@ -264,14 +177,14 @@ def odeint(
     direction = 1.0 if t1 > t0 else -1.0
     span = abs(t1 - t0)
     eps = torch.finfo(dtype).eps
-    field = _Field(f, args, batch)
+    field = _Field(f, args, batch, _API.get())
     k_order = (tab.error_order or tab.order) + 1
 
     # --- state of the rows still in the batch (row r is global sample idx[r]) ---
     idx = torch.arange(batch, device=device)
     t = torch.full((batch,), t0, **f64)
     y = y0
-    k1 = field(t.to(dtype), y)
+    k1 = field(time_like(t, y), y)
     nfe = torch.ones(batch, **i64)
     if n_steps is not None:
         dt0 = span / n_steps
@@ -291,19 +204,39 @@ def odeint(
     bad_recent = torch.zeros(batch, dtype=torch.bool, device=device)
     err_prev = torch.ones(batch, **f64)
     stage_nfe = tab.n_stages - 1 + (0 if tab.fsal else 1)
+    implicit = isinstance(solver, ImplicitRK)
+    # implicit methods: per-sample Jacobians kept across steps (dense path), which samples
+    # need a fresh one, consecutive Newton failures and whether the latest rejection was one
+    jacobian = None
+    refresh = torch.ones(batch, dtype=torch.bool, device=device)
+    eta = torch.ones(batch, **f64)
+    n_newton_bad = torch.zeros(batch, **i64)
+    newton_recent = torch.zeros(batch, dtype=torch.bool, device=device)
+
+    # events: g at each row's current state; a terminal event's time (y's dtype, carrying
+    # its gradient) and state; a non-terminal event's (sample, time) records
+    g_old = event_t = event_y = None
+    records: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if event is not None:
+        with torch.no_grad():
+            g_old = event.value(t, y, field.args)
+        event_t = torch.full((batch,), float("nan"), dtype=dtype, device=device)
+        event_y = torch.full_like(y0, float("nan"))
 
     # --- results for the whole batch, filled when rows leave the batch ---
     full = {"y": y0, "t": t.clone(), "status": status.clone(), "nfe": nfe.clone(),
             "n_steps": n_accepted.clone(), "n_rejected": n_rejected.clone()}
+    if event is not None:
+        full["event_t"], full["event_y"] = event_t.clone(), event_y.clone()
     out = next_i = None
     if t_grid is not None:
-        grid = t_grid.to(device)
-        n_eval = grid.numel()
+        # (batch, n) per sample (a shared grid is expanded: one code path)
+        grid = t_grid.to(device).expand(batch, t_grid.shape[-1])
+        n_eval = grid.shape[1]
         out = y0.new_zeros((n_eval,) + tuple(y0.shape))
-        at_start = int((grid == t0).sum())
-        if at_start:
-            out[0] = y0
-        next_i = torch.full((batch,), at_start, **i64)
+        at_start = grid[:, 0] == t0  # strictly monotone: only the first time can be t0
+        out[0] = torch.where(_rows(at_start, y0), y0, out[0])
+        next_i = at_start.long()
         full["next_i"] = next_i.clone()
 
     def flush() -> None:
@@ -313,6 +246,9 @@ def odeint(
             full[key] = full[key].index_copy(0, idx, value)
         if next_i is not None:
             full["next_i"] = full["next_i"].index_copy(0, idx, next_i)
+        if event is not None:
+            full["event_t"] = full["event_t"].index_copy(0, idx, event_t)
+            full["event_y"] = full["event_y"].index_copy(0, idx, event_y)
 
     # On CUDA, reading "how many still run" back to the host stalls the launch queue: look
     # only every few steps (the rows already done are masked no-ops in between). On CPU the
@@ -331,13 +267,19 @@ def odeint(
                 last = remaining <= dt.abs() * (1.0 + 1e-9)
             dt_step = torch.where(active, torch.where(last, remaining, dt.abs()) * direction,
                                   torch.zeros_like(dt))
-        y_new, y_err, stages, _ = rk_stages(field, t, y, dt_step, tab, k1)
+        if implicit:
+            y_new, y_err, stages, step_nfe, newton_ok, jacobian, theta, eta_new = esdirk_stages(
+                field, t, y, dt_step, solver, k1, rtol, atol, jacobian, refresh, eta
+            )
+            eta = torch.where(active, eta_new, eta)
+        else:
+            y_new, y_err, stages, _ = rk_stages(field, t, y, dt_step, tab, k1)
         if n_steps is not None:
             t_new = torch.where(last, torch.full_like(t, t1),
                                 t0 + (n_accepted + 1).double() * (direction * dt0))
         else:
             t_new = torch.where(last, torch.full_like(t, t1), t + dt_step)
-        k_next = stages[-1] if tab.fsal else field(t_new.to(dtype), y_new)
+        k_next = stages[-1] if tab.fsal else field(time_like(t_new, y_new), y_new)
         with torch.no_grad():
             finite = _row_finite(y_new) & _row_finite(k_next)
             if adaptive:
@@ -349,40 +291,89 @@ def odeint(
                 accept = active & finite & (err <= 1.0)
             else:
                 accept = active & finite
-            nfe += active.long() * stage_nfe
+            if implicit:
+                accept &= newton_ok
+                nfe += step_nfe
+                failed = active & finite & ~newton_ok
+                n_newton_bad = torch.where(failed, n_newton_bad + 1,
+                                           torch.where(active, 0, n_newton_bad))
+                newton_recent = torch.where(active & ~accept, failed, newton_recent)
+                # a slow or failed Newton gets a fresh Jacobian (at the state it retries from)
+                refresh = torch.where(active, ~newton_ok | (theta > solver.newton.refresh),
+                                      refresh)
+            else:
+                nfe += active.long() * stage_nfe
             n_accepted += accept
             n_rejected += active & ~accept
             n_bad = torch.where(active & ~finite, n_bad + 1, torch.zeros_like(n_bad))
             bad_recent = torch.where(active & ~accept, ~finite, bad_recent)
 
+        stop = None  # rows whose terminal event lies inside this accepted step
+        t_end, y_end = t_new, y_new
+        if event is not None:
+            with torch.no_grad():
+                g_new = event.value(t_new, y_new, field.args)
+                g_start = g_old
+                crossed = accept & event.crosses(g_start, g_new)
+                g_old = torch.where(accept, g_new, g_old)
+            if bool(crossed.any()):
+                theta_event = locate(event, field.args, tab, crossed, t, dt_step, y, y_new,
+                                     stages, k_next, g_start, g_new)
+                t_event = t + theta_event * dt_step
+                if event.terminal:
+                    stop = crossed
+                    y_hit, t_hit = state_at(event, field, tab, theta_event, t_event, dt_step,
+                                            y, y_new, stages, k_next)
+                    nfe += stop.long()  # f at the event, for the derivative's denominator
+                    t_end = torch.where(stop, t_event, t_new)
+                    y_end = torch.where(_rows(stop, y), y_hit, y_new)
+                    event_t = torch.where(stop, t_hit, event_t)
+                    event_y = torch.where(_rows(stop, y), y_hit, event_y)
+                else:
+                    rows = crossed.nonzero().flatten()
+                    records.append((idx.index_select(0, rows), t_event.index_select(0, rows)))
+
         if out is not None:
-            next_i = _fill_t_eval(out, grid, next_i, idx, accept, t, t_new, dt_step, direction,
-                                  tab, y, y_new, stages, k_next)
+            next_i = _fill_t_eval(out, grid, next_i, idx, accept, t, t_end, dt_step, direction,
+                                  tab, y, y_new, stages, k_next, y_end)
 
         acc_rows = _rows(accept, y)
-        y = torch.where(acc_rows, y_new, y)
+        y = torch.where(acc_rows, y_end, y)
         k1 = torch.where(acc_rows, k_next, k1)
         with torch.no_grad():
-            t = torch.where(accept, t_new, t)
+            t = torch.where(accept, t_end, t)
             if adaptive:
                 factor = controller.factor(err.nan_to_num(1e10), err_prev, accept, k_order)
                 factor = torch.where(finite, factor, torch.full_like(factor,
                                                                      controller.min_factor))
+                if implicit:
+                    # Newton failed: the step was too long for the stage solves to converge
+                    factor = torch.where(finite & ~newton_ok, torch.full_like(factor, 0.3),
+                                         factor)
                 dt = torch.where(active, dt_step * factor, dt)
                 err_prev = torch.where(accept, err.clamp_min(1e-4), err_prev)
             # --- who stops here, and why ---
             status = torch.where(accept & last, int(Status.SUCCESS), status)
+            if stop is not None:  # an event inside the last step is an event too
+                status = torch.where(stop, int(Status.EVENT), status)
             if terminate is not None:
-                hit = _call_terminate(terminate, t, y, k1, dtype)
+                hit = call_terminate(terminate, t, y, k1, dtype)
                 status = torch.where(accept & hit & (status == _RUNNING), int(Status.EVENT), status)
             running = status == _RUNNING
             bad = running & (n_bad >= (_MAX_NONFINITE_TRIES if adaptive else 1))
             status = torch.where(bad, int(Status.NONFINITE), status)
+            if implicit:
+                # fixed steps cannot shrink: a Newton failure ends the sample at once
+                tries = _MAX_NEWTON_TRIES if adaptive else 1
+                stuck = (status == _RUNNING) & (n_newton_bad >= tries)
+                status = torch.where(stuck, int(Status.NEWTON_FAILED), status)
             if adaptive:
                 floor = 10 * eps * torch.clamp_min(t.abs(), span)
                 small = (status == _RUNNING) & (dt.abs() < floor)
                 why = torch.where(bad_recent, int(Status.NONFINITE),
                                   int(Status.STEP_SIZE_TOO_SMALL))
+                if implicit:
+                    why = torch.where(newton_recent, int(Status.NEWTON_FAILED), why)
                 status = torch.where(small, why, status)
             out_of_steps = (status == _RUNNING) & (n_accepted + n_rejected >= max_steps)
             status = torch.where(out_of_steps, int(Status.MAX_STEPS), status)
@@ -404,6 +395,16 @@ def odeint(
             )
             if next_i is not None:
                 next_i = next_i.index_select(0, keep)
+            if event is not None:
+                g_old, event_t, event_y = (x.index_select(0, keep)
+                                           for x in (g_old, event_t, event_y))
+            if implicit:
+                refresh, n_newton_bad, newton_recent, eta = (
+                    x.index_select(0, keep)
+                    for x in (refresh, n_newton_bad, newton_recent, eta)
+                )
+                if jacobian is not None:
+                    jacobian = jacobian.index_select(0, keep)
             field.select(keep)
     status = torch.where(status == _RUNNING, int(Status.MAX_STEPS), status)
     flush()
@@ -416,51 +417,54 @@ def odeint(
         out = torch.where(unreached.reshape(unreached.shape + (1,) * (y0.dim() - 1)),
                           value.unsqueeze(0), out)
         value = out
-    solution = Solution(
-        value,
-        full["status"],
-        {"nfe": full["nfe"], "n_steps": full["n_steps"], "n_rejected": full["n_rejected"],
-         "t": full["t"]},
-    )
+    stats = {"nfe": full["nfe"], "n_steps": full["n_steps"], "n_rejected": full["n_rejected"],
+             "t": full["t"]}
+    if event is not None and event.terminal:
+        stats["event_t"], stats["event_y"] = full["event_t"], full["event_y"]
+    elif event is not None:
+        stats.update(_event_records(records, batch, device))
+    solution = Solution(value, full["status"], stats)
     if throw:
         solution.raise_if_failed("odeint")
     return solution
 
 
-def _call_terminate(terminate, t, y, dydt, dtype) -> torch.Tensor:
-    hit = terminate(t.to(dtype), y, dydt)
-    if not isinstance(hit, torch.Tensor) or hit.shape != (y.shape[0],):
-        shape = tuple(hit.shape) if isinstance(hit, torch.Tensor) else type(hit).__name__
-        hint = (
-            " It is called on the rows still running (finished ones are dropped): compute "
-            "it row-wise from (t, y, dydt), or use compact=False."
-            if isinstance(hit, torch.Tensor) and hit.dim() == 1
-            else ""
-        )
-        raise ValueError(
-            f"terminate must return a (batch,) = ({y.shape[0]},) bool tensor, got {shape}."
-            + hint
-        )
-    return hit.to(torch.bool)
-
-
-def _fill_t_eval(out, grid, next_i, idx, accept, t, t_new, dt_step, direction, tab, y, y_new,
-                 stages, k_next):
-    """Write the dense-output value at every t_eval point inside this accepted step."""
-    n_eval = grid.numel()
+def _fill_t_eval(out, grid, next_i, idx, accept, t, t_end, dt_step, direction, tab, y, y_new,
+                 stages, k_next, y_end):
+    """Write the dense-output value at every t_eval point inside this accepted step, up to
+    t_end (the step's end, or a terminal event inside it, where the state is y_end)."""
+    n_eval = grid.shape[1]
     extra = (1,) * (y.dim() - 1)
     for _ in range(n_eval):
         with torch.no_grad():
             pos = next_i.clamp_max(n_eval - 1)
-            t_point = grid[pos]
-            inside = accept & (next_i < n_eval) & ((t_point - t_new) * direction <= 0)
+            t_point = grid[idx, pos]
+            inside = accept & (next_i < n_eval) & ((t_point - t_end) * direction <= 0)
             if not bool(inside.any()):
                 break
             safe_dt = torch.where(dt_step == 0, torch.ones_like(dt_step), dt_step)
             theta = ((t_point - t) / safe_dt).clamp(0.0, 1.0)
         value = dense_value(tab, theta, dt_step, y, y_new, stages, k_next)
-        value = torch.where((t_point == t_new).reshape((-1,) + extra), y_new, value)
+        value = torch.where((t_point == t_end).reshape((-1,) + extra), y_end, value)
         current = out[pos, idx]
         out[pos, idx] = torch.where(inside.reshape((-1,) + extra), value, current)
         next_i = next_i + inside
     return next_i
+
+
+def _event_records(records, batch, device) -> dict[str, torch.Tensor]:
+    """Non-terminal events: n_events (batch,) int64 and event_times (batch, max count)
+    float64, each row's times in the order found, NaN-padded."""
+    counts = torch.zeros(batch, dtype=torch.int64, device=device)
+    rows = [r for r, _ in records]
+    times = [t for _, t in records]
+    for r in rows:
+        counts.index_add_(0, r, torch.ones_like(r))
+    width = int(counts.max()) if batch else 0
+    table = torch.full((batch, width), float("nan"), dtype=torch.float64, device=device)
+    filled = torch.zeros(batch, dtype=torch.int64, device=device)
+    for r, t in zip(rows, times):  # one record per sample per step, in time order
+        table[r, filled[r]] = t
+        filled[r] += 1
+    return {"n_events": counts, "event_times": table}
+

@@ -1,11 +1,13 @@
 """One explicit Runge–Kutta step, batched, with a per-sample step size.
 
 Convention for every vector field in equilibria.ode: ``f(t, y) -> dy/dt`` where ``y`` has shape
-(batch, ...) and ``t`` is a tensor of shape (batch,) with y's dtype: every sample carries its
-own time, because every sample takes its own steps. A field that does not depend on time
-ignores ``t``; one that uses a scalar time per sample broadcasts it, e.g. ``t[:, None] * y``.
-``f`` must treat rows independently (row b of the output depends only on row b of the
-input), which is what lets the integrator drop finished samples from the batch.
+(batch, ...) and ``t`` is a tensor of shape (batch, 1, ..., 1) (y's number of dims) with y's
+dtype: every sample carries its own time, because every sample takes its own steps, and the
+shape broadcasts against y, so a field written for a scalar time (``torch.sin(t) * y``, as in
+torchdiffeq) is right as it stands. ``t.reshape(-1)`` gives the (batch,) vector when a field
+needs one (e.g. to index a table). ``f`` must treat rows independently (row b of the output
+depends only on row b of the input), which is what lets the integrator drop finished samples
+from the batch.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 
 from ._tableau import ButcherTableau
 
-__all__ = ["rk_stages", "rk_step"]
+__all__ = ["rk_stages", "rk_step", "time_like"]
 
 VectorField = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -24,6 +26,12 @@ VectorField = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 def _batch_view(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(batch,) -> (batch, 1, ..., 1) to broadcast against `like`."""
     return x.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def time_like(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A per-sample time, (batch,) or (batch, 1, ..., 1), as the (batch, 1, ..., 1) tensor in
+    y's dtype that vector fields receive (the convention of this module's docstring)."""
+    return t.to(y.dtype).reshape((y.shape[0],) + (1,) * (y.dim() - 1))
 
 
 def _weighted_sum(ks: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor | None:
@@ -56,7 +64,7 @@ def rk_stages(
     """
     dt_y = dt.to(y.dtype)
     dt_b = _batch_view(dt_y, y)
-    t_f = t.to(y.dtype)
+    t_f = time_like(t, y)
     s = tableau.n_stages
     nfe = 0
     if k1 is None:
@@ -67,7 +75,7 @@ def rk_stages(
     for i in range(1, s):
         incr = _weighted_sum(ks, tableau.a[i])
         y_i = y if incr is None else torch.addcmul(y, dt_b, incr)
-        k_i = f(torch.add(t_f, dt_y, alpha=tableau.c[i]), y_i)
+        k_i = f(torch.add(t_f, dt_b, alpha=tableau.c[i]), y_i)
         nfe += 1
         ks.append(k_i)
         y_last = y_i
@@ -101,8 +109,8 @@ def rk_step(
     backwards in time) and may differ per sample; a sample with dt = 0 is returned unchanged.
 
     Arguments:
-        f: vector field ``f(t, y)``, t of shape (batch,), y of shape (batch, ...); returns
-            dy/dt with y's shape and dtype.
+        f: vector field ``f(t, y)``, t of shape (batch, 1, ..., 1) (broadcasts against y),
+            y of shape (batch, ...); returns dy/dt with y's shape and dtype.
         t: (batch,) current time of each sample.
         y: (batch, ...) current state.
         dt: (batch,) step size of each sample.
