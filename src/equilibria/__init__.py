@@ -43,6 +43,7 @@ from .nn import DEQ as DEQ
 from .nn import Implicit as Implicit
 from .nn import OneStep as OneStep
 from .nn import Phantom as Phantom
+from .nn import Reversible as Reversible
 from .nn import Unrolled as Unrolled
 from .nn import jacobian_penalty as jacobian_penalty
 from .nn import spectral_radius as spectral_radius

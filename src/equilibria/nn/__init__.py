@@ -7,6 +7,7 @@ from ._backward import Phantom as Phantom
 from ._backward import Unrolled as Unrolled
 from ._penalty import jacobian_penalty as jacobian_penalty
 from ._penalty import spectral_radius as spectral_radius
+from ._reversible import Reversible as Reversible
 from .deq import DEQ as DEQ
 
 # --- neural_ode (owned by the ODE core) ---

@@ -23,11 +23,12 @@ from ..equilibrium._steady_state import SteadyState
 from ..ode import RungeKutta
 from ._backward import BACKWARD_TYPES, Implicit
 from ._penalty import spectral_radius
+from ._reversible import Reversible
 
 __all__ = ["AUTOCAST_RTOL_FLOOR", "DEQ", "EXPLICIT_AMP_COST"]
 
 _SOLVER_CHOICES = "eq.Anderson(), eq.Picard(), eq.Broyden(), eq.NewtonKrylov(), eq.SteadyState()"
-_BACKWARD_CHOICES = "eq.Implicit(), eq.Unrolled(), eq.OneStep(), eq.Phantom()"
+_BACKWARD_CHOICES = "eq.Implicit(), eq.Unrolled(), eq.OneStep(), eq.Phantom(), eq.Reversible()"
 # The smallest rtol worth asking for when f runs under autocast, about eps/2 of the dtype.
 # Measured with Anderson on tanh(W z + U x + b) cells (||W|| = 0.6, widths 48 and 512, 64
 # samples, 100 steps): the worst sample's relative residual stalled at 1.1e-3 under bfloat16
@@ -160,6 +161,11 @@ class DEQ(nn.Module):
             raise TypeError(
                 f"init must be None or an nn.Module g with z0 = g(x), got {type(init).__name__}."
             )
+        if isinstance(backward, Reversible) and solver is not None:
+            raise ValueError(
+                f"backward=eq.Reversible() iterates itself (it is the solver too), so solver= "
+                f"must be left unset, got {solver!r}; e.g. eq.DEQ(cell, backward=eq.Reversible())."
+            )
         solver = Anderson() if solver is None else solver
         if not isinstance(solver, FixedPointSolver):
             raise TypeError(
@@ -167,7 +173,7 @@ class DEQ(nn.Module):
                 f"choose one of {_SOLVER_CHOICES}."
             )
         backward = Implicit() if backward is None else backward
-        if not isinstance(backward, BACKWARD_TYPES):
+        if not isinstance(backward, (*BACKWARD_TYPES, Reversible)):
             raise TypeError(
                 f"backward must be a backward strategy object, got {type(backward).__name__} "
                 f"{backward!r}; choose one of {_BACKWARD_CHOICES}."
@@ -300,6 +306,10 @@ class DEQ(nn.Module):
                 max_steps=self.max_steps, throw=self.throw, compact=self.compact,
             )
 
+        if isinstance(self.backward, Reversible):  # its own iteration, under these limits
+            solve = self.backward.bind(f, x, self.f_module.parameters(), atol=self.atol,
+                                       rtol=self.rtol, max_steps=self.max_steps,
+                                       throw=self.throw, compact=self.compact)
         if torch.is_grad_enabled():
             z_star, solution = self.backward.attach(f, start, x, solve, self._record_backward)
         else:

@@ -1,0 +1,554 @@
+"""Reversible: the coupled fixed-point iteration of RevDEQ and its exact, O(1)-memory backward.
+
+Forward, per sample, from y_0 = z_0 (the DEQ's first iterate), with β in (0, 1):
+
+    y_k = (1 − β) y_{k−1} + β f(z_{k−1}, x)
+    z_k = (1 − β) z_{k−1} + β f(y_k, x)
+
+The step inverts exactly (in exact arithmetic):
+
+    z_{k−1} = (z_k − β f(y_k, x)) / (1 − β)
+    y_{k−1} = (y_k − β f(z_{k−1}, x)) / (1 − β)
+
+so the backward pass keeps only the last pair (y_N, z_N), rebuilds every earlier pair from it,
+and backpropagates through each step as it goes: the exact gradient of the iterate computed
+(the same numbers as autograd through the iteration), at memory constant in N. Each rebuild
+needs f(y_k) and f(z_{k−1}); the backward evaluates them with a graph and takes one VJP
+through each, so it costs 2 evaluations + 2 VJPs a step (the forward: 2 evaluations a step).
+
+Rounding. Dividing by 1 − β amplifies rounding: the reverse map expands volume by
+(1 − β)^−2 a step (the forward contracts it as much), so an error in the rebuilt pair grows by
+1/(1 − β) to ρ/(1 − β)² a step (ρ: the forward's convergence factor). The pair is therefore
+held in float64 by default (`pair_dtype`): f still runs on the state's dtype (the pair is cast
+down before each call), and as long as the float64 drift stays below half a float32 ulp the
+rebuilt float32 inputs of f are bit-identical to the forward's. For long solves
+`checkpoint_every=k` also stores the pair every k steps and resynchronises the rebuild there
+(memory O(N / k)). benchmarks/results/reversible.md has the measurements.
+
+Reference: McCallum, Arora & Foster, "Reversible Deep Equilibrium Models", arXiv 2509.12917
+(2025), §3 (the coupled iteration and its reverse).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .._checks import (
+    check_batched_state,
+    check_positive_int,
+    check_tolerances,
+    rms_norm,
+)
+from .._solution import EquilibriaError, Solution, Status
+from ..equilibrium._loop import _check_x
+from ._backward import check_f_output
+
+__all__ = ["Reversible"]
+
+Fn = Callable[[torch.Tensor, Any], torch.Tensor]
+Record = Callable[[dict[str, Any]], None]
+
+# As fixed_point's default: a residual above this factor times the first one is DIVERGED.
+_DIVERGENCE_FACTOR = 1e3
+# On CUDA `bool(tensor)` waits for the device: ask "is every sample done?" every few steps
+# only (frozen samples are exact regardless: they are masked with torch.where).
+_CHECK_EVERY_WITHOUT_SYNC = 4
+
+
+@dataclass(frozen=True)
+class Reversible:
+    """Reversible DEQ (RevDEQ): a coupled iteration that is its own solver, and whose exact
+    gradient is obtained by running it backwards, at memory constant in the number of steps.
+
+    Use it as the DEQ's backward strategy, with no solver (it iterates itself)::
+
+        deq = eq.DEQ(cell, backward=eq.Reversible(beta=0.5), rtol=1e-4, max_steps=50)
+
+    The DEQ's atol / rtol / max_steps / throw govern the forward iteration (see the module
+    docstring for the maths), also under ``torch.no_grad``:
+
+    - Tolerance test, per sample, on z after each coupled step (f(z_k) is computed anyway for
+      the next step): RMS(f(z_k) − z_k) <= atol + rtol · RMS(z_k), the same test as every
+      other DEQ solver (the paper's relative test ||f(z) − z|| / ||f(z)|| differs only in the
+      scale). A passing sample is frozen at that step: its own stop step and step count.
+    - max_steps bounds the coupled steps (2 evaluations of f each).
+    - Statuses: SUCCESS, MAX_STEPS, DIVERGED (residual > 1e3 × the first one), NONFINITE (a
+      step produced inf / NaN: that step is not taken, the sample keeps its last finite pair).
+    - Best iterate: like every solver, the returned value is each sample's best z_k (lowest
+      residual; for SUCCESS the last). The backward rebuilds from the last pair (exact
+      reversal needs it) down to step 0, injecting the incoming gradient at the sample's best
+      step, so the gradient is exact for the value returned, failed samples included.
+
+    The returned tensor is z_best itself (not one more f step), differentiable w.r.t.
+    f_module's parameters, x, and the first iterate z0 when it requires grad (e.g. a Skip
+    DEQ's g(x): the exact gradient of the iterate includes its dependence on z0).
+
+    Arguments:
+        beta: β in (0, 1), the relaxation. Larger β converges in fewer steps but amplifies
+            rounding in the reverse pass more (by ≥ 1/(1 − β) a step). The paper's code uses
+            0.8; 0.5 is the default here (measured: benchmarks/results/reversible.md).
+        checkpoint_every: None (default; memory O(1) in steps), or k >= 1: also keep the pair
+            every k steps and restart the rebuild from it, bounding the drift to k steps of
+            amplification (memory O(steps / k) pairs).
+        pair_dtype: dtype in which the pair (y, z) is accumulated and rebuilt: torch.float64
+            (default; f still computes in the state's dtype) or None for the state's dtype
+            (fastest, drifts sooner in float32).
+
+    Backward stats (``deq.last_backward_stats``), all (batch,): "status" (SUCCESS, or
+    NONFINITE where the sample's gradient or rebuilt pair is not finite), "nfe" (evaluations
+    of f by the backward: 2 per reversed step, each followed by one VJP), "n_steps" (steps
+    reversed), "reconstruction_error" (the largest RMS difference between a rebuilt pair and
+    a known one: the first iterate, and any checkpoint). A reconstruction error above the
+    forward tolerance warns (once per process and call site) with the fix.
+
+    Raises:
+        ValueError / TypeError at construction: beta outside (0, 1), checkpoint_every < 1,
+        pair_dtype not a floating dtype; at the DEQ: a solver given with it, compact=True.
+
+    Reference: McCallum, Arora & Foster, "Reversible Deep Equilibrium Models", arXiv
+    2509.12917 (2025).
+    """
+
+    beta: float = 0.5
+    checkpoint_every: int | str | None = "auto"
+    pair_dtype: torch.dtype | None = torch.float64
+
+    def __post_init__(self) -> None:
+        beta = self.beta
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+            raise TypeError(
+                f"Reversible(beta=...) must be a number in (0, 1), got {type(beta).__name__} "
+                f"{beta!r}; e.g. Reversible(beta=0.5)."
+            )
+        if not 0.0 < float(beta) < 1.0:
+            raise ValueError(
+                f"Reversible(beta=...) must be in the open interval (0, 1), got {beta!r}: the "
+                "reverse step divides by 1 - beta (beta = 1 is plain Picard, not invertible) "
+                "and beta <= 0 never moves; e.g. Reversible(beta=0.5)."
+            )
+        every = self.checkpoint_every
+        if isinstance(every, str):
+            if every != "auto":
+                raise ValueError(
+                    f"Reversible(checkpoint_every=...) must be 'auto', None or an int >= 1, "
+                    f"got {every!r}."
+                )
+        elif every is not None:
+            check_positive_int("checkpoint_every", every)
+        dtype = self.pair_dtype
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(
+                f"Reversible(pair_dtype=...) must be a floating torch.dtype or None, got "
+                f"{dtype!r}; e.g. pair_dtype=torch.float64."
+            )
+
+    def checkpoint_spacing(self, pair_dtype: torch.dtype) -> int | None:
+        """Steps between stored pairs: checkpoint_every, or for "auto" the largest k whose
+        worst-case amplification (1 − beta)^(−2k) keeps pair_dtype's rounding below its
+        square root (float64: drift <= ~1e-8, under float32's resolution): k = 13 at
+        beta = 0.5, 5 at 0.8, 25 at 0.3 (float64 pair)."""
+        if self.checkpoint_every != "auto":
+            return self.checkpoint_every  # type: ignore[return-value]
+        growth = -2.0 * math.log1p(-float(self.beta))  # log of (1 - beta)^-2
+        digits = -0.5 * math.log(torch.finfo(pair_dtype).eps)
+        return max(1, math.floor(digits / growth))
+
+    def bind(
+        self,
+        f: Fn,
+        x: Any,
+        parameters: Iterable[torch.Tensor],
+        *,
+        atol: float,
+        rtol: float,
+        max_steps: int,
+        throw: bool = False,
+        compact: bool = False,
+    ) -> _BoundIteration:
+        """The forward iteration bound to a DEQ call: `solve(z0) -> Solution` (no graph).
+
+        DEQ calls this with its map, input, f_module's parameters and limits, and passes the
+        result to `attach` as its `solve` (or calls it directly under no_grad).
+        """
+        if compact:
+            raise ValueError(
+                "DEQ(compact=True) is not supported with backward=eq.Reversible(): the "
+                "reversible iteration freezes finished samples with masks instead; construct "
+                "the DEQ with compact=False."
+            )
+        atol, rtol = check_tolerances(atol, rtol)
+        return _BoundIteration(
+            strategy=self, f=f, x=x, parameters=tuple(parameters), atol=atol, rtol=rtol,
+            max_steps=check_positive_int("max_steps", max_steps), throw=throw,
+        )
+
+    def attach(
+        self, f: Fn, z0: torch.Tensor, x: Any, solve: Any, record: Record
+    ) -> tuple[torch.Tensor, Solution]:
+        """The DEQ strategy interface: (z, forward Solution), z carrying the exact gradient."""
+        if not isinstance(solve, _BoundIteration) or solve.strategy is not self:
+            raise TypeError(
+                "Reversible iterates itself under the DEQ's tolerances: use it through "
+                "eq.DEQ(cell, backward=eq.Reversible()) (which binds it with "
+                "Reversible.bind), not with another solver's solve function."
+            )
+        x_tensors = _flatten(x)
+        parameters = tuple(p for p in solve.parameters if p.requires_grad)
+        wants_grad = (
+            z0.requires_grad or bool(parameters) or any(t.requires_grad for t in x_tensors)
+        )
+        if not torch.is_grad_enabled() or not wants_grad:
+            solution = solve(z0)
+            return solution.value, solution
+        channel = _Channel(bound=solve, record=record)
+        z = _ReversibleFunction.apply(channel, z0, *x_tensors, *parameters)
+        assert channel.solution is not None  # set by the forward just run
+        return z, channel.solution
+
+
+@dataclass
+class _BoundIteration:
+    """Reversible bound to one DEQ call (map, input, parameters, limits)."""
+
+    strategy: Reversible
+    f: Fn
+    x: Any
+    parameters: tuple[torch.Tensor, ...]
+    atol: float
+    rtol: float
+    max_steps: int
+    throw: bool
+
+    def __call__(self, z0: torch.Tensor) -> Solution:
+        with torch.no_grad():
+            return self.run(z0.detach()).solution
+
+    def run(self, z0: torch.Tensor) -> _Run:
+        """The forward iteration under no_grad, keeping what the backward needs."""
+        check_batched_state("z0", z0)
+        x = _check_x(self.x, z0.shape[0])
+        run = _forward(self, z0, x)
+        if self.throw:
+            run.solution.raise_if_failed("Reversible DEQ forward iteration")
+        return run
+
+
+@dataclass
+class _Run:
+    solution: Solution
+    y_last: torch.Tensor  # (batch, ...) pair dtype: each sample's last committed pair
+    z_last: torch.Tensor
+    n_steps: torch.Tensor  # (batch,) int64 committed steps
+    best_step: torch.Tensor  # (batch,) int64 the step of the returned iterate
+    checkpoints: list[tuple[int, torch.Tensor, torch.Tensor]]  # (k, y_k, z_k) pair dtype
+
+
+@dataclass
+class _Channel:
+    """Carries the bound iteration into the autograd Function and the Solution out of it."""
+
+    bound: _BoundIteration
+    record: Record
+    solution: Solution | None = None
+
+
+def _flatten(x: Any) -> tuple[torch.Tensor, ...]:
+    if x is None:
+        return ()
+    if isinstance(x, torch.Tensor):
+        return (x,)
+    return tuple(x)
+
+
+def _rebuild(x: Any, tensors: tuple[torch.Tensor, ...]) -> Any:
+    if x is None:
+        return None
+    if isinstance(x, torch.Tensor):
+        return tensors[0]
+    return tuple(tensors)
+
+
+def _per_row(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return mask.reshape(mask.shape[0], *([1] * (like.dim() - 1)))
+
+
+def _evaluate(f: Fn, pair_state: torch.Tensor, x: Any, dtype: torch.dtype) -> torch.Tensor:
+    """f at a pair member, computed in the state's dtype."""
+    z = pair_state.to(dtype)
+    return check_f_output(f(z, x), z)
+
+
+def forward_step(f: Fn, y: torch.Tensor, z: torch.Tensor, fz: torch.Tensor, x: Any,
+                 beta: float, dtype: torch.dtype):
+    """One coupled step from (y, z) with fz = f(z): returns (y', z', f(z')) (pair dtype for
+    y', z'; f(z') in the state's dtype)."""
+    y_next = (1.0 - beta) * y + beta * fz.to(y.dtype)
+    fy = _evaluate(f, y_next, x, dtype)
+    z_next = (1.0 - beta) * z + beta * fy.to(z.dtype)
+    return y_next, z_next, _evaluate(f, z_next, x, dtype)
+
+
+def reverse_step(f: Fn, y: torch.Tensor, z: torch.Tensor, x: Any, beta: float,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pair before a coupled step, rebuilt from the pair after it (no graph)."""
+    z_before = (z - beta * _evaluate(f, y, x, dtype).to(z.dtype)) / (1.0 - beta)
+    y_before = (y - beta * _evaluate(f, z_before, x, dtype).to(y.dtype)) / (1.0 - beta)
+    return y_before, z_before
+
+
+def _forward(bound: _BoundIteration, z0: torch.Tensor, x: Any) -> _Run:
+    strategy = bound.strategy
+    beta = float(strategy.beta)
+    dtype = z0.dtype
+    pair_dtype = dtype if strategy.pair_dtype is None else strategy.pair_dtype
+    if torch.finfo(pair_dtype).bits < torch.finfo(dtype).bits:
+        raise ValueError(
+            f"Reversible(pair_dtype={pair_dtype}) is narrower than the state ({dtype}): the "
+            "pair would lose what the state holds; use pair_dtype=torch.float64 or None."
+        )
+    every = strategy.checkpoint_spacing(pair_dtype)
+    f, atol, rtol = bound.f, bound.atol, bound.rtol
+    batch = z0.shape[0]
+    device = z0.device
+
+    fz = _evaluate(f, z0, x, dtype)
+    y = z = z0.to(pair_dtype)
+    residual0 = rms_norm(fz - z0)
+    finite0 = residual0 < math.inf  # NaN compares False
+    status = torch.full((batch,), int(Status.NONFINITE), dtype=torch.int64, device=device)
+    status.masked_fill_(finite0, int(Status.MAX_STEPS))
+    status.masked_fill_(finite0 & (residual0 <= rms_norm(z0) * rtol + atol), int(Status.SUCCESS))
+    running = status == int(Status.MAX_STEPS)
+    limit = _DIVERGENCE_FACTOR * residual0
+    best_value, best_residual = z0, residual0
+    best_step = torch.zeros(batch, dtype=torch.int64, device=device)
+    n_steps = torch.zeros_like(best_step)
+    nfe = torch.ones_like(best_step)
+    checkpoints: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    check_every = 1 if device.type == "cpu" else _CHECK_EVERY_WITHOUT_SYNC
+
+    if bool(running.any()):
+        for step in range(1, bound.max_steps + 1):
+            y_next, z_next, fz_next = forward_step(f, y, z, fz, x, beta, dtype)
+            value = z_next.to(dtype)
+            residual = rms_norm(fz_next - value)
+            tolerance = rms_norm(value) * rtol + atol
+            nfe = nfe + 2 * running
+            finite = residual < math.inf
+            take = running & finite  # a non-finite step is not taken: the last pair stays
+            keep = _per_row(take, y)
+            y = torch.where(keep, y_next, y)
+            z = torch.where(keep, z_next, z)
+            fz = torch.where(_per_row(take, fz), fz_next, fz)
+            n_steps = n_steps + take
+            converged = take & (residual <= tolerance)
+            improved = (take & (residual < best_residual)) | converged
+            best_value = torch.where(_per_row(improved, value), value, best_value)
+            best_residual = torch.where(improved, residual, best_residual)
+            best_step = torch.where(improved, step, best_step)
+            diverged = take & ~converged & (residual > limit)
+            status = status.masked_fill(running & ~finite, int(Status.NONFINITE))
+            status = status.masked_fill(diverged, int(Status.DIVERGED))
+            status = status.masked_fill(converged, int(Status.SUCCESS))
+            running = status == int(Status.MAX_STEPS)
+            if every is not None and step % every == 0:
+                checkpoints.append((step, y, z))
+            if (step % check_every == 0 or step == bound.max_steps) and not bool(running.any()):
+                break
+
+    solution = Solution(
+        value=best_value, status=status,
+        stats={"residual": best_residual, "n_steps": n_steps, "nfe": nfe},
+    )
+    # Checkpoints past the last committed step of every sample are never read.
+    last = int(n_steps.max()) if batch else 0
+    checkpoints = [c for c in checkpoints if c[0] <= last]
+    return _Run(solution, y, z, n_steps, best_step, checkpoints)
+
+
+class _ReversibleFunction(torch.autograd.Function):
+    """z_best = the reversible iteration from z0; backward: reverse it step by step."""
+
+    @staticmethod
+    def forward(ctx: Any, channel: _Channel, z0: torch.Tensor, *inputs: torch.Tensor):
+        bound = channel.bound
+        run = bound.run(z0.detach())
+        channel.solution = run.solution
+        n_x = len(_flatten(bound.x))
+        ctx.channel = channel
+        ctx.n_x = n_x
+        # f_module's parameters (leaves, alive with the module): not activations to save.
+        ctx.parameters = inputs[n_x:]
+        ctx.checkpoint_steps = [k for k, _, _ in run.checkpoints]
+        flat_checkpoints = [t for _, y, z in run.checkpoints for t in (y, z)]
+        # Everything the backward reads goes through save_for_backward: nothing of the
+        # forward iterations but the last pair (and checkpoints, when asked for).
+        ctx.save_for_backward(
+            z0, run.y_last, run.z_last, run.n_steps, run.best_step, *inputs[:n_x],
+            *flat_checkpoints,
+        )
+        return run.solution.value.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "DEQ with Reversible() does not support double backward (create_graph=True): "
+                "its backward rebuilds the iterates outside autograd. Use backward=Unrolled() "
+                "for higher-order gradients."
+            )
+        channel = ctx.channel
+        bound = channel.bound
+        z0, y_last, z_last, n_steps, best_step, *rest = ctx.saved_tensors
+        x_saved = tuple(rest[: ctx.n_x])
+        flat_checkpoints = rest[ctx.n_x:]
+        checkpoints = {
+            k: (flat_checkpoints[2 * i], flat_checkpoints[2 * i + 1])
+            for i, k in enumerate(ctx.checkpoint_steps)
+        }
+        wants = ctx.needs_input_grad[2 + ctx.n_x:]
+        parameters = tuple(p for p, want in zip(ctx.parameters, wants, strict=True) if want)
+        grads = _reverse(bound, z0, y_last, z_last, n_steps, best_step, x_saved, checkpoints,
+                         grad, parameters, ctx.needs_input_grad[2: 2 + ctx.n_x], channel.record)
+        z0_grad, x_grads, parameter_grads = grads
+        found = iter(parameter_grads)
+        parameter_out = [next(found) if want else None for want in wants]
+        return (None, z0_grad if ctx.needs_input_grad[1] else None, *x_grads, *parameter_out)
+
+
+def _reverse(
+    bound: _BoundIteration,
+    z0: torch.Tensor,
+    y: torch.Tensor,
+    z: torch.Tensor,
+    n_steps: torch.Tensor,
+    best_step: torch.Tensor,
+    x_saved: tuple[torch.Tensor, ...],
+    checkpoints: dict[int, tuple[torch.Tensor, torch.Tensor]],
+    grad: torch.Tensor,
+    parameters: tuple[torch.Tensor, ...],
+    x_needs: tuple[bool, ...],
+    record: Record,
+):
+    """Rebuild each sample's pairs from its last one and backpropagate through every step.
+
+    Adjoints (a_y, a_z) of the pair after step k; the VJPs of step k are, in order,
+        z_k = (1 − β) z_{k−1} + β f(y_k):  a_y += β a_z ∂f/∂y (y_k);  θ, x get β a_z ∂f(y_k)
+        y_k = (1 − β) y_{k−1} + β f(z_{k−1}):  a_z' = (1 − β) a_z + β a_y ∂f/∂z (z_{k−1});
+                                               a_y' = (1 − β) a_y;  θ, x get β a_y ∂f(z_{k−1})
+    A sample takes part in step k only when k <= its own step count (torch.where); its
+    incoming gradient is added to a_z at its best step.
+    """
+    strategy = bound.strategy
+    beta, f = float(strategy.beta), bound.f
+    dtype = z0.dtype
+    grad = grad.detach().to(z.dtype)
+    x_leaves = tuple(
+        t.detach().requires_grad_(need) if t.is_floating_point() else t
+        for t, need in zip(x_saved, x_needs, strict=True)
+    )
+    x = _rebuild(bound.x, x_leaves)
+    x_wanted = [t for t, need in zip(x_leaves, x_needs, strict=True) if need]
+    x_sums: list[torch.Tensor | None] = [None] * len(x_wanted)
+    parameter_sums: list[torch.Tensor | None] = [None] * len(parameters)
+    a_y = torch.zeros_like(y)
+    a_z = torch.zeros_like(z)
+    drift = torch.zeros(z.shape[0], dtype=torch.float64, device=z.device)
+    scale = torch.clamp(rms_norm(z).double(), min=1.0)  # of the last iterate
+
+    def vjp(at: torch.Tensor, cotangent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """f(at) (no graph kept) and the VJP cotangent·∂f/∂at, accumulating θ and x."""
+        leaf = at.to(dtype).detach().requires_grad_(True)
+        with torch.enable_grad():
+            out = check_f_output(f(leaf, x), leaf)
+            found = torch.autograd.grad(out, (leaf, *x_wanted, *parameters),
+                                        cotangent.to(dtype), allow_unused=True)
+        for i, g in enumerate(found[1: 1 + len(x_wanted)]):
+            if g is not None:
+                x_sums[i] = g if x_sums[i] is None else x_sums[i] + g
+        for i, g in enumerate(found[1 + len(x_wanted):]):
+            if g is not None:
+                parameter_sums[i] = g if parameter_sums[i] is None else parameter_sums[i] + g
+        state_grad = found[0] if found[0] is not None else torch.zeros_like(leaf)
+        return out.detach(), state_grad.to(at.dtype)
+
+    last = int(n_steps.max()) if n_steps.numel() else 0
+    # Above every sample's best step no gradient has entered yet: rebuild without VJPs.
+    first_seed = int(best_step.max()) if best_step.numel() else 0
+    for step in range(last, 0, -1):
+        if step in checkpoints:
+            y_known, z_known = checkpoints[step]
+            drift = torch.maximum(drift, _pair_distance(y, z, y_known, z_known))
+            y, z = y_known, z_known
+        taking = _per_row(n_steps >= step, y)
+        if step > first_seed:
+            y_before, z_before = reverse_step(f, y, z, x, beta, dtype)
+            y = torch.where(taking, y_before, y)
+            z = torch.where(taking, z_before, z)
+            continue
+        seed = _per_row(best_step == step, grad)
+        a_z = torch.where(seed, a_z + grad, a_z)
+        fy, dy = vjp(y, beta * a_z)
+        a_y_total = a_y + dy
+        z_before = (z - beta * fy.to(z.dtype)) / (1.0 - beta)
+        fz, dz = vjp(z_before, beta * a_y_total)
+        y_before = (y - beta * fz.to(y.dtype)) / (1.0 - beta)
+        a_z = torch.where(taking, (1.0 - beta) * a_z + dz, a_z)
+        a_y = torch.where(taking, (1.0 - beta) * a_y_total, a_y)
+        y = torch.where(taking, y_before, y)
+        z = torch.where(taking, z_before, z)
+    a_z = torch.where(_per_row(best_step == 0, grad), a_z + grad, a_z)
+    start = z0.to(z.dtype)
+    drift = torch.maximum(drift, _pair_distance(y, z, start, start))
+
+    z0_grad = (a_y + a_z).to(dtype)
+    per_sample = (a_y + a_z).reshape(a_y.shape[0], -1)
+    finite = torch.isfinite(per_sample).all(dim=1) & torch.isfinite(drift)
+    status = torch.where(finite, int(Status.SUCCESS), int(Status.NONFINITE))
+    record({
+        "strategy": "Reversible",
+        "status": status,
+        "nfe": 2 * n_steps,
+        "n_steps": n_steps.clone(),
+        "reconstruction_error": drift,
+    })
+    # Worth a warning: drift beyond both the forward tolerance and sqrt(eps) of the state
+    # (float64: 1.5e-8, float32: 3.5e-4) relative to the state's scale.
+    relative = max(bound.rtol, math.sqrt(torch.finfo(dtype).eps))
+    if bool((drift > scale * relative + bound.atol).any()):
+        worst = float(drift.max())
+        message = (
+            f"Reversible backward: rebuilding the forward iterates drifted by up to "
+            f"{worst:.2e} (RMS), beyond the forward tolerance; the gradient is the exact "
+            f"one of slightly different iterates. Fix: Reversible(checkpoint_every=k) (e.g. "
+            f"k=10), pair_dtype=torch.float64, a smaller beta, or fewer steps (looser rtol)."
+        )
+        if bound.throw:
+            raise EquilibriaError(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+    x_grads: list[torch.Tensor | None] = []
+    wanted = iter(x_sums)
+    for t, need in zip(x_leaves, x_needs, strict=True):
+        if not need:
+            x_grads.append(None)
+            continue
+        total = next(wanted)
+        x_grads.append(torch.zeros_like(t) if total is None else total)
+    parameter_grads = [
+        torch.zeros_like(p) if total is None else total
+        for p, total in zip(parameters, parameter_sums, strict=True)
+    ]
+    return z0_grad, x_grads, parameter_grads
+
+
+def _pair_distance(y: torch.Tensor, z: torch.Tensor, y_known: torch.Tensor,
+                   z_known: torch.Tensor) -> torch.Tensor:
+    """(batch,) float64: the larger RMS difference of the two pair members."""
+    return torch.maximum(rms_norm((y - y_known).double()), rms_norm((z - z_known).double()))
