@@ -18,12 +18,21 @@ through each, so it costs 2 evaluations + 2 VJPs a step (the forward: 2 evaluati
 
 Rounding. Dividing by 1 − β amplifies rounding: the reverse map expands volume by
 (1 − β)^−2 a step (the forward contracts it as much), so an error in the rebuilt pair grows by
-1/(1 − β) to ρ/(1 − β)² a step (ρ: the forward's convergence factor). The pair is therefore
-held in float64 by default (`pair_dtype`): f still runs on the state's dtype (the pair is cast
-down before each call), and as long as the float64 drift stays below half a float32 ulp the
-rebuilt float32 inputs of f are bit-identical to the forward's. For long solves
-`checkpoint_every=k` also stores the pair every k steps and resynchronises the rebuild there
-(memory O(N / k)). benchmarks/results/reversible.md has the measurements.
+1/(1 − β) to ρ/(1 − β)² a step for a convergent linearisation (ρ: the forward's convergence
+factor), more for a trained cell with large Jacobians. Measured on the seed MNIST cell in
+float32 at β = 0.8: a relative drift of 3e+8 after 20 steps (gradient error 2e-2). Three
+defences, all on by default:
+- the pair is held in float64 (`pair_dtype`); f still runs in the state's dtype (the pair is
+  cast down before each call), so while the float64 drift stays below a float32 ulp the
+  rebuilt inputs of f are bit-identical to the forward's (at β = 0.5 the halvings are exact
+  in binary: no drift at all for ~25 steps);
+- the pair is also stored every k steps (`checkpoint_every`, "auto": k from β) and the
+  rebuild restarts from it, bounding the drift to k steps of amplification;
+- at the bottom of each segment (a checkpoint, or the first iterate, which is known) the
+  rebuilt pair is compared with the stored one; where a sample drifted by more than
+  `rebuild_tolerance`, the segment is recomputed forwards from the stored pair (stable: the
+  forward contracts) and its VJPs redone, so no gradient is taken at a drifted pair.
+benchmarks/results/reversible.md has the measurements.
 
 Reference: McCallum, Arora & Foster, "Reversible Deep Equilibrium Models", arXiv 2509.12917
 (2025), §3 (the coupled iteration and its reverse).
@@ -32,7 +41,6 @@ Reference: McCallum, Arora & Foster, "Reversible Deep Equilibrium Models", arXiv
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +53,7 @@ from .._checks import (
     check_tolerances,
     rms_norm,
 )
-from .._solution import EquilibriaError, Solution, Status
+from .._solution import Solution, Status
 from ..equilibrium._loop import _check_x
 from ._backward import check_f_output
 
@@ -93,23 +101,32 @@ class Reversible:
         beta: β in (0, 1), the relaxation. Larger β converges in fewer steps but amplifies
             rounding in the reverse pass more (by ≥ 1/(1 − β) a step). The paper's code uses
             0.8; 0.5 is the default here (measured: benchmarks/results/reversible.md).
-        checkpoint_every: None (default; memory O(1) in steps), or k >= 1: also keep the pair
-            every k steps and restart the rebuild from it, bounding the drift to k steps of
-            amplification (memory O(steps / k) pairs).
+        checkpoint_every: "auto" (default), None or k >= 1: also keep the pair every k steps
+            and restart the rebuild from it (memory O(steps / k) pairs; None: O(1)). "auto"
+            takes the largest k whose amplification (1 − β)^(−2k) keeps the pair dtype's
+            rounding below its square root: k = 13 at β = 0.5, 5 at 0.8 (float64 pair).
         pair_dtype: dtype in which the pair (y, z) is accumulated and rebuilt: torch.float64
             (default; f still computes in the state's dtype) or None for the state's dtype
-            (fastest, drifts sooner in float32).
+            (drifts sooner in float32: more segments get recomputed).
+        rebuild_tolerance: the largest RMS drift of a rebuilt pair (relative to max(1,
+            RMS(z_N))) accepted before the segment is recomputed; None (default): sqrt(eps)
+            of the state's dtype (float32: 3.5e-4, float64: 1.5e-8); math.inf: never
+            recompute (the paper's scheme, exact only while the drift stays small).
+
+    Memory saved for backward: the last pair and the first iterate (plus x and one pair per
+    checkpoint); transiently, one segment's pairs when it is recomputed.
 
     Backward stats (``deq.last_backward_stats``), all (batch,): "status" (SUCCESS, or
-    NONFINITE where the sample's gradient or rebuilt pair is not finite), "nfe" (evaluations
-    of f by the backward: 2 per reversed step, each followed by one VJP), "n_steps" (steps
-    reversed), "reconstruction_error" (the largest RMS difference between a rebuilt pair and
-    a known one: the first iterate, and any checkpoint). A reconstruction error above the
-    forward tolerance warns (once per process and call site) with the fix.
+    NONFINITE where the sample's gradient is not finite), "nfe" (evaluations of f by the
+    backward: 2 per reversed step, each followed by one VJP, plus those of recomputed
+    segments), "n_steps" (steps reversed), "reconstruction_error" (the largest RMS
+    difference between a rebuilt pair and a stored one: the first iterate, or a checkpoint),
+    "recomputed_steps" (steps whose VJPs were redone on recomputed pairs).
 
     Raises:
         ValueError / TypeError at construction: beta outside (0, 1), checkpoint_every < 1,
-        pair_dtype not a floating dtype; at the DEQ: a solver given with it, compact=True.
+        pair_dtype not a floating dtype, rebuild_tolerance <= 0; at the DEQ: a solver given
+        with it, compact=True, a pair_dtype narrower than the state.
 
     Reference: McCallum, Arora & Foster, "Reversible Deep Equilibrium Models", arXiv
     2509.12917 (2025).
@@ -118,6 +135,7 @@ class Reversible:
     beta: float = 0.5
     checkpoint_every: int | str | None = "auto"
     pair_dtype: torch.dtype | None = torch.float64
+    rebuild_tolerance: float | None = None
 
     def __post_init__(self) -> None:
         beta = self.beta
@@ -141,6 +159,8 @@ class Reversible:
                 )
         elif every is not None:
             check_positive_int("checkpoint_every", every)
+        if self.rebuild_tolerance is not None:
+            check_positive_or_inf("rebuild_tolerance", self.rebuild_tolerance)
         dtype = self.pair_dtype
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(
@@ -256,6 +276,14 @@ class _Channel:
     bound: _BoundIteration
     record: Record
     solution: Solution | None = None
+
+
+def check_positive_or_inf(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number > 0 or math.inf, got {type(value).__name__}.")
+    if not value > 0:  # NaN fails too
+        raise ValueError(f"{name} must be > 0 (or math.inf), got {value!r}; e.g. {name}=1e-4.")
+    return float(value)
 
 
 def _flatten(x: Any) -> tuple[torch.Tensor, ...]:
@@ -422,6 +450,24 @@ class _ReversibleFunction(torch.autograd.Function):
         return (None, z0_grad if ctx.needs_input_grad[1] else None, *x_grads, *parameter_out)
 
 
+class _Sums:
+    """Running sums of the VJP contributions to x and to the parameters."""
+
+    def __init__(self, n_x: int, n_parameters: int) -> None:
+        self.x: list[torch.Tensor | None] = [None] * n_x
+        self.parameters: list[torch.Tensor | None] = [None] * n_parameters
+
+    def add(self, x_grads: Iterable[torch.Tensor | None],
+            parameter_grads: Iterable[torch.Tensor | None]) -> None:
+        for sums, grads in ((self.x, x_grads), (self.parameters, parameter_grads)):
+            for i, g in enumerate(grads):
+                if g is not None:
+                    sums[i] = g if sums[i] is None else sums[i] + g
+
+    def merge(self, other: _Sums) -> None:
+        self.add(other.x, other.parameters)
+
+
 def _reverse(
     bound: _BoundIteration,
     z0: torch.Tensor,
@@ -444,6 +490,13 @@ def _reverse(
                                                a_y' = (1 − β) a_y;  θ, x get β a_y ∂f(z_{k−1})
     A sample takes part in step k only when k <= its own step count (torch.where); its
     incoming gradient is added to a_z at its best step.
+
+    The steps run in segments between known pairs (the start y_0 = z_0, and checkpoints).
+    At the bottom of a segment the rebuilt pair is compared with the known one: when some
+    sample drifted by more than sqrt(eps) of the state's dtype (relative to its scale), the
+    segment's pairs are recomputed forwards from the known pair (stable: the forward
+    contracts) and its VJPs redone from the adjoints at its top, so the gradient never uses
+    a drifted pair (transient memory: that segment's pairs).
     """
     strategy = bound.strategy
     beta, f = float(strategy.beta), bound.f
@@ -455,95 +508,122 @@ def _reverse(
     )
     x = _rebuild(bound.x, x_leaves)
     x_wanted = [t for t, need in zip(x_leaves, x_needs, strict=True) if need]
-    x_sums: list[torch.Tensor | None] = [None] * len(x_wanted)
-    parameter_sums: list[torch.Tensor | None] = [None] * len(parameters)
+    totals = _Sums(len(x_wanted), len(parameters))
     a_y = torch.zeros_like(y)
     a_z = torch.zeros_like(z)
-    drift = torch.zeros(z.shape[0], dtype=torch.float64, device=z.device)
-    scale = torch.clamp(rms_norm(z).double(), min=1.0)  # of the last iterate
+    batch = z.shape[0]
+    drift = torch.zeros(batch, dtype=torch.float64, device=z.device)
+    recomputed = torch.zeros_like(n_steps)
+    nfe = 2 * n_steps
+    accepted = strategy.rebuild_tolerance
+    if accepted is None:
+        accepted = math.sqrt(torch.finfo(dtype).eps)
+    threshold = torch.clamp(rms_norm(z).double(), min=1.0) * accepted
+    last = int(n_steps.max()) if batch else 0
+    # Above every sample's best step no gradient has entered yet: rebuild without VJPs.
+    first_seed = int(best_step.max()) if batch else 0
+    start = z0.to(z.dtype)
+    known = {0: (start, start), **checkpoints}
 
-    def vjp(at: torch.Tensor, cotangent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """f(at) (no graph kept) and the VJP cotangent·∂f/∂at, accumulating θ and x."""
+    def vjp(at: torch.Tensor, cotangent: torch.Tensor,
+            sums: _Sums) -> tuple[torch.Tensor, torch.Tensor]:
+        """f(at) (no graph kept) and the VJP cotangent·∂f/∂at, summing θ's and x's."""
         leaf = at.to(dtype).detach().requires_grad_(True)
         with torch.enable_grad():
             out = check_f_output(f(leaf, x), leaf)
             found = torch.autograd.grad(out, (leaf, *x_wanted, *parameters),
                                         cotangent.to(dtype), allow_unused=True)
-        for i, g in enumerate(found[1: 1 + len(x_wanted)]):
-            if g is not None:
-                x_sums[i] = g if x_sums[i] is None else x_sums[i] + g
-        for i, g in enumerate(found[1 + len(x_wanted):]):
-            if g is not None:
-                parameter_sums[i] = g if parameter_sums[i] is None else parameter_sums[i] + g
+        sums.add(found[1: 1 + len(x_wanted)], found[1 + len(x_wanted):])
         state_grad = found[0] if found[0] is not None else torch.zeros_like(leaf)
         return out.detach(), state_grad.to(at.dtype)
 
-    last = int(n_steps.max()) if n_steps.numel() else 0
-    # Above every sample's best step no gradient has entered yet: rebuild without VJPs.
-    first_seed = int(best_step.max()) if best_step.numel() else 0
-    for step in range(last, 0, -1):
-        if step in checkpoints:
-            y_known, z_known = checkpoints[step]
-            drift = torch.maximum(drift, _pair_distance(y, z, y_known, z_known))
-            y, z = y_known, z_known
-        taking = _per_row(n_steps >= step, y)
-        if step > first_seed:
-            y_before, z_before = reverse_step(f, y, z, x, beta, dtype)
+    def segment(lo, hi, y, z, a_y, a_z, pairs):
+        """Steps hi, ..., lo + 1 backwards from the pair after step hi; `pairs` None
+        (rebuild each earlier pair) or the recomputed pairs after steps lo, ..., hi − 1."""
+        sums = _Sums(len(x_wanted), len(parameters))
+        for step in range(hi, lo, -1):
+            taking = _per_row(n_steps >= step, y)
+            if step > first_seed:
+                if pairs is None:
+                    y_before, z_before = reverse_step(f, y, z, x, beta, dtype)
+                else:
+                    y_before, z_before = pairs[step - 1 - lo]
+                y = torch.where(taking, y_before, y)
+                z = torch.where(taking, z_before, z)
+                continue
+            a_z = torch.where(_per_row(best_step == step, grad), a_z + grad, a_z)
+            fy, dy = vjp(y, beta * a_z, sums)
+            a_y_total = a_y + dy
+            if pairs is None:
+                z_before = (z - beta * fy.to(z.dtype)) / (1.0 - beta)
+            else:
+                y_before, z_before = pairs[step - 1 - lo]
+            fz, dz = vjp(z_before, beta * a_y_total, sums)
+            if pairs is None:
+                y_before = (y - beta * fz.to(y.dtype)) / (1.0 - beta)
+            a_z = torch.where(taking, (1.0 - beta) * a_z + dz, a_z)
+            a_y = torch.where(taking, (1.0 - beta) * a_y_total, a_y)
             y = torch.where(taking, y_before, y)
             z = torch.where(taking, z_before, z)
-            continue
-        seed = _per_row(best_step == step, grad)
-        a_z = torch.where(seed, a_z + grad, a_z)
-        fy, dy = vjp(y, beta * a_z)
-        a_y_total = a_y + dy
-        z_before = (z - beta * fy.to(z.dtype)) / (1.0 - beta)
-        fz, dz = vjp(z_before, beta * a_y_total)
-        y_before = (y - beta * fz.to(y.dtype)) / (1.0 - beta)
-        a_z = torch.where(taking, (1.0 - beta) * a_z + dz, a_z)
-        a_y = torch.where(taking, (1.0 - beta) * a_y_total, a_y)
-        y = torch.where(taking, y_before, y)
-        z = torch.where(taking, z_before, z)
+        return y, z, a_y, a_z, sums
+
+    def recompute(lo, hi):
+        """The pairs after steps lo, ..., hi − 1, forwards from the known pair at lo."""
+        y, z = known[lo]
+        fz = _evaluate(f, z, x, dtype)
+        pairs = [(y, z)]
+        for step in range(lo + 1, hi):
+            y_next, z_next, fz_next = forward_step(f, y, z, fz, x, beta, dtype)
+            taking = n_steps >= step
+            y = torch.where(_per_row(taking, y), y_next, y)
+            z = torch.where(_per_row(taking, z), z_next, z)
+            fz = torch.where(_per_row(taking, fz), fz_next, fz)
+            pairs.append((y, z))
+        return pairs
+
+    hi = last
+    for lo in sorted((k for k in known if k < last), reverse=True):
+        y_rebuilt, z_rebuilt, a_y_next, a_z_next, sums = segment(lo, hi, y, z, a_y, a_z, None)
+        y_known, z_known = known[lo]
+        distance = _pair_distance(y_rebuilt, z_rebuilt, y_known, z_known)
+        drift = torch.maximum(drift, distance)
+        if lo < first_seed and bool((distance > threshold).any()):
+            _, _, a_y_next, a_z_next, sums = segment(lo, hi, y, z, a_y, a_z,
+                                                     recompute(lo, hi))
+            steps_here = (torch.clamp(n_steps, max=hi) - lo).clamp(min=0)
+            redone = (torch.clamp(n_steps, max=min(hi, first_seed)) - lo).clamp(min=0)
+            recomputed = recomputed + steps_here
+            # the forward recompute (f(z_lo), then 2 a step below the top) and the redone VJPs
+            nfe = nfe + (steps_here > 0) + 2 * (steps_here - (n_steps >= hi).long()) + 2 * redone
+        totals.merge(sums)
+        a_y, a_z = a_y_next, a_z_next
+        y, z = y_known, z_known
+        hi = lo
     a_z = torch.where(_per_row(best_step == 0, grad), a_z + grad, a_z)
-    start = z0.to(z.dtype)
-    drift = torch.maximum(drift, _pair_distance(y, z, start, start))
 
     z0_grad = (a_y + a_z).to(dtype)
-    per_sample = (a_y + a_z).reshape(a_y.shape[0], -1)
-    finite = torch.isfinite(per_sample).all(dim=1) & torch.isfinite(drift)
+    finite = torch.isfinite(z0_grad.reshape(batch, -1)).all(dim=1)
     status = torch.where(finite, int(Status.SUCCESS), int(Status.NONFINITE))
     record({
         "strategy": "Reversible",
         "status": status,
-        "nfe": 2 * n_steps,
+        "nfe": nfe,
         "n_steps": n_steps.clone(),
         "reconstruction_error": drift,
+        "recomputed_steps": recomputed,
     })
-    # Worth a warning: drift beyond both the forward tolerance and sqrt(eps) of the state
-    # (float64: 1.5e-8, float32: 3.5e-4) relative to the state's scale.
-    relative = max(bound.rtol, math.sqrt(torch.finfo(dtype).eps))
-    if bool((drift > scale * relative + bound.atol).any()):
-        worst = float(drift.max())
-        message = (
-            f"Reversible backward: rebuilding the forward iterates drifted by up to "
-            f"{worst:.2e} (RMS), beyond the forward tolerance; the gradient is the exact "
-            f"one of slightly different iterates. Fix: Reversible(checkpoint_every=k) (e.g. "
-            f"k=10), pair_dtype=torch.float64, a smaller beta, or fewer steps (looser rtol)."
-        )
-        if bound.throw:
-            raise EquilibriaError(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=2)
 
     x_grads: list[torch.Tensor | None] = []
-    wanted = iter(x_sums)
+    summed = iter(totals.x)
     for t, need in zip(x_leaves, x_needs, strict=True):
         if not need:
             x_grads.append(None)
             continue
-        total = next(wanted)
+        total = next(summed)
         x_grads.append(torch.zeros_like(t) if total is None else total)
     parameter_grads = [
         torch.zeros_like(p) if total is None else total
-        for p, total in zip(parameters, parameter_sums, strict=True)
+        for p, total in zip(parameters, totals.parameters, strict=True)
     ]
     return z0_grad, x_grads, parameter_grads
 
