@@ -99,6 +99,13 @@ CASES = {
                  torch.tensor([0.2, 0.9, 0.97], dtype=torch.float64)),
         Reversible(0.4), {"rtol": 1e-9, "atol": 1e-11, "max_steps": 400},
     ),
+    "recompute-every-segment": (
+        lambda: GainCell(WIDTH),
+        lambda: (torch.randn(3, WIDTH, dtype=torch.float64),
+                 torch.tensor([0.2, 0.9, 0.97], dtype=torch.float64)),
+        Reversible(0.5, checkpoint_every=4, rebuild_tolerance=1e-300),
+        {"rtol": 1e-9, "atol": 1e-11, "max_steps": 400},
+    ),
     "grid-state": (
         lambda: Grid(),
         lambda: torch.randn(2, 2, 3, 4, dtype=torch.float64),
@@ -142,7 +149,12 @@ def test_gradient_equals_autograd_through_the_same_iteration(name):
     stats = deq.last_backward_stats
     assert stats["strategy"] == "Reversible"
     assert bool((stats["status"] == eq.Status.SUCCESS).all())
-    assert stats["nfe"].tolist() == (2 * solution.stats["n_steps"]).tolist()
+    n_steps = solution.stats["n_steps"]
+    if name == "recompute-every-segment":
+        assert stats["recomputed_steps"].tolist() == n_steps.tolist()
+    else:
+        assert stats["nfe"].tolist() == (2 * n_steps).tolist()
+        assert int(stats["recomputed_steps"].max()) == 0
     assert float(stats["reconstruction_error"].max()) < 1e-9
     if name == "per-sample-steps":
         assert len(set(solution.stats["n_steps"].tolist())) == 3  # each its own stop step

@@ -79,7 +79,9 @@ class DEQ(nn.Module):
             on the library's benchmark; ``SteadyState(...)`` integrates dz/dt = f − z, which
             also converges where ∂f/∂z has eigenvalues of modulus > 1 but real part < 1).
         backward: ``Implicit()`` (default; exact gradient, O(1) memory in forward steps),
-            ``Unrolled()``, ``OneStep()`` or ``Phantom(k, damping)``.
+            ``Unrolled()``, ``OneStep()``, ``Phantom(k, damping)``, or ``Reversible(beta)``
+            (RevDEQ: iterates itself under atol/rtol/max_steps, so leave solver unset; the
+            exact gradient of that iteration, memory ~O(1) in steps).
         init: optional nn.Module g, the Skip DEQ (Pal et al. 2022): the explicit prediction
             z0 = g(x) starts the solve. Train g with ``deq.skip_loss()`` added to the loss.
         atol, rtol: per-sample tolerance of the forward solve,
