@@ -93,6 +93,12 @@ class Reversible:
       reversal needs it) down to step 0, injecting the incoming gradient at the sample's best
       step, so the gradient is exact for the value returned, failed samples included.
 
+    Per sample: each sample's tolerance test, stop step, status, step count, best step and
+    reversal are its own (torch.where masks), so its result does not depend on its
+    batch-mates, nor its gradient beyond rounding (amplified by the rebuild; a segment
+    recomputed because a batch-mate drifted swaps rebuilt pairs for recomputed ones, which
+    agree to within rebuild_tolerance). Tested to 1e-9 relative in float64.
+
     The returned tensor is z_best itself (not one more f step), differentiable w.r.t.
     f_module's parameters, x, and the first iterate z0 when it requires grad (e.g. a Skip
     DEQ's g(x): the exact gradient of the iterate includes its dependence on z0).

@@ -208,8 +208,9 @@ class DEQ(nn.Module):
         self._warned_autocast = False
 
     def extra_repr(self) -> str:
+        solver = None if isinstance(self.backward, Reversible) else self.solver  # unused then
         return (
-            f"solver={self.solver!r}, backward={self.backward!r}, atol={self.atol}, "
+            f"solver={solver!r}, backward={self.backward!r}, atol={self.atol}, "
             f"rtol={self.rtol}, max_steps={self.max_steps}"
         )
 
