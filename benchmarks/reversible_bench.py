@@ -10,13 +10,16 @@ stored. Configurations: the defences (float64 pair, checkpoints every k = 13 ste
 0.5 / 5 at 0.8, recomputing drifted segments) off and on; "every pair stored" is the floor
 set by the float32 forward itself.
 
+Memory: the distinct storages autograd saves for backward during one forward
+(saved_tensors_hooks), less f's parameters (alive anyway), per sample, after N forced steps.
+
 Part 2 — training. The seed MNIST DEQ trained with Anderson + Implicit(GMRES) (the
 library's fast path, as in benchmarks/torchdeq_mnist.py) and with Reversible, from the same
 initial weights, on the same batches in the same order, Adam(1e-3), batch 128, atol = rtol =
 1e-3, on a subset of real MNIST. Contenders alternate batch by batch (and which one goes first
 alternates), so a shared machine's load hits them alike. Reported: time per training step
-(forward + backward + Adam), forward / backward NFE per sample, test accuracy, and the bytes
-autograd saves for backward during one forward (saved_tensors_hooks), per sample.
+(forward + backward + Adam), forward / backward NFE per sample, test accuracy, and the
+memory saved for backward (as above) by one forward of the trained model.
 
 Run:  .venv/bin/python benchmarks/reversible_bench.py            (writes results/reversible.md)
       .venv/bin/python benchmarks/reversible_bench.py --quick    (smaller, not written)
@@ -138,11 +141,19 @@ def _model(backward, solver=None):
 
 
 def saved_bytes_per_sample(deq, x) -> float:
+    """Memory autograd keeps for backward during deq(x): the distinct storages of the saved
+    tensors, less f's parameters (alive anyway; the graph of f saves references to them,
+    once a step for Unrolled)."""
     total = 0
+    parameters = {p.untyped_storage().data_ptr() for p in deq.parameters()}
+    seen: set[int] = set()
 
     def pack(tensor):
         nonlocal total
-        total += tensor.numel() * tensor.element_size()
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters | seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
         return tensor
 
     with warnings.catch_warnings():

@@ -402,9 +402,9 @@ def _forward(bound: _BoundIteration, z0: torch.Tensor, x: Any) -> _Run:
         value=best_value, status=status,
         stats={"residual": best_residual, "n_steps": n_steps, "nfe": nfe},
     )
-    # Checkpoints past the last committed step of every sample are never read.
+    # Checkpoints at or past the last committed step of every sample are never read.
     last = int(n_steps.max()) if batch else 0
-    checkpoints = [c for c in checkpoints if c[0] <= last]
+    checkpoints = [c for c in checkpoints if c[0] < last]
     return _Run(solution, y, z, n_steps, best_step, checkpoints)
 
 
