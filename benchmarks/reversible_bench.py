@@ -172,6 +172,9 @@ def training_table(subset: int, test_subset: int, epochs: int, betas: list[float
     contenders = {"Anderson + Implicit(GMRES)": (eq.Implicit(), eq.Anderson())}
     for beta in betas:
         contenders[f"Reversible(beta={beta})"] = (eq.Reversible(beta), None)
+    # flat memory: no checkpoints, drifted trajectories recomputed in the backward
+    contenders["Reversible(beta=0.8, checkpoint_every=None)"] = (
+        eq.Reversible(0.8, checkpoint_every=None), None)
     models, optimizers = {}, {}
     for name, (backward, solver) in contenders.items():
         torch.manual_seed(0)  # identical initial weights

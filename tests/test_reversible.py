@@ -303,6 +303,24 @@ def test_float32_drift_is_measured_and_never_reaches_the_gradient():
     assert _relative_error(default, stored) < 1e-5
 
 
+def test_a_rebuild_that_overflows_is_recomputed_not_propagated():
+    torch.manual_seed(2)
+    cell = TanhCell(16, contraction=0.9, dtype=torch.float32)
+    x = torch.randn(4, 16)
+    params = list(cell.parameters())
+    forced = {"atol": 1e-30, "rtol": 1e-30, "max_steps": 60}
+
+    def run(**options):
+        deq = DEQ(cell, backward=Reversible(0.9, pair_dtype=None, **options), **forced)
+        return flat_grad(deq(x).sum(), params), deq.last_backward_stats
+
+    stored, _ = run(checkpoint_every=1)
+    grad, stats = run(checkpoint_every=None)
+    assert not torch.isfinite(stats["reconstruction_error"]).all()  # inf / NaN rebuilt
+    assert bool((stats["status"] == eq.Status.SUCCESS).all())
+    assert _relative_error(grad, stored) < 1e-5
+
+
 def test_bad_arguments_raise_clear_errors():
     for beta in (0.0, 1.0, 1.5, -0.2, float("nan")):
         with pytest.raises(ValueError, match=r"beta.*\(0, 1\)"):

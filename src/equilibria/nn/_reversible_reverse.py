@@ -190,7 +190,8 @@ def reverse_pass(
         y_known, z_known = known[lo]
         distance = _pair_distance(y_rebuilt, z_rebuilt, y_known, z_known)
         drift = torch.maximum(drift, distance)
-        if lo < first_seed and bool((distance > threshold).any()):
+        # NaN (an overflowed rebuild) counts as drifted: it compares False with <=
+        if lo < first_seed and not bool((distance <= threshold).all()):
             _, _, a_y_next, a_z_next, sums = segment(lo, hi, y, z, a_y, a_z,
                                                      recompute(lo, hi))
             steps_here = (torch.clamp(n_steps, max=hi) - lo).clamp(min=0)
