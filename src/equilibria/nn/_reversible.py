@@ -115,6 +115,9 @@ class Reversible:
             and restart the rebuild from it (memory O(steps / k) pairs; None: O(1)). "auto"
             takes the largest k whose amplification (1 − β)^(−2k) keeps the pair dtype's
             rounding below its square root: k = 13 at β = 0.5, 5 at 0.8 (float64 pair).
+            None keeps memory flat; drifted stretches are then recomputed from the first
+            iterate (training the seed MNIST DEQ at β = 0.8: the same median time a step,
+            23 backward evaluations a sample instead of 14).
         pair_dtype: dtype in which the pair (y, z) is accumulated and rebuilt: torch.float64
             (default; f still computes in the state's dtype) or None for the state's dtype
             (drifts sooner in float32: more segments get recomputed).
