@@ -45,6 +45,22 @@ class GainCell(nn.Module):
         return torch.tanh(gain.unsqueeze(1) * self.W(z) + 0.1 * self.U(inputs))
 
 
+def saved_bytes(deq: nn.Module, x: torch.Tensor) -> int:
+    """Bytes autograd saves for backward during deq(x) (saved_tensors_hooks); then checks
+    the graph is usable by running the backward."""
+    total = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        z = deq(x)
+    z.sum().backward()
+    return total
+
+
 def flat_grad(loss: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor:
     grads = torch.autograd.grad(loss, tensors)
     return torch.cat([g.reshape(-1) for g in grads])

@@ -13,6 +13,7 @@ from deq_problems import (
     TanhCell,
     flat_grad,
     one_thread,  # noqa: F401  (autouse fixture: active here)
+    saved_bytes,
 )
 from equilibria.equilibrium._solver import FixedPointSolver
 from equilibria.nn import DEQ, Implicit, OneStep, Phantom, Unrolled
@@ -150,31 +151,17 @@ def test_phantom_with_many_steps_approaches_the_implicit_gradient():
     assert _relative_error(many, exact) < 1e-9 < _relative_error(few, exact)
 
 
-def _saved_bytes(deq: DEQ, x: torch.Tensor) -> int:
-    total = 0
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        total += tensor.numel() * tensor.element_size()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        z = deq(x)
-    z.sum().backward()  # the graph is usable
-    return total
-
-
 @pytest.mark.parametrize("backward", [Implicit(), Implicit(eq.Anderson()), OneStep(), Phantom()])
 def test_memory_saved_for_backward_does_not_grow_with_forward_steps(backward):
     cell = TanhCell(16, contraction=0.95)
     x = torch.randn(8, 16, dtype=torch.float64)
     # tolerances nobody reaches: exactly max_steps forward steps are taken
     forced = {"atol": 1e-300, "rtol": 1e-300, "solver": eq.Picard()}
-    short = _saved_bytes(DEQ(cell, backward=backward, max_steps=10, **forced), x)
-    long = _saved_bytes(DEQ(cell, backward=backward, max_steps=50, **forced), x)
+    short = saved_bytes(DEQ(cell, backward=backward, max_steps=10, **forced), x)
+    long = saved_bytes(DEQ(cell, backward=backward, max_steps=50, **forced), x)
     assert short == long > 0
-    unrolled_short = _saved_bytes(DEQ(cell, backward=Unrolled(), max_steps=10, **forced), x)
-    unrolled_long = _saved_bytes(DEQ(cell, backward=Unrolled(), max_steps=50, **forced), x)
+    unrolled_short = saved_bytes(DEQ(cell, backward=Unrolled(), max_steps=10, **forced), x)
+    unrolled_long = saved_bytes(DEQ(cell, backward=Unrolled(), max_steps=50, **forced), x)
     assert unrolled_long > 4 * unrolled_short > 4 * short
 
 

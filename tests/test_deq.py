@@ -15,9 +15,9 @@ from deq_problems import (
     TanhCell,
     one_thread,  # noqa: F401  (autouse fixture: active here)
 )
-from equilibria.nn import DEQ, Implicit, OneStep, Phantom, Unrolled
+from equilibria.nn import DEQ, Implicit, OneStep, Phantom, Reversible, Unrolled
 
-STRATEGIES = [Implicit(), Implicit(eq.Anderson()), Unrolled(), OneStep(), Phantom()]
+STRATEGIES = [Implicit(), Implicit(eq.Anderson()), Unrolled(), OneStep(), Phantom(), Reversible()]
 
 
 @pytest.mark.parametrize("backward", STRATEGIES, ids=lambda s: type(s).__name__)

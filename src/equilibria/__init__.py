@@ -49,6 +49,7 @@ from .nn import DEQ as DEQ
 from .nn import Implicit as Implicit
 from .nn import OneStep as OneStep
 from .nn import Phantom as Phantom
+from .nn import Reversible as Reversible
 from .nn import Unrolled as Unrolled
 from .nn import VariationalDropout as VariationalDropout
 from .nn import VariationalDropout2d as VariationalDropout2d

@@ -10,6 +10,7 @@ from ._dropout import VariationalDropout as VariationalDropout
 from ._dropout import VariationalDropout2d as VariationalDropout2d
 from ._penalty import jacobian_penalty as jacobian_penalty
 from ._penalty import spectral_radius as spectral_radius
+from ._reversible import Reversible as Reversible
 from .deq import DEQ as DEQ
 
 # --- neural_ode (owned by the ODE core) ---

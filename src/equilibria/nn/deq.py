@@ -27,11 +27,12 @@ from ._backward import BACKWARD_TYPES, Implicit, Unrolled
 from ._dropout import stochastic_modules
 from ._parametrize import SolveScope
 from ._penalty import spectral_radius
+from ._reversible import Reversible
 
 __all__ = ["AUTOCAST_RTOL_FLOOR", "DEQ", "EXPLICIT_AMP_COST"]
 
 _SOLVER_CHOICES = "eq.Anderson(), eq.Picard(), eq.Broyden(), eq.NewtonKrylov(), eq.SteadyState()"
-_BACKWARD_CHOICES = "eq.Implicit(), eq.Unrolled(), eq.OneStep(), eq.Phantom()"
+_BACKWARD_CHOICES = "eq.Implicit(), eq.Unrolled(), eq.OneStep(), eq.Phantom(), eq.Reversible()"
 # The smallest rtol worth asking for when f runs under autocast, about eps/2 of the dtype.
 # Measured with Anderson on tanh(W z + U x + b) cells (||W|| = 0.6, widths 48 and 512, 64
 # samples, 100 steps): the worst sample's relative residual stalled at 1.1e-3 under bfloat16
@@ -147,7 +148,9 @@ class DEQ(nn.Module):
             on the library's benchmark; ``SteadyState(...)`` integrates dz/dt = f − z, which
             also converges where ∂f/∂z has eigenvalues of modulus > 1 but real part < 1).
         backward: ``Implicit()`` (default; exact gradient, O(1) memory in forward steps),
-            ``Unrolled()``, ``OneStep()`` or ``Phantom(k, damping)``.
+            ``Unrolled()``, ``OneStep()``, ``Phantom(k, damping)``, or ``Reversible(beta)``
+            (RevDEQ: iterates itself under atol/rtol/max_steps, so leave solver unset; the
+            exact gradient of that iteration, memory ~O(1) in steps).
         init: optional nn.Module g, the Skip DEQ (Pal et al. 2022): the explicit prediction
             z0 = g(x) starts the solve. Train g with ``deq.skip_loss()`` added to the loss.
         atol, rtol: per-sample tolerance of the forward solve,
@@ -250,6 +253,11 @@ class DEQ(nn.Module):
             raise TypeError(
                 f"init must be None or an nn.Module g with z0 = g(x), got {type(init).__name__}."
             )
+        if isinstance(backward, Reversible) and solver is not None:
+            raise ValueError(
+                f"backward=eq.Reversible() iterates itself (it is the solver too), so solver= "
+                f"must be left unset, got {solver!r}; e.g. eq.DEQ(cell, backward=eq.Reversible())."
+            )
         solver = Anderson() if solver is None else solver
         if not isinstance(solver, FixedPointSolver):
             raise TypeError(
@@ -257,7 +265,7 @@ class DEQ(nn.Module):
                 f"choose one of {_SOLVER_CHOICES}."
             )
         backward = Implicit() if backward is None else backward
-        if not isinstance(backward, BACKWARD_TYPES):
+        if not isinstance(backward, (*BACKWARD_TYPES, Reversible)):
             raise TypeError(
                 f"backward must be a backward strategy object, got {type(backward).__name__} "
                 f"{backward!r}; choose one of {_BACKWARD_CHOICES}."
@@ -284,8 +292,9 @@ class DEQ(nn.Module):
         self._warned_stochastic = False
 
     def extra_repr(self) -> str:
+        solver = None if isinstance(self.backward, Reversible) else self.solver  # unused then
         return (
-            f"solver={self.solver!r}, backward={self.backward!r}, atol={self.atol}, "
+            f"solver={solver!r}, backward={self.backward!r}, atol={self.atol}, "
             f"rtol={self.rtol}, max_steps={self.max_steps}"
         )
 
@@ -403,8 +412,9 @@ class DEQ(nn.Module):
             f = _explain_first_failure(f, tuple(start.shape))
         if self.training and not self._warned_stochastic:
             self._warn_stochastic()
-        with call_scope(object()), SolveScope(self.f_module) as scope:
-            z_star, solution, states = self._solve(f, start, x, settings, scope)
+        token = object()  # this call: per-call state inside f (dropout masks) keys on it
+        with call_scope(token), SolveScope(self.f_module) as scope:
+            z_star, solution, states = self._solve(f, start, x, settings, scope, token)
         solution = Solution(
             value=solution.value.detach(), status=solution.status,
             stats=dict(solution.stats), trace=solution.trace,
@@ -451,7 +461,8 @@ class DEQ(nn.Module):
         return settings
 
     def _solve(self, f: Any, start: torch.Tensor, x: Any, settings: dict[str, Any],
-               scope: SolveScope) -> tuple[torch.Tensor, Solution, list[torch.Tensor]]:
+               scope: SolveScope, token: object,
+               ) -> tuple[torch.Tensor, Solution, list[torch.Tensor]]:
         """Solve and attach the backward strategy (on the packed state)."""
         if x is None:  # fixed_point calls f(z) when x is None
 
@@ -469,6 +480,26 @@ class DEQ(nn.Module):
                 compact=self.compact, trace=settings["trace"], keep_steps=keep,
             ))
 
+        if isinstance(self.backward, Reversible):  # its own iteration, under these limits
+            if n_states or settings["trace"]:
+                raise ValueError(
+                    "n_states= and trace= need the fixed_point loop; Reversible() runs its own "
+                    "coupled iteration. Use another backward strategy for them."
+                )
+
+            inner = f
+
+            def in_this_call(z: torch.Tensor, inputs: Any) -> torch.Tensor:
+                # its backward re-evaluates f after the call: same dropout masks
+                with call_scope(token):
+                    return inner(z, inputs)
+
+            f = in_this_call
+            solve = self.backward.bind(
+                f, x, self.f_module.parameters(), atol=settings["atol"],
+                rtol=settings["rtol"], max_steps=settings["max_steps"], throw=self.throw,
+                compact=self.compact,
+            )
         if start.shape[0] == 0:  # an empty batch: nothing to solve, f's graph for autograd
             solution = solve(start)
             z_star = f(start, x) if torch.is_grad_enabled() else solution.value

@@ -12,7 +12,7 @@ import torch
 
 from .._checks import check_positive, check_positive_int
 from ..nn.deq import AUTOCAST_RTOL_FLOOR, EXPLICIT_AMP_COST
-from .solvers import BACKWARD_CHOICES, SOLVER_CHOICES
+from .solvers import BACKWARD_CHOICES, SOLVER_CHOICES, check_pairing
 
 __all__ = [
     "AMP_CHOICES",
@@ -129,6 +129,7 @@ class TrainConfig:
             raise ValueError(
                 f"unknown backward {self.backward!r}; choose one of {BACKWARD_CHOICES}."
             )
+        check_pairing(self.solver, self.backward)
         if self.backward_rtol is not None:
             check_positive("backward_rtol", self.backward_rtol)
             if self.backward != "implicit":

@@ -6,7 +6,14 @@ speaks in names. Adding a solver to the CLI is one line in each table below.
 
 from __future__ import annotations
 
-__all__ = ["BACKWARD_CHOICES", "SOLVER_CHOICES", "make_backward", "make_deq", "make_solver"]
+__all__ = [
+    "BACKWARD_CHOICES",
+    "SOLVER_CHOICES",
+    "check_pairing",
+    "make_backward",
+    "make_deq",
+    "make_solver",
+]
 
 
 def _solvers() -> dict:
@@ -19,6 +26,7 @@ def _solvers() -> dict:
         "newton-krylov": lambda: eq.NewtonKrylov(),
         "steady-state-tsit5": lambda: eq.SteadyState(eq.Tsit5()),
         "steady-state-implicit": lambda: eq.SteadyState(eq.ImplicitEuler()),
+        "reversible": lambda: eq.Reversible(),  # a solver/backward pair (see make_deq)
     }
 
 
@@ -30,6 +38,7 @@ def _backwards() -> dict:
         "unrolled": lambda: eq.Unrolled(),
         "one-step": lambda: eq.OneStep(),
         "phantom": lambda: eq.Phantom(),
+        "reversible": lambda: eq.Reversible(),
     }
 
 
@@ -40,8 +49,19 @@ SOLVER_CHOICES = (
     "newton-krylov",
     "steady-state-tsit5",
     "steady-state-implicit",
+    "reversible",
 )
-BACKWARD_CHOICES = ("implicit", "unrolled", "one-step", "phantom")
+BACKWARD_CHOICES = ("implicit", "unrolled", "one-step", "phantom", "reversible")
+
+
+def check_pairing(solver: str, backward: str) -> None:
+    """Reversible is a solver/backward pair: both names 'reversible', or neither."""
+    if (solver == "reversible") != (backward == "reversible"):
+        raise ValueError(
+            f"solver {solver!r} with backward {backward!r}: the reversible DEQ iterates itself "
+            "and differentiates that iteration, so it is chosen as a pair: pass --solver "
+            "reversible --backward reversible (or neither)."
+        )
 
 
 def make_solver(name: str):
@@ -77,7 +97,9 @@ def make_deq(
     max_steps, z_shape) for the models."""
     import equilibria as eq
 
-    solver_object = make_solver(solver)
+    check_pairing(solver, backward)
+    # Reversible iterates itself: the DEQ gets it as its backward and no solver.
+    solver_object = None if solver == "reversible" else make_solver(solver)
     backward_object = make_backward(backward, backward_rtol)
 
     def factory(cell, z_shape=None):
