@@ -87,6 +87,11 @@ def rms64(tensor: torch.Tensor) -> torch.Tensor:
     return flat.pow(2).mean(dim=1).sqrt()
 
 
+def frames(batches=BATCHES):
+    """(dtype, sample shape, batch size, seed) of one example."""
+    return st.tuples(DTYPES, SAMPLE_SHAPES, batches, SEEDS)
+
+
 def relayout(tensor: torch.Tensor, layout: str) -> torch.Tensor:
     """A non-contiguous view with `tensor`'s shape ("expanded": every row equal to row 0)."""
     if layout == "transposed":
@@ -147,10 +152,7 @@ class Map:
 
 @st.composite
 def fixed_point_problems(draw, batches=BATCHES):
-    dtype = draw(DTYPES)
-    shape = draw(SAMPLE_SHAPES)
-    batch = draw(batches)
-    seed = draw(SEEDS)
+    dtype, shape, batch, seed = draw(frames(batches))
     # mostly contractions, some slow ones, some that Picard cannot solve (|coef| > 1)
     contraction = draw(st.sampled_from([0.1, 0.5, 0.9, 0.99, 1.5, 1.5]))
     # |coef| in [c/2, c] with random signs: spectral radius between c/2 and c
@@ -373,10 +375,7 @@ class Decay:
 
 @st.composite
 def decay_problems(draw, batches=BATCHES):
-    dtype = draw(DTYPES)
-    shape = draw(SAMPLE_SHAPES)
-    batch = draw(batches)
-    seed = draw(SEEDS)
+    dtype, shape, batch, seed = draw(frames(batches))
     per_sample = draw(st.booleans())
     rates = uniform((batch, *shape) if per_sample else shape, -2.0, -0.1, seed, dtype)
     if not per_sample:
