@@ -528,6 +528,172 @@ def test_odeint_sample_does_not_depend_on_its_batch_mates(problem, solver_name, 
     assert identical(alone.value[0], together.value[index])
 
 
+
+# --- bad input: a clear error that names the argument ------------------------------------
+
+BAD_NUMBERS = [0, 0.0, -1e-6, math.nan, math.inf, -math.inf, True, "1e-6", None,
+               torch.tensor([1e-6, 1e-6])]
+BAD_COUNTS = [0, -3, 1.5, True, "10", None, math.inf]
+
+
+def expect_clear_error(call, name: str) -> None:
+    """TypeError / ValueError / EquilibriaError whose message names `name`: never a raw error
+    from inside torch, an assert, or a silently accepted value."""
+    with pytest.raises((TypeError, ValueError, eq.EquilibriaError)) as caught:
+        call()
+    assert name in str(caught.value), (name, str(caught.value))
+    COUNTS["bad_input"].cases += 1
+    COUNTS["bad_input"].clear_errors += 1
+
+
+def _tanh(z, x=None):
+    return torch.tanh(0.5 * z + (0 if x is None else x))
+
+
+@settings(max_examples=120, **SETTINGS)
+@given(
+    name=st.sampled_from(["atol", "rtol", "divergence_factor", "max_steps", "throw", "compact",
+                          "trace"]),
+    bad=st.sampled_from(BAD_NUMBERS + BAD_COUNTS + [1.0, "yes", 1]),
+    solver_name=st.sampled_from(sorted(FIXED_POINT_SOLVERS)),
+    dtype=DTYPES,
+)
+def test_fixed_point_bad_keyword_is_a_clear_error(name, bad, solver_name, dtype):
+    flag = name in ("throw", "compact", "trace")
+    if (flag and isinstance(bad, bool)) or (name == "max_steps" and type(bad) is int and bad > 0):
+        return  # a valid value
+    if not flag and name != "max_steps" and type(bad) in (int, float) and bad > 1 and (
+            bad < math.inf):
+        return
+    if name in ("atol", "rtol") and type(bad) in (int, float) and 0 < bad < math.inf:
+        return
+    z0 = torch.zeros(2, 3, dtype=dtype)
+    expect_clear_error(lambda: eq.fixed_point(_tanh, z0, solver=FIXED_POINT_SOLVERS[solver_name],
+                                              **{name: bad}), name)
+
+
+FIXED_POINT_BAD_CALLS = {
+    "z0 int": (lambda: eq.fixed_point(_tanh, torch.zeros(2, 3, dtype=torch.int64)), "z0"),
+    "z0 0-dim": (lambda: eq.fixed_point(_tanh, torch.tensor(0.0)), "z0"),
+    "z0 nan": (lambda: eq.fixed_point(_tanh, torch.tensor([[0.0, math.nan]])), "z0"),
+    "z0 list": (lambda: eq.fixed_point(_tanh, [[0.0, 1.0]]), "z0"),
+    "z0 half": (lambda: eq.fixed_point(_tanh, torch.zeros(2, 3, dtype=torch.float16)), "z0"),
+    "z0 complex": (lambda: eq.fixed_point(_tanh, torch.zeros(2, 3, dtype=torch.complex64)),
+                   "z0"),
+    "x batch": (lambda: eq.fixed_point(_tanh, torch.zeros(2, 3), torch.zeros(3, 3)), "x"),
+    "x 0-dim": (lambda: eq.fixed_point(_tanh, torch.zeros(2, 3), torch.tensor(1.0)), "x"),
+    "x inf": (lambda: eq.fixed_point(_tanh, torch.zeros(1, 3), torch.full((1, 3), math.inf)),
+              "x"),
+    "x tuple item": (lambda: eq.fixed_point(_tanh, torch.zeros(2, 3), (torch.zeros(2, 3), 1.0)),
+                     "x[1]"),
+    "x string": (lambda: eq.fixed_point(_tanh, torch.zeros(2, 3), "x"), "x"),
+    "solver name": (lambda: eq.fixed_point(_tanh, torch.zeros(2, 3), solver="anderson"),
+                    "solver"),
+    "solver class": (lambda: eq.fixed_point(_tanh, torch.zeros(2, 3), solver=eq.Anderson),
+                     "solver"),
+    "f not callable": (lambda: eq.fixed_point(1.0, torch.zeros(2, 3)), "f"),
+    "f shape": (lambda: eq.fixed_point(lambda z: z[:, :1], torch.zeros(2, 3)), "f"),
+    "f dtype": (lambda: eq.fixed_point(lambda z: z.double(), torch.zeros(2, 3)), "f"),
+    "f none": (lambda: eq.fixed_point(lambda z: None, torch.zeros(2, 3)), "f"),
+    "unknown keyword": (lambda: eq.fixed_point(_tanh, torch.zeros(2, 3), tol=1e-3), "tol"),
+    "throw": (lambda: eq.fixed_point(lambda z: 2 * z + 1, torch.zeros(2, 3), solver=eq.Picard(),
+                                     max_steps=3, throw=True), "max_steps"),
+    "Picard damping": (lambda: eq.Picard(damping=0.0), "damping"),
+    "Picard damping > 1": (lambda: eq.Picard(damping=1.5), "damping"),
+    "Anderson m": (lambda: eq.Anderson(m=0), "m"),
+    "Anderson regularization": (lambda: eq.Anderson(regularization=-1.0), "regularization"),
+    "Anderson damping": (lambda: eq.Anderson(damping=math.nan), "damping"),
+    "Broyden memory": (lambda: eq.Broyden(memory=0), "memory"),
+    "Broyden alphas": (lambda: eq.Broyden(alphas=(0.5, 1.0)), "alphas"),
+    "Broyden growth": (lambda: eq.Broyden(growth=0.5), "growth"),
+    "NewtonKrylov eta_max": (lambda: eq.NewtonKrylov(eta_max=1.0), "eta_max"),
+    "NewtonKrylov linear_solver": (lambda: eq.NewtonKrylov(linear_solver="gmres"),
+                                   "linear_solver"),
+    "NewtonKrylov max_backtracks": (lambda: eq.NewtonKrylov(max_backtracks=-1),
+                                    "max_backtracks"),
+    "SteadyState solver": (lambda: eq.SteadyState("tsit5"), "solver"),
+    "SteadyState dt0": (lambda: eq.SteadyState(eq.Tsit5(), dt0=0.0), "dt0"),
+    "SteadyState rtol": (lambda: eq.SteadyState(eq.Tsit5(), rtol=-1.0), "rtol"),
+    "SteadyState ignored dt0": (lambda: eq.SteadyState(dt0=0.5), "dt0"),
+    "ImplicitEuler dt0": (lambda: eq.ImplicitEuler(dt0=0.0), "dt0"),
+    "ImplicitEuler dt_max": (lambda: eq.ImplicitEuler(dt_max=-1.0), "dt_max"),
+    "GMRES restart": (lambda: eq.GMRES(restart=0), "restart"),
+    "GMRES max_iters": (lambda: eq.GMRES(max_iters=1.5), "max_iters"),
+    "GMRES atol": (lambda: eq.GMRES(atol=0.0), "atol"),
+}
+
+
+@pytest.mark.parametrize("call, name", list(FIXED_POINT_BAD_CALLS.values()),
+                         ids=list(FIXED_POINT_BAD_CALLS))
+def test_fixed_point_bad_call_is_a_clear_error(call, name):
+    expect_clear_error(call, name)
+
+
+def _decay(t, y):
+    return -y
+
+
+ODEINT_BAD_CALLS = {
+    "y0 int": (lambda: eq.odeint(_decay, torch.ones(2, 3, dtype=torch.int64)), "y0"),
+    "y0 0-dim": (lambda: eq.odeint(_decay, torch.tensor(1.0)), "y0"),
+    "y0 nan": (lambda: eq.odeint(_decay, torch.tensor([[math.nan]])), "y0"),
+    "t_span short": (lambda: eq.odeint(_decay, torch.ones(2, 3), (0.0,)), "t_span"),
+    "t_span inf": (lambda: eq.odeint(_decay, torch.ones(2, 3), (0.0, math.inf)), "t_span"),
+    "t_span nan": (lambda: eq.odeint(_decay, torch.ones(2, 3), (math.nan, 1.0)), "t_span"),
+    "t_span string": (lambda: eq.odeint(_decay, torch.ones(2, 3), "0 1"), "t_span"),
+    "t_eval outside": (lambda: eq.odeint(_decay, torch.ones(2, 3), t_eval=[0.5, 2.0]), "t_eval"),
+    "t_eval order": (lambda: eq.odeint(_decay, torch.ones(2, 3), t_eval=[0.5, 0.2]), "t_eval"),
+    "t_eval empty": (lambda: eq.odeint(_decay, torch.ones(2, 3), t_eval=[]), "t_eval"),
+    "t_eval nan": (lambda: eq.odeint(_decay, torch.ones(2, 3), t_eval=[math.nan]), "t_eval"),
+    "solver name": (lambda: eq.odeint(_decay, torch.ones(2, 3), solver="tsit5"), "solver"),
+    "solver fixed-point": (lambda: eq.odeint(_decay, torch.ones(2, 3), solver=eq.Anderson()),
+                           "solver"),
+    "RK4 without dt0": (lambda: eq.odeint(_decay, torch.ones(2, 3), solver=eq.RK4()), "dt0"),
+    "dt0 and n_steps": (lambda: eq.odeint(_decay, torch.ones(2, 3), dt0=0.1, n_steps=3), "dt0"),
+    "n_steps 0": (lambda: eq.odeint(_decay, torch.ones(2, 3), solver=eq.RK4(), n_steps=0),
+                  "n_steps"),
+    "args batch": (lambda: eq.odeint(lambda t, y, a: -a * y, torch.ones(2, 3),
+                                     args=(torch.ones(3, 3),)), "args"),
+    "terminate": (lambda: eq.odeint(_decay, torch.ones(2, 3), terminate=1), "terminate"),
+    "controller": (lambda: eq.odeint(_decay, torch.ones(2, 3), controller="pi"), "controller"),
+    "error_norm": (lambda: eq.odeint(_decay, torch.ones(2, 3), error_norm=2), "error_norm"),
+    "f not callable": (lambda: eq.odeint(None, torch.ones(2, 3)), "f"),
+    "f shape": (lambda: eq.odeint(lambda t, y: y[:, :1], torch.ones(2, 3)), "f"),
+    "f dtype": (lambda: eq.odeint(lambda t, y: y.double(), torch.ones(2, 3)), "f"),
+    "unknown keyword": (lambda: eq.odeint(_decay, torch.ones(2, 3), method="rk45"), "method"),
+    "throw": (lambda: eq.odeint(_decay, torch.ones(2, 3), (0.0, 10.0), max_steps=2, throw=True),
+              "max_steps"),
+}
+
+
+@pytest.mark.parametrize("call, name", list(ODEINT_BAD_CALLS.values()), ids=list(ODEINT_BAD_CALLS))
+def test_odeint_bad_call_is_a_clear_error(call, name):
+    expect_clear_error(call, name)
+
+
+@settings(max_examples=80, **SETTINGS)
+@given(
+    name=st.sampled_from(["atol", "rtol", "max_steps", "dt0", "n_steps"]),
+    bad=st.sampled_from(BAD_NUMBERS + BAD_COUNTS),
+    solver_name=st.sampled_from(["tsit5", "dopri5", "bosh3", "rk4"]),
+)
+def test_odeint_bad_keyword_is_a_clear_error(name, bad, solver_name):
+    solver = {**ADAPTIVE, "rk4": eq.RK4()}[solver_name]
+    if bad is None and name in ("dt0", "n_steps"):
+        return  # the default
+    if name in ("atol", "rtol") and type(bad) in (int, float) and 0 < bad < math.inf:
+        return
+    if name == "dt0" and type(bad) in (int, float) and 0 < abs(bad) < math.inf:
+        return  # documented: the sign of dt0 is ignored
+    if name == "dt0" and bad is True:
+        return  # the bug of test_odeint_dt0_true_is_refused
+    if name in ("max_steps", "n_steps") and type(bad) is int and bad > 0:
+        return
+    extra = {"dt0": 0.1} if solver == eq.RK4() and name not in ("dt0", "n_steps") else {}
+    expect_clear_error(lambda: eq.odeint(_decay, torch.ones(2, 3), solver=solver,
+                                         **{name: bad}, **extra), name)
+
+
 # --- reproducers of the bugs the properties found -------------------------------------------
 
 
@@ -539,3 +705,36 @@ def test_steady_state_t_is_missing_when_z0_passes(solver):
     solution = eq.fixed_point(lambda z: z, torch.zeros(2, 3), solver=solver)
     assert solution.success.all()
     assert torch.equal(solution.stats["t"], torch.zeros(2))
+
+
+@pytest.mark.xfail(strict=True, reason="odeint(dt0=True) runs with dt0=1 (abs(True) = 1 passes "
+                   "check_positive, which refuses bools everywhere else)")
+def test_odeint_dt0_true_is_refused():
+    with pytest.raises(TypeError, match="dt0"):
+        eq.odeint(_decay, torch.ones(1, 1), solver=eq.RK4(), dt0=True)
+
+
+@pytest.mark.xfail(strict=True, reason="odeint accepts a float16 y0 (fixed_point refuses half "
+                   "states with the fix) and reports NONFINITE on y' = -y: the default atol "
+                   "1e-8 underflows to 0 in float16")
+def test_odeint_half_state_is_refused_like_fixed_points():
+    y0 = torch.ones(2, 3, dtype=torch.float16)
+    solution = eq.odeint(_decay, y0)  # observed: status NONFINITE, t = 0, y = y0
+    assert solution.status.tolist() != [int(Status.NONFINITE)] * 2
+    with pytest.raises(TypeError, match="y0"):
+        eq.odeint(_decay, y0)
+
+
+@pytest.mark.xfail(strict=True, reason="odeint reports NONFINITE for a finite f when atol and "
+                   "rtol underflow in the state's dtype (err / 0 = inf is read as f's inf)")
+def test_odeint_tolerances_below_the_dtype_are_not_reported_as_nonfinite():
+    solution = eq.odeint(_decay, torch.ones(2, 3), rtol=1e-300, atol=1e-300)
+    # observed: NONFINITE after 10 rejected steps at t = 0 (its fix: "f returned inf or NaN")
+    assert not (solution.status == int(Status.NONFINITE)).any()
+
+
+@pytest.mark.xfail(strict=True, reason="odeint(t_span=(tensor of 2, tensor of 2)) raises torch's "
+                   "raw 'only one element tensors can be converted' without naming t_span")
+def test_odeint_batched_t_span_names_t_span():
+    with pytest.raises((TypeError, ValueError), match="t_span"):
+        eq.odeint(_decay, torch.ones(2, 3), (torch.zeros(2), torch.ones(2)))
