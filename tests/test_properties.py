@@ -542,6 +542,66 @@ def test_odeint_sample_does_not_depend_on_its_batch_mates(problem, solver_name, 
 
 
 
+
+@settings(max_examples=60, **SETTINGS)
+@given(
+    problem=decay_problems(),
+    solver_name=st.sampled_from(sorted(ADAPTIVE)),
+    rtol=st.sampled_from([1e-8, 1e-5, 1e-3]),
+    max_steps=st.sampled_from([2, 600]),
+    fractions=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=5, unique=True),
+    threshold=st.sampled_from([0.0, 0.5]),
+)
+def test_odeint_t_eval_and_terminate_tell_the_truth(problem, solver_name, rtol, max_steps,
+                                                    fractions, threshold):
+    """Dense output at t_eval agrees with exp(a t) y0 like the steps do; a sample that stopped
+    early (MAX_STEPS, or EVENT from terminate = "max |y| fell below threshold |y0|") holds its
+    final value at the later points; an EVENT sample satisfies its condition at stats["t"]."""
+    field, y0, rates, t_span = problem
+    t0, t1 = t_span
+    times = list(dict.fromkeys(t0 + (t1 - t0) * f for f in sorted(fractions)))  # towards t1
+    batch = y0.shape[0]
+    start = y0.detach().abs().flatten(1).amax(dim=1) if batch else None
+
+    def terminate(t, y, dydt):  # compact=False: every row, every time
+        return y.abs().flatten(1).amax(dim=1) < threshold * start
+
+    solution = eq.odeint(field, y0, t_span, solver=ADAPTIVE[solver_name], rtol=rtol,
+                         atol=rtol * 1e-2, t_eval=times, max_steps=max_steps, args=(rates,),
+                         terminate=terminate if threshold else None, compact=False)
+    COUNTS["odeint"].cases += 1
+    COUNTS["odeint"].status(solution.status)
+    assert solution.value.shape == (len(times), *y0.shape)
+    if batch == 0:
+        return
+    status, reached = solution.status, solution.stats["t"]
+    assert set(status.tolist()) <= ODE_STATUSES | {int(Status.EVENT)}
+    assert bool((reached[status == int(Status.SUCCESS)] == t1).all())
+    event = status == int(Status.EVENT)
+    final = solution.value[-1]
+    eps = torch.finfo(y0.dtype).eps
+    steps = float(solution.stats["n_steps"].max()) + 1
+    peak = start.double() * (math.exp(2.0 * (abs(t1**2 - t0**2) + abs(t1 - t0))) if t1 < t0
+                             else 1.0)
+    width = y0[0].numel()
+    growth = math.exp(2.0 * (2 * max(abs(t0), abs(t1)) + 1) * abs(t1 - t0)) if t1 < t0 else 1.0
+    bound = growth * steps * (4 * math.sqrt(width) * rtol * (1e-2 + peak) + 16 * eps * peak)
+    for k, time in enumerate(times):
+        before = (time - reached) * (t1 - t0) <= 0  # the sample got this far
+        exact = field.exact(y0, rates, t0, torch.full((batch,), time, dtype=torch.float64))
+        error = (solution.value[k].double() - exact).abs().reshape(batch, -1).amax(dim=1)
+        assert bool((error[before] <= 8 * bound[before]).all()), (k, error, bound)
+        # the points after an early stop hold the final state (as the last point does)
+        assert identical(solution.value[k][~before], final[~before])
+    # an EVENT sample stopped short of t1, where its condition held: its final state, held
+    # at the t_eval points after its stop, is below the threshold
+    assert bool((reached[event] != t1).all())
+    held = event & ((times[-1] - reached) * (t1 - t0) > 0)
+    if bool(held.any()):
+        last = solution.value[-1][held].abs().flatten(1).amax(dim=1)
+        assert bool((last < threshold * start[held]).all())
+
+
 # --- DEQ -----------------------------------------------------------------------------------
 
 
