@@ -276,9 +276,10 @@ def check_fixed_point_contract(f, z0, x, solution, atol, rtol, max_steps, solver
     max_steps=st.sampled_from([1, 2, 7, 40, 150]),
     compact=st.booleans(),
     trace=st.booleans(),
+    differentiate=st.booleans(),
 )
 def test_fixed_point_status_and_stats_tell_the_truth(problem, solver_name, atol, rtol, max_steps,
-                                                     compact, trace):
+                                                     compact, trace, differentiate):
     f, z0, x = problem
     solver = FIXED_POINT_SOLVERS[solver_name]
     solution = eq.fixed_point(f, z0, x, solver=solver, atol=atol, rtol=rtol,
@@ -308,6 +309,19 @@ def test_fixed_point_status_and_stats_tell_the_truth(problem, solver_name, atol,
             scale = (rms64(solution.value) + rms64(x))[:, None]
             gap = (plain.value - solution.value).double().abs().reshape(z0.shape[0], -1)
             assert bool((gap <= 256 * eps * scale)[same].all()), (gap.max(), scale)
+    # Differentiating through the iterations (autograd recording, x requiring grad) computes
+    # the same iterates; the gradient of a converged solve is finite.
+    if differentiate and z0.shape[0] and z0.shape[0] * z0[0].numel():
+        x_leaf = x.detach().clone().requires_grad_(True)
+        recorded = eq.fixed_point(f, z0, x_leaf, solver=solver, atol=atol, rtol=rtol,
+                                  max_steps=max_steps, compact=compact)
+        assert identical(recorded.status, solution.status)
+        assert identical(recorded.value.detach(), solution.value)
+        if not recorded.value.requires_grad:  # every sample passed at z0, which has no x in it
+            assert bool((recorded.stats["n_steps"] == 0).all())
+        elif bool(recorded.success.all()):
+            (gradient,) = torch.autograd.grad(recorded.value.sum(), x_leaf)
+            assert bool(torch.isfinite(gradient).all())
     # throw=True raises exactly when a sample failed, and says which status
     failed = not bool((solution.status == int(Status.SUCCESS)).all())
     if failed:
