@@ -312,7 +312,8 @@ def test_tiny_float32_residual_is_not_read_as_zero():
 @pytest.mark.xfail(strict=True, reason="differentiating through NewtonKrylov / Broyden: a sample "
                    "that converged exactly (residual 0) while a batch-mate runs on gets a NaN "
                    "gradient (the frozen row's step divides by its zero residual; torch.where "
-                   "passes 0 * NaN back); through DEQ(backward=Unrolled()) every parameter's grad is NaN")
+                   "passes 0 * NaN back); through DEQ(backward=Unrolled()) every "
+                   "parameter's grad is NaN")
 @pytest.mark.parametrize("solver", [eq.NewtonKrylov(), eq.Broyden()], ids=["newton-krylov",
                                                                            "broyden"])
 def test_unrolled_gradient_of_an_exactly_converged_sample_is_finite(solver):
