@@ -285,19 +285,14 @@ def test_fixed_point_bad_call_is_a_clear_error(call, name):
 # --- reproducers of the bugs the properties found -------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="stats['t'] of SteadyState is missing when every sample "
-                   "passes its test at z0 (present for an empty batch and otherwise)")
 @pytest.mark.parametrize("solver", [eq.SteadyState(), eq.SteadyState(eq.Tsit5())],
                          ids=["implicit", "tsit5"])
-def test_steady_state_t_is_missing_when_z0_passes(solver):
+def test_steady_state_t_is_present_when_z0_passes(solver):
     solution = eq.fixed_point(lambda z: z, torch.zeros(2, 3), solver=solver)
     assert solution.success.all()
     assert torch.equal(solution.stats["t"], torch.zeros(2))
 
 
-@pytest.mark.xfail(strict=True, reason="rms_norm squares underflow in float32 (elements below "
-                   "~1e-19): a residual of 1e-30 reads as 0, a false SUCCESS and a false "
-                   "stats['residual']")
 def test_tiny_float32_residual_is_not_read_as_zero():
     def f(z):
         return 0.5 * z + 1e-30
@@ -309,11 +304,6 @@ def test_tiny_float32_residual_is_not_read_as_zero():
                                rtol=1e-3, atol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="differentiating through NewtonKrylov / Broyden: a sample "
-                   "that converged exactly (residual 0) while a batch-mate runs on gets a NaN "
-                   "gradient (the frozen row's step divides by its zero residual; torch.where "
-                   "passes 0 * NaN back); through DEQ(backward=Unrolled()) every "
-                   "parameter's grad is NaN")
 @pytest.mark.parametrize("solver", [eq.NewtonKrylov(), eq.Broyden()], ids=["newton-krylov",
                                                                            "broyden"])
 def test_unrolled_gradient_of_an_exactly_converged_sample_is_finite(solver):

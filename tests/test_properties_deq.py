@@ -240,9 +240,6 @@ def test_deq_bad_call_is_a_clear_error(call, name):
 # --- reproducers of the bugs the properties found -------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="Implicit backward: rms(g) underflows to 0 for a float32 "
-                   "loss below ~1e-22, so the adjoint system is not normalised and its absolute "
-                   "tolerance passes at u = g: the OneStep gradient, with status SUCCESS")
 def test_implicit_gradient_of_a_tiny_float32_loss_is_the_gradient():
     cell = Cell(4, 0.5, torch.float32, 0)
     x = torch.randn(2, 4, generator=generator(0))

@@ -17,27 +17,49 @@ __all__ = [
     "check_positive_int",
     "check_tolerances",
     "check_unit_interval",
+    "out_of_range",
     "rms_norm",
     "row_norm",
 ]
 
 
 def row_norm(flat: torch.Tensor) -> torch.Tensor:
-    """Euclidean norm of each row of a (batch, n) tensor, without overflow of its sum of
-    squares: in float32 the plain sum overflows for elements near 1e19 (a finite state
-    would read as an infinite norm, and an infinite tolerance passes every residual). On
-    CPU the float32 norm is checked on the host (free there) and recomputed with a float64
-    accumulator only when it overflowed; on other devices the float64 accumulator is used
-    directly (one reduction, no host sync). NaN and inf inputs still give NaN / inf."""
-    if flat.dtype == torch.float64 or not flat.is_floating_point():
+    """Euclidean norm of each row of a (batch, n) tensor, without overflow or underflow of
+    its sum of squares: in float32 the plain sum overflows for elements near 1e19 (a finite
+    state read as an infinite norm, and an infinite tolerance passes every residual) and
+    underflows to 0 below ~1e-19 (a residual of 1e-30 read as 0: a false SUCCESS). On CPU
+    the plain norm is checked on the host (free there) and the rows out of range recomputed
+    scaled by their largest element; on other devices a float32 norm accumulates in float64
+    (one reduction, no host sync). NaN and inf inputs still give NaN / inf."""
+    if not flat.is_floating_point():
         return torch.linalg.vector_norm(flat, dim=1)
-    if flat.device.type != "cpu":
+    if flat.device.type != "cpu" and flat.dtype != torch.float64:
         return torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64).to(flat.dtype)
     norm = torch.linalg.vector_norm(flat, dim=1)
-    if norm.numel() and not math.isfinite(float(norm.detach().max())):
-        wide = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64)
-        norm = torch.where(torch.isinf(norm), wide.to(flat.dtype), norm)
+    if norm.numel() and out_of_range(norm):
+        norm = _rescaled(flat, norm)
     return norm
+
+
+def out_of_range(norm: torch.Tensor) -> bool:
+    """Whether a (batch,) norm may have over- or underflowed (one host read)."""
+    low, high = torch.aminmax(norm.detach())
+    return not float(high) < math.inf or float(low) < _SMALL[norm.dtype]
+
+
+def _rescaled(flat: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """The rows of `norm` out of range recomputed as max|x| · ||x / max|x|||."""
+    scale = flat.detach().abs().amax(dim=1)
+    bad = ~(norm < math.inf) | (norm < _SMALL[norm.dtype])
+    bad = bad & (scale > 0) & (scale < math.inf)  # all-zero rows are 0; inf / NaN rows stay
+    safe = torch.where(bad, scale, torch.ones_like(scale))
+    wide = torch.linalg.vector_norm(flat / safe[:, None], dim=1) * safe
+    return torch.where(bad, wide, norm)
+
+
+# Below sqrt(tiny) a sum of squares may have lost its elements to underflow.
+_SMALL = {dtype: math.sqrt(torch.finfo(dtype).tiny) * 4
+          for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:

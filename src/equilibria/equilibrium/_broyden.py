@@ -99,13 +99,15 @@ class Broyden(FixedPointSolver):
         y = g_try - g
         h_y = _low_rank(us, vs, y) - y
         denominator = batch_dot(s, h_y)
-        scale = s.norm(dim=1) * h_y.norm(dim=1)
+        scale = (s.norm(dim=1) * h_y.norm(dim=1)).detach()
         finite = torch.isfinite(y).all(dim=1)
         usable = finite & torch.isfinite(denominator) & (
             denominator.abs() > 1e3 * torch.finfo(z.dtype).eps * scale
         )
         # Unusable updates get weight 0 (u = v = 0), which keeps H as it is.
-        weight = torch.where(usable, 1 / denominator, torch.zeros_like(denominator))
+        # (1 / a safe denominator: 1 / 0 = inf would reach autograd as 0 * inf = NaN)
+        safe = torch.where(usable, denominator, torch.ones_like(denominator))
+        weight = torch.where(usable, 1 / safe, torch.zeros_like(denominator))
         u = (s - h_y) * weight[:, None]
         v = _low_rank(vs, us, s) - s  # H^T s
         if not bool(usable.all()):

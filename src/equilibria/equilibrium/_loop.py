@@ -21,6 +21,7 @@ from .._checks import (
     check_positive,
     check_positive_int,
     check_tolerances,
+    out_of_range,
     rms_norm,
     row_norm,
 )
@@ -399,11 +400,9 @@ def fixed_point(
                     kept.append(_snapshot(best_value))
                 continue
         running = _take(active, rows)
-        if fast and not math.isfinite(float(residual.max() + tolerance.max())):
-            with torch.no_grad():  # float32 norms that overflowed: recompute them wider
-                residual = torch.where(
-                    torch.isinf(residual), row_norm((fz - z).reshape(z.shape[0], -1)) *
-                    inverse_sqrt, residual)
+        if fast and (out_of_range(residual) or out_of_range(tolerance)):
+            with torch.no_grad():  # norms that over- or underflowed: recompute them scaled
+                residual = row_norm((fz - z).reshape(z.shape[0], -1)) * inverse_sqrt
                 tolerance = row_norm(z.reshape(z.shape[0], -1)).mul_(rtol * inverse_sqrt)
                 tolerance = tolerance.add_(atol)
             state["tolerance"] = tolerance

@@ -25,10 +25,15 @@ def _per_sample(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor
 
 def _givens(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin with [c s; -s c] [a; b] = [r; 0], batched; (1, 0) where a = b = 0."""
-    radius = torch.hypot(a, b)
-    safe = torch.where(radius > 0, radius, torch.ones_like(radius))
-    c = torch.where(radius > 0, a / safe, torch.ones_like(a))
-    s = torch.where(radius > 0, b / safe, torch.zeros_like(b))
+    # Where a = b = 0 the rotation is the identity; hypot's gradient there is 0/0, and
+    # torch.where would pass 0 * NaN back (NaN gradients when the solve is differentiated,
+    # e.g. Unrolled through NewtonKrylov): feed it (1, 0) there instead.
+    zero = (a == 0) & (b == 0)
+    a_safe = torch.where(zero, torch.ones_like(a), a)
+    b_safe = torch.where(zero, torch.zeros_like(b), b)
+    radius = torch.hypot(a_safe, b_safe)
+    c = torch.where(zero, torch.ones_like(a), a_safe / radius)
+    s = torch.where(zero, torch.zeros_like(b), b_safe / radius)
     return c, s
 
 
