@@ -287,7 +287,7 @@ def _ok(t, y):
         ({"solver": eq.RK4()}, ValueError, "dt0"),
         ({"t_eval": [0.5, 1.5]}, ValueError, "inside t_span"),
         ({"t_eval": [0.5, 0.2]}, ValueError, "monotone"),
-        ({"t_span": (0.0, 1.0), "t_eval": [[0.5]]}, ValueError, "1-D"),
+        ({"t_span": (0.0, 1.0), "t_eval": [[[0.5]]]}, ValueError, r"\(n,\) or \(batch, n\)"),
         ({"t_span": (0.0,)}, ValueError, "t_span"),
         ({"t_span": (0.0, float("inf"))}, ValueError, "finite"),
         ({"f": lambda t, y: y[:, :1]}, ValueError, "f returned"),

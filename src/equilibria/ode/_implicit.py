@@ -73,7 +73,7 @@ class Newton:
     linear_solver: GMRES = field(
         default_factory=lambda: GMRES(restart=30, max_iters=60, atol=1e-30, rtol=1e-4)
     )
-    refresh: float = 0.2
+    refresh: float = 0.01
 
     def __post_init__(self) -> None:
         check_positive_int("Newton.max_iters", self.max_iters)
