@@ -53,7 +53,10 @@ class SteadyState(FixedPointSolver):
       ``newton.dense_max`` elements, GMRES on difference JVPs), with the same error control
       (no stability cap: the methods are L-stable, so dt grows as the error estimate falls,
       and near the steady state each stage becomes a Newton step on f(z) - z = 0). A step
-      whose Newton iterations fail is retried with 0.3 dt.
+      whose Newton iterations fail is retried with 0.25 dt. Measured on the hard case
+      (benchmarks/results/stiff.md): Kvaerno3 needs about 12x Anderson's evaluations, JVPs
+      included (three Newton–Krylov stage solves a step, where ImplicitEuler makes one
+      loose linear solve), so ImplicitEuler stays the default.
 
     Arguments:
         solver: `ImplicitEuler(...)`, an implicit `Kvaerno3(...)`/`Kvaerno5(...)` or an
