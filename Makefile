@@ -58,6 +58,8 @@ bench: $(VENV)/.bench
 	$(PY) benchmarks/equilibrium_bench.py --threads 1
 	$(PY) benchmarks/backward_bench.py --threads 1
 	$(PY) benchmarks/adjoint_bench.py --threads 1
+	$(PY) benchmarks/stiff_bench.py --threads 1
+	$(PY) benchmarks/events_bench.py --threads 1
 
 clean:
 	rm -rf $(VENV)

@@ -307,3 +307,16 @@ def test_a_learned_end_time_trains_and_backprop_refuses_it():
         odeint(lambda t, y: -y, y0, (0.0, end))
     with torch.no_grad():  # nothing to lose without autograd
         odeint(lambda t, y: -y, y0, (0.0, end))
+
+
+def test_a_failed_backward_solve_is_reported():
+    """The backward solve's status comes back in stats["adjoint_status"]: SUCCESS normally,
+    MAX_STEPS when its step bound is too small for it."""
+    field = MLPField(dim=3, hidden=8)
+    y0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    good = odeint_adjoint(field, y0, (0.0, 1.0))
+    good.value.sum().backward()
+    assert good.stats["adjoint_status"] == eq.Status.SUCCESS
+    bad = odeint_adjoint(field, y0, (0.0, 1.0), gradient=Adjoint(max_steps=2))
+    bad.value.sum().backward()
+    assert bad.stats["adjoint_status"] == eq.Status.MAX_STEPS

@@ -203,3 +203,12 @@ def test_event_function_of_the_wrong_shape_or_type_is_refused():
             odeint(free_fall, y0, (0.0, 2.0), event=Event(fn))
     with pytest.raises(TypeError, match="Event"):
         odeint(free_fall, y0, (0.0, 2.0), event=height)
+
+
+@pytest.mark.cuda
+def test_cuda_event_matches_the_closed_form():
+    y0 = torch.tensor([[10.0, 0.0], [2.0, 0.0]], dtype=torch.float64, device="cuda")
+    sol = odeint(free_fall, y0, (0.0, 10.0), event=Event(height, direction=-1), **TIGHT)
+    assert sol.stats["event_t"].device.type == "cuda"
+    exact = torch.sqrt(2 * y0[:, 0] / G)
+    assert float((sol.stats["event_t"] - exact).abs().max()) <= 1e-8

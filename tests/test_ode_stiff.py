@@ -280,3 +280,15 @@ def test_neural_ode_with_an_implicit_solver_gradients(gradient):
     fd = central_difference(lambda: _fine_loss(field, y0, weights), [y0, *params], directions)
     analytic = sum(float((g * d).sum()) for g, d in zip(grads, directions))
     assert abs(analytic - fd) <= 1e-6 * abs(fd), (analytic, fd)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("newton", [Newton(), Newton(dense_max=0)], ids=["dense", "krylov"])
+def test_cuda_implicit_matches_cpu(newton):
+    mu = torch.tensor([[50.0], [5.0]], dtype=torch.float64)
+    y0 = torch.tensor([[2.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
+    options = dict(solver=eq.Kvaerno3(newton=newton), rtol=1e-7, atol=1e-10)
+    cpu = odeint(van_der_pol, y0, (0.0, 5.0), args=(mu,), **options)
+    gpu = odeint(van_der_pol, y0.cuda(), (0.0, 5.0), args=(mu.cuda(),), **options)
+    assert gpu.value.device.type == "cuda" and bool(gpu.success.all())
+    assert torch.allclose(gpu.value.cpu(), cpu.value, rtol=1e-6, atol=1e-9)

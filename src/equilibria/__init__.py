@@ -17,6 +17,7 @@ from .ode import Backprop as Backprop
 from .ode import Bosh3 as Bosh3
 from .ode import ButcherTableau as ButcherTableau
 from .ode import Dopri5 as Dopri5
+from .ode import Dopri8 as Dopri8
 from .ode import ESDIRKTableau as ESDIRKTableau
 from .ode import Euler as Euler
 from .ode import Event as Event

@@ -62,8 +62,9 @@ _FIXES = {
     ),
     Status.STEP_SIZE_TOO_SMALL: (
         "the step size fell below the floor: the problem is stiff or has a "
-        "singularity; loosen rtol/atol, or use an implicit path (SteadyState's default "
-        "ImplicitEuler) for stiff steady states."
+        "singularity; loosen rtol/atol, or use an implicit method: odeint(..., "
+        "solver=Kvaerno5()) for stiff ODEs, SteadyState's default ImplicitEuler for stiff "
+        "steady states."
     ),
     Status.EVENT: "nothing to fix: the sample stopped at its terminate condition.",
     Status.NEWTON_FAILED: (

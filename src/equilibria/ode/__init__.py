@@ -24,6 +24,7 @@ from ._rk import rk_step as rk_step
 from ._solvers import RK4 as RK4
 from ._solvers import Bosh3 as Bosh3
 from ._solvers import Dopri5 as Dopri5
+from ._solvers import Dopri8 as Dopri8
 from ._solvers import Euler as Euler
 from ._solvers import ExplicitRK as ExplicitRK
 from ._solvers import Heun as Heun

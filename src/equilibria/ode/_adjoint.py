@@ -264,6 +264,9 @@ class _AdjointFunction(torch.autograd.Function):
         a = torch.zeros_like(states[-1])
         a_params = [torch.zeros_like(p) for p in params + tuple(x for x in args if x.requires_grad)]
         nfe = 0
+        # the backward solve's status (a failed one, e.g. a stiff system integrated backwards,
+        # gives no usable gradient): the first failure over the segments, SUCCESS (0) if none
+        backward_status = torch.zeros((), dtype=torch.int64)
         # walk the recorded times from the last back to t0, adding each point's gradient
         points = list(range(len(times) - 1, -1, -1))
         for j, i in enumerate(points):
@@ -275,6 +278,8 @@ class _AdjointFunction(torch.autograd.Function):
             traj = adjoint_trajectory(f, states[i], a, (t_from, t_to), params, None, b_solver,
                                       b_rtol, b_atol, b_steps, gradient.seminorm, args)
             nfe += int(traj.solution.stats["nfe"].sum())
+            segment = traj.solution.status.reshape(-1)[0].cpu()
+            backward_status = torch.where(backward_status == 0, segment, backward_status)
             a = traj.a[-1]
             a_params = [acc + g for acc, g in zip(a_params, traj.a_params)]
         grad_t = None
@@ -283,6 +288,7 @@ class _AdjointFunction(torch.autograd.Function):
                                                     t_grid is not None, args)
             nfe += extra_nfe
         stats_out["adjoint_nfe"] = nfe
+        stats_out["adjoint_status"] = int(backward_status)
         grad_args = iter(a_params[n_params:])
         grad_inputs = [next(grad_args) if w else None for w in wants]
         return (None, a, grad_t, *a_params[:n_params], *grad_inputs)
@@ -346,8 +352,11 @@ def odeint_adjoint(
         entries when they are tensors that require grad (e.g. a learned end time): dL/dt1 =
         g . f(t1, y(t1)), dL/dt0 = -a(t0) . f(t0, y0) (dL/dt1 = 0 with t_eval, whose times are
         fixed). After backward(), stats["adjoint_nfe"] holds the evaluations of the backward
-        solve. Gradients are meaningful for samples whose status is SUCCESS (the backward
-        starts from t1).
+        solve and stats["adjoint_status"] its `Status` code (an int: the backward solves the
+        batch as one system; anything but SUCCESS means the gradients are not usable, e.g. a
+        stiff problem, whose state is unstable integrated backwards: use Backprop there).
+        Gradients are meaningful for samples whose status is SUCCESS (the backward starts
+        from t1).
 
     Raises:
         TypeError: when gradient is not an Adjoint; as odeint otherwise.

@@ -147,15 +147,16 @@ def locate(event, args, tab, hit, t, dt, y, y_new, stages, k_next, g_old, g_new)
 
 
 def state_at(event, field, tab, theta, t_event, dt, y, y_new, stages, k_next):
-    """(y*, t*) at the located event, with the implicit-function-theorem derivative attached
-    when autograd records (see the module docstring). t* in y's dtype, (rows,)."""
+    """(y*, t*, n) at the located event, with the implicit-function-theorem derivative
+    attached when autograd records (see the module docstring); t* in y's dtype, (rows,); n
+    the evaluations of f made (1 for the derivative's denominator, else 0)."""
     y_star = dense_value(tab, theta, dt, y, y_new, stages, k_next)
     t_star = t_event.to(y.dtype)
     if not torch.is_grad_enabled():
-        return y_star, t_star
+        return y_star, t_star, 0
     g_star = event.value(t_event, y_star, field.args)
     if not g_star.requires_grad and not y_star.requires_grad:
-        return y_star, t_star
+        return y_star, t_star, 0
     with torch.no_grad():
         rate = field(time_like(t_event, y), y_star.detach())
     with torch.enable_grad():
@@ -171,4 +172,4 @@ def state_at(event, field, tab, theta, t_event, dt, y, y_new, stages, k_next):
     shift = torch.where(slope != 0, -(g_star - g_star.detach()) / safe, torch.zeros_like(slope))
     t_out = t_star + shift
     y_out = y_star + rate * _batch_view(shift, y_star)
-    return y_out, t_out
+    return y_out, t_out, 1

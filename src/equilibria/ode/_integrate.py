@@ -322,9 +322,9 @@ def odeint(
                 t_event = t + theta_event * dt_step
                 if event.terminal:
                     stop = crossed
-                    y_hit, t_hit = state_at(event, field, tab, theta_event, t_event, dt_step,
-                                            y, y_new, stages, k_next)
-                    nfe += stop.long()  # f at the event, for the derivative's denominator
+                    y_hit, t_hit, extra = state_at(event, field, tab, theta_event, t_event,
+                                                   dt_step, y, y_new, stages, k_next)
+                    nfe += stop.long() * extra  # f at the event, for the derivative
                     t_end = torch.where(stop, t_event, t_new)
                     y_end = torch.where(_rows(stop, y), y_hit, y_new)
                     event_t = torch.where(stop, t_hit, event_t)

@@ -10,11 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ._tableau import BOSH3, DOPRI5, EULER, HEUN, MIDPOINT, RK4, TSIT5, ButcherTableau
+from ._tableau import BOSH3, DOPRI5, DOPRI8, EULER, HEUN, MIDPOINT, RK4, TSIT5, ButcherTableau
 
 __all__ = [
     "Bosh3",
     "Dopri5",
+    "Dopri8",
     "Euler",
     "ExplicitRK",
     "Heun",
@@ -80,6 +81,16 @@ class Dopri5(RungeKutta):
     """Dormand–Prince 5(4), FSAL, adaptive; Shampine's 4th-order dense output."""
 
     tableau: ClassVar[ButcherTableau] = DOPRI5
+
+
+@dataclass(frozen=True)
+class Dopri8(RungeKutta):
+    """Prince–Dormand 8(7), 13 stages + FSAL, adaptive; for tight tolerances (rtol <= 1e-8).
+    Dense output (t_eval) by a continuous extension on the 14 stages: its local error
+    measures O(dt^5.7), well below the method's order, so t_eval values are less accurate
+    than the steps' end points at loose tolerances."""
+
+    tableau: ClassVar[ButcherTableau] = DOPRI8
 
 
 @dataclass(frozen=True)
