@@ -160,6 +160,13 @@ def check_inputs(f, y0, t_span, solver, rtol, atol, max_steps, dt0, n_steps, ter
     if not callable(f):
         raise TypeError(f"f must be callable f(t, y), got {type(f).__name__}.")
     check_batched_state("y0", y0)
+    if y0.dtype in (torch.float16, torch.bfloat16):
+        raise TypeError(
+            f"y0 has dtype {y0.dtype}: odeint keeps its own arithmetic (error norms, step "
+            "control, dense output) in y0's dtype, which half precision cannot carry (the "
+            "default atol is 0 in it); pass y0.float() and run f in low precision under "
+            "torch.autocast."
+        )
     if not isinstance(solver, (RungeKutta, ImplicitRK)):
         raise TypeError(
             f"solver must be an equilibria.ode solver object (Euler(), RK4(), Tsit5(), ..., "
@@ -175,13 +182,29 @@ def check_inputs(f, y0, t_span, solver, rtol, atol, max_steps, dt0, n_steps, ter
             "span (the gradient would be lost): use odeint_adjoint or NeuralODE(gradient="
             "Adjoint()), which do, or pass t_span as floats / detached tensors."
         )
+    for v in t_span:
+        if isinstance(v, torch.Tensor) and v.numel() != 1:
+            raise ValueError(
+                f"t_span must hold two scalars (t0, t1) shared by the batch, got a tensor of "
+                f"shape {tuple(v.shape)}; for per-sample times pass t_eval of shape (batch, n)."
+            )
+        if isinstance(v, bool) or not isinstance(v, (int, float, torch.Tensor)):
+            raise TypeError(f"t_span must hold two numbers (t0, t1), got {t_span!r}.")
     t0, t1 = (float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for v in t_span)
     if not (torch.isfinite(torch.tensor([t0, t1])).all()):
         raise ValueError(f"t_span must be finite, got {t_span!r}.")
     atol, rtol = check_tolerances(atol, rtol)
+    tiny = torch.finfo(y0.dtype).tiny
+    if atol < tiny:
+        # err / (atol + rtol |y|) would divide by 0 where y = 0, and read as f's inf
+        raise ValueError(
+            f"atol={atol:g} is below the smallest normal number of y0's dtype {y0.dtype} "
+            f"({tiny:.1e}); pass atol >= {tiny:.1e}, or y0 in float64."
+        )
     check_positive_int("max_steps", max_steps)
     if dt0 is not None:
-        dt0 = check_positive("dt0", abs(dt0) if isinstance(dt0, (int, float)) else dt0)
+        number = isinstance(dt0, (int, float)) and not isinstance(dt0, bool)
+        dt0 = check_positive("dt0", abs(dt0) if number else dt0)
     if n_steps is not None:
         check_positive_int("n_steps", n_steps)
         if dt0 is not None:

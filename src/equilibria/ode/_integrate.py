@@ -39,6 +39,10 @@ _MAX_NONFINITE_TRIES = 10
 _MAX_NEWTON_TRIES = 15
 
 
+_EPS_T = torch.finfo(torch.float64).eps
+_TINY_T = torch.finfo(torch.float64).tiny
+
+
 def _rows(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return x.reshape((-1,) + (1,) * (like.dim() - 1))
 
@@ -176,7 +180,6 @@ def odeint(
 
     direction = 1.0 if t1 > t0 else -1.0
     span = abs(t1 - t0)
-    eps = torch.finfo(dtype).eps
     field = _Field(f, args, batch, _API.get())
     k_order = (tab.error_order or tab.order) + 1
 
@@ -368,7 +371,10 @@ def odeint(
                 stuck = (status == _RUNNING) & (n_newton_bad >= tries)
                 status = torch.where(stuck, int(Status.NEWTON_FAILED), status)
             if adaptive:
-                floor = 10 * eps * torch.clamp_min(t.abs(), span)
+                # As scipy's solve_ivp: 10 ulps of t, which is float64 here. (10 eps of the
+                # state's dtype times the span stopped float32 solves over long spans at
+                # their first, small step: y' = cos t on [0, 1000] from y0 = 0.)
+                floor = 10 * _EPS_T * torch.clamp_min(t.abs(), _TINY_T)
                 small = (status == _RUNNING) & (dt.abs() < floor)
                 why = torch.where(bad_recent, int(Status.NONFINITE),
                                   int(Status.STEP_SIZE_TOO_SMALL))
