@@ -37,6 +37,7 @@ import torch
 from .._autocast import autocast_context, autocast_dtype
 from .._checks import check_batched_state, check_positive, check_positive_int, rms_norm
 from .._solution import Solution
+from ._adjoint_rows import per_sample_trajectory
 from ._implicit import ImplicitRK
 from ._inputs import _api, check_args
 from ._integrate import odeint
@@ -65,6 +66,11 @@ class Adjoint:
         max_steps: step bound of the backward solve (default: the forward's).
         seminorm: step control of the backward solve on y and a only, not on the parameter
             integrals (fewer steps; Kidger et al. 2021). False: the full norm.
+        per_sample: integrate the backward system per sample, each on its own steps, so
+            that a sample's gradient does not depend on its batch-mates (see
+            `_adjoint_rows`; f must then be an nn.Module when it has parameters; memory
+            batch x n_params for the per-sample parameter gradients). False (default): the
+            batch as one system with one shared step size.
     """
 
     rtol: float | None = None
@@ -72,6 +78,7 @@ class Adjoint:
     solver: RungeKutta | None = None
     max_steps: int | None = None
     seminorm: bool = True
+    per_sample: bool = False
 
     def __post_init__(self) -> None:
         for name in ("rtol", "atol"):
@@ -83,6 +90,8 @@ class Adjoint:
             check_positive_int("Adjoint.max_steps", self.max_steps)
         if not isinstance(self.seminorm, bool):
             raise TypeError(f"Adjoint.seminorm must be a bool, got {self.seminorm!r}.")
+        if not isinstance(self.per_sample, bool):
+            raise TypeError(f"Adjoint.per_sample must be a bool, got {self.per_sample!r}.")
 
 
 @dataclass
@@ -275,13 +284,22 @@ class _AdjointFunction(torch.autograd.Function):
             t_to = times[points[j + 1]] if j + 1 < len(points) else t0
             if t_to == t_from:
                 continue
-            traj = adjoint_trajectory(f, states[i], a, (t_from, t_to), params, None, b_solver,
-                                      b_rtol, b_atol, b_steps, gradient.seminorm, args)
-            nfe += int(traj.solution.stats["nfe"].sum())
-            segment = traj.solution.status.reshape(-1)[0].cpu()
-            backward_status = torch.where(backward_status == 0, segment, backward_status)
-            a = traj.a[-1]
-            a_params = [acc + g for acc, g in zip(a_params, traj.a_params)]
+            if gradient.per_sample:
+                a, segment_grads, solution = per_sample_trajectory(
+                    f, states[i], a, (t_from, t_to), params, args, wants, b_solver, b_rtol,
+                    b_atol, b_steps, gradient.seminorm,
+                )
+                nfe += int(solution.stats["nfe"].max())  # batched evaluations made
+            else:
+                traj = adjoint_trajectory(f, states[i], a, (t_from, t_to), params, None,
+                                          b_solver, b_rtol, b_atol, b_steps, gradient.seminorm,
+                                          args)
+                a, segment_grads, solution = traj.a[-1], traj.a_params, traj.solution
+                nfe += int(solution.stats["nfe"].sum())
+            a_params = [acc + g for acc, g in zip(a_params, segment_grads)]
+            failed = solution.status[solution.status != 0].cpu()
+            if int(backward_status) == 0 and failed.numel():
+                backward_status = failed[0]
         grad_t = None
         if ctx.t_pair and ctx.needs_input_grad[2]:
             grad_t, extra_nfe = _time_span_gradient(f, value, y0, grad_value, a, t0, t1,
