@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -28,7 +28,7 @@ from .._context import _ROWS
 from .._solution import Solution, Status
 from .._structure import Structure
 from ._anderson import Anderson
-from ._solver import FixedPointSolver, State, expand_as_batch
+from ._solver import FixedPointSolver, NormLayout, State, expand_as_batch
 
 __all__ = ["fixed_point"]
 
@@ -162,6 +162,91 @@ def _put(full: torch.Tensor, rows: torch.Tensor | None, local: torch.Tensor) -> 
 
 def _take(full: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return full if rows is None else full.index_select(0, rows)
+
+
+class _Column(NamedTuple):
+    """A column of a solver's norms holding the running rows' best residual."""
+
+    index: int
+    scale: float
+
+    def read(self, norms: torch.Tensor, inverse_sqrt: float) -> torch.Tensor:
+        return norms[:, self.index] * (self.scale * inverse_sqrt)
+
+
+def _residual_from(norms: torch.Tensor, layout: NormLayout, inverse_sqrt: float,
+                   dtype: torch.dtype) -> torch.Tensor:
+    return (norms[:, layout.residual] * (layout.residual_scale * inverse_sqrt)).to(dtype)
+
+
+def _add_pending(n_steps: torch.Tensor, nfe: torch.Tensor, rows: torch.Tensor | None,
+                 running: torch.Tensor | None, steps: int, evaluations: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add the steps (and evaluations) taken by every running row since the last slow step."""
+    if running is None:
+        return (_put(n_steps, rows, _take(n_steps, rows) + steps),
+                _put(nfe, rows, _take(nfe, rows) + evaluations))
+    return (_put(n_steps, rows, _take(n_steps, rows) + running * steps),
+            _put(nfe, rows, _take(nfe, rows) + running * evaluations))
+
+
+class _FusedTest:
+    """The CPU loop's test of a step, from a solver's norms, in one matrix product.
+
+    With r = ||f(z) - z|| / sqrt(n) and t = atol + rtol ||z|| / sqrt(n) (the per-sample test)
+    and b the best residual so far, the margins (rows, 2) = bias + norms @ W are r - t and
+    b - r for a running row (b either the previous step's residual, a column of the norms,
+    or a stored value in the bias), and +inf for a row that stopped. Their minimum is > 0
+    exactly when no running sample passes its test this step and every one improved on its
+    best (NaN and inf fail): then the step changes nothing but the best iterate. An improved
+    residual is also below the divergence limit (the best is at most the initial residual).
+    """
+
+    def __init__(self, atol: float, rtol: float, inverse_sqrt: float) -> None:
+        self.atol, self.rtol, self.inverse_sqrt = atol, rtol, inverse_sqrt
+        self.weights: dict[tuple[NormLayout, bool, int], torch.Tensor] = {}
+        self.bias_previous = self.bias_best = None
+
+    def reset(self, running: torch.Tensor | None, best: torch.Tensor) -> None:
+        """New running rows or best residuals (after a step on which something changed)."""
+        rows = best.shape[0]
+        bias = best.new_empty(rows, 2)
+        bias[:, 0] = -self.atol
+        bias[:, 1] = 0.0
+        best = best.detach()
+        if running is not None:
+            bias.masked_fill_(~running.unsqueeze(1), math.inf)
+            best = best.masked_fill(~running, math.inf)
+        self.bias_previous = bias
+        self.bias_best = bias.clone()
+        self.bias_best[:, 1] = best
+
+    def _weights(self, norms: torch.Tensor, layout: NormLayout, previous: bool) -> torch.Tensor:
+        key = (layout, previous, norms.shape[1])
+        weights = self.weights.get(key)
+        if weights is None or weights.dtype != norms.dtype:
+            scale = layout.residual_scale * self.inverse_sqrt
+            weights = torch.zeros(norms.shape[1], 2, dtype=norms.dtype, device=norms.device)
+            weights[layout.residual, 0] = scale
+            weights[layout.z, 0] = -self.rtol * self.inverse_sqrt
+            weights[layout.residual, 1] = -scale
+            if previous:
+                weights[layout.previous, 1] = scale
+            self.weights[key] = weights
+        return weights
+
+    def passes(self, norms: torch.Tensor, layout: NormLayout, previous: bool) -> bool:
+        bias = self.bias_previous if previous else self.bias_best
+        margins = torch.addmm(bias, norms, self._weights(norms, layout, previous))
+        return float(margins.amin()) > 0  # NaN compares False
+
+    def residual(self, norms: torch.Tensor, layout: NormLayout) -> torch.Tensor:
+        return norms[:, layout.residual] * (layout.residual_scale * self.inverse_sqrt)
+
+    @staticmethod
+    def merge(new: torch.Tensor, running: torch.Tensor | None,
+              old: torch.Tensor) -> torch.Tensor:
+        return new if running is None else torch.where(running, new, old)
 
 
 @outside_autocast(fn="f", state="z0")
@@ -327,7 +412,8 @@ def fixed_point(
             state = solver.init(_bind(f, x_rows, rows), z0.index_select(0, rows), fz0[rows])
         else:
             state = solver.init(_bind(f, x), z0, fz0)
-        state["tolerance"] = _take(tolerance0, rows)
+        if solver.uses_tolerance:
+            state["tolerance"] = _take(tolerance0, rows)
         extra = {key: torch.zeros_like(residual0) for key in solver.stat_keys}
         for key in solver.stat_keys:
             extra[key] = _put(extra[key], rows, state[key].detach().to(residual0.dtype))
@@ -335,35 +421,95 @@ def fixed_point(
     # On CPU a host sync is free, so the common step (every row still running, every residual
     # improving, none finished) takes a path with no torch.where over the batch at all.
     all_running = state is not None and (rows is not None or n_active == batch)
+    # The running rows among the state's (None: all of them).
+    running_local = None if all_running or state is None else _take(active, rows)
     limit = divergence_factor * residual0  # a residual above it is DIVERGED
     kept: list[torch.Tensor] = []
     # Consecutive steps whose trial f was not finite, per row (solvers that reject steps).
     streak = None
     if state is not None and "nonfinite_trial" in state:
         streak = torch.zeros(batch, dtype=torch.int64, device=device)
+    # The fused test (CPU, solvers that keep their norms): steps on which no sample stops and
+    # every running one improves add to n_steps and nfe in bulk later (`pending`), and leave
+    # the running rows' best residual in the solver's norms (`best_in_norms`) until a step
+    # needs it: such a step costs the loop two ops beside the solver's norms.
+    fused = None
+    if fast and state is not None and not solver.stat_keys and streak is None:
+        if solver.norm_layout(0) is not None:
+            fused = _FusedTest(atol, rtol, inverse_sqrt)
+            fused.reset(running_local, _take(best_residual, rows))
+    pending_steps = pending_nfe = 0
+    best_in_norms: _Column | None = None
     for step_index in range(max_steps if state is not None else 0):
         state, step_nfe = solver.step(_bind(f, x_rows, rows), state, step_index)
         z, fz = state["z"], state["fz"]
+        layout = solver.norm_layout(step_index) if fused is not None else None
+        if layout is not None and isinstance(step_nfe, int):
+            norms = state["norms"]
+            use_previous = best_in_norms is not None and layout.previous is not None
+            if fused.passes(norms, layout, use_previous):
+                # No sample stops this step and every running one improved.
+                if running_local is None:
+                    best_value = _put(best_value, rows, z)
+                else:
+                    keep = expand_as_batch(running_local, z)
+                    best_value = _put(best_value, rows,
+                                      torch.where(keep, z, _take(best_value, rows)))
+                best_in_norms = _Column(layout.residual, layout.residual_scale)
+                if layout.previous is None:  # the solver will not keep it: store it now
+                    best_residual = _put(best_residual, rows, fused.merge(
+                        best_in_norms.read(norms, inverse_sqrt), running_local,
+                        _take(best_residual, rows)))
+                    best_in_norms = None
+                pending_steps += 1
+                pending_nfe += step_nfe
+                if residual_trace is not None:
+                    residual_now = _put(residual_now, rows, fused.merge(
+                        fused.residual(norms, layout).to(residual0.dtype), running_local,
+                        _take(residual_now, rows)))
+                    residual_trace.append(residual_now)
+                if keep_steps and step_index + 1 in keep_steps:
+                    kept.append(_snapshot(best_value))
+                continue
+        if best_in_norms is not None:
+            # The previous step's residual column (the best of every running row): the
+            # solver's layout keeps it as this step's `previous`.
+            best_residual = _put(best_residual, rows, fused.merge(
+                best_in_norms.read(state["norms"], inverse_sqrt).to(residual0.dtype),
+                running_local, _take(best_residual, rows)))
+            best_in_norms = None
+        if pending_steps:
+            n_steps, nfe = _add_pending(n_steps, nfe, rows, running_local, pending_steps,
+                                        pending_nfe)
+            pending_steps = pending_nfe = 0
         with torch.no_grad():
-            # A solver may hand over the RMS residual, or f(z) - z, already computed.
-            # On CPU the plain float32 norms are used and an overflowed one (a state near
-            # 1e19) is recomputed on the slow path below; elsewhere row_norm accumulates
-            # in float64 (no host sync).
+            # A solver may hand over its norms, the RMS residual, or f(z) - z, already
+            # computed. On CPU the plain float32 norms are used and an overflowed one (a
+            # state near 1e19) is recomputed on the slow path below; elsewhere row_norm
+            # accumulates in float64 (no host sync).
             norm = _plain_norm if fast else row_norm
-            residual = state.get("residual")
+            layout = solver.norm_layout(step_index)
+            if layout is not None:
+                residual = _residual_from(state["norms"], layout, inverse_sqrt, z.dtype)
+            else:
+                residual = state.get("residual")
             if residual is None:
                 g = state.get("g")
                 g = fz - z if g is None else g
                 residual = norm(g.reshape(z.shape[0], -1)) * inverse_sqrt
-            tolerance = norm(z.reshape(z.shape[0], -1))
-            tolerance = tolerance.mul_(rtol * inverse_sqrt).add_(atol)
+            if layout is not None and fast:
+                tolerance = state["norms"][:, layout.z].to(z.dtype)
+            else:
+                tolerance = norm(z.reshape(z.shape[0], -1))
+            tolerance = tolerance.mul(rtol * inverse_sqrt).add_(atol)
         # A solver that rejects trial steps (line searches, step-size control) hides an f
         # that returns NaN: it reports the rows whose trial was not finite.
         bad_trial = state.get("nonfinite_trial")
         # Solvers with an inner iteration (Newton-Krylov forcing terms) use the target to
         # avoid solving the linear systems more accurately than the answer needs.
-        state["tolerance"] = tolerance
-        if fast and all_running:
+        if solver.uses_tolerance:
+            state["tolerance"] = tolerance
+        if fast and all_running and fused is None:
             # NaN compares False, so a non-finite residual leaves the fast path too.
             going = (residual > tolerance) & (residual <= _take(limit, rows))
             if bad_trial is not None:
@@ -406,7 +552,8 @@ def fixed_point(
                     inverse_sqrt, residual)
                 tolerance = row_norm(z.reshape(z.shape[0], -1)).mul_(rtol * inverse_sqrt)
                 tolerance = tolerance.add_(atol)
-            state["tolerance"] = tolerance
+            if solver.uses_tolerance:
+                state["tolerance"] = tolerance
         ok = running & (residual < math.inf)  # running and finite
         if bad_trial is not None:
             streak_rows = torch.where(bad_trial, _take(streak, rows) + 1, 0)
@@ -449,6 +596,7 @@ def fixed_point(
                 break
             n_rows = still_running.shape[0]
             all_running = n_still == n_rows
+            running_local = None if all_running else still_running
             # Compacting copies the whole solver state (e.g. Anderson's history), so do it
             # once enough rows have finished to pay for the copy.
             if compact and n_rows - n_still >= max(1, n_rows // 8):
@@ -456,7 +604,17 @@ def fixed_point(
                 rows = keep if rows is None else rows.index_select(0, keep)
                 x_rows = _select_rows(x, rows)
                 state = {key: value.index_select(0, keep) for key, value in state.items()}
-                all_running = True
+                all_running, running_local = True, None
+            if fused is not None:
+                fused.reset(running_local, _take(best_residual, rows))
+
+    if best_in_norms is not None:  # the last step improved every running row
+        best_residual = _put(best_residual, rows, fused.merge(
+            best_in_norms.read(state["norms"], inverse_sqrt).to(residual0.dtype),
+            running_local, _take(best_residual, rows)))
+    if pending_steps:
+        n_steps, nfe = _add_pending(n_steps, nfe, rows, running_local, pending_steps,
+                                    pending_nfe)
 
     if streak is not None:
         # Still rejecting non-finite trials at the step bound: f is the problem, not max_steps.
