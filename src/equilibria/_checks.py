@@ -5,7 +5,9 @@ Every check raises ValueError/TypeError naming the argument and the fix, never a
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -17,9 +19,25 @@ __all__ = [
     "check_positive_int",
     "check_tolerances",
     "check_unit_interval",
+    "deliberate_sync",
     "rms_norm",
     "row_norm",
 ]
+
+
+@contextlib.contextmanager
+def deliberate_sync(device: torch.device) -> Iterator[None]:
+    """Mark a host read a solver makes on purpose (an input check, the every-k-steps "is
+    every sample done?"): on CUDA it is exempt from `torch.cuda.set_sync_debug_mode`, so
+    that mode ("warn" or "error") reports only the synchronisations nobody meant."""
+    mode = torch.cuda.get_sync_debug_mode() if device.type == "cuda" else 0
+    if mode:
+        torch.cuda.set_sync_debug_mode(0)
+    try:
+        yield
+    finally:
+        if mode:
+            torch.cuda.set_sync_debug_mode(mode)
 
 
 def row_norm(flat: torch.Tensor) -> torch.Tensor:
@@ -27,11 +45,12 @@ def row_norm(flat: torch.Tensor) -> torch.Tensor:
     squares: in float32 the plain sum overflows for elements near 1e19 (a finite state
     would read as an infinite norm, and an infinite tolerance passes every residual). On
     CPU the float32 norm is checked on the host (free there) and recomputed with a float64
-    accumulator only when it overflowed; on other devices the float64 accumulator is used
-    directly (one reduction, no host sync). NaN and inf inputs still give NaN / inf."""
+    accumulator only when it overflowed; on other devices, and inside a torch.compile'd
+    region, the float64 accumulator is used directly (one reduction, no host sync). NaN and
+    inf inputs still give NaN / inf."""
     if flat.dtype == torch.float64 or not flat.is_floating_point():
         return torch.linalg.vector_norm(flat, dim=1)
-    if flat.device.type != "cpu":
+    if flat.device.type != "cpu" or torch.compiler.is_compiling():
         return torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64).to(flat.dtype)
     norm = torch.linalg.vector_norm(flat, dim=1)
     if norm.numel() and not math.isfinite(float(norm.detach().max())):
@@ -85,7 +104,8 @@ def _all_finite(tensor: torch.Tensor) -> bool:
         return True
     values = torch.view_as_real(tensor) if tensor.is_complex() else tensor
     low, high = torch.aminmax(values.detach())
-    return math.isfinite(float(low)) and math.isfinite(float(high))
+    with deliberate_sync(tensor.device):
+        return math.isfinite(float(low)) and math.isfinite(float(high))
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:

@@ -8,9 +8,21 @@ from dataclasses import dataclass
 import torch
 
 from .._checks import check_positive_int, check_unit_interval
-from ._solver import FixedPointSolver, Fn, NormLayout, State, expand_as_batch, mutable
+from ._solver import (
+    FixedPointSolver,
+    Fn,
+    NormLayout,
+    State,
+    expand_as_batch,
+    mutable,
+    write_into,
+)
 
 __all__ = ["Anderson"]
+
+
+def _row_norms(flat: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.linalg.vector_norm(flat, dim=1, out=out)
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,14 @@ class Anderson(FixedPointSolver):
     regularization: float = 1e-8
     damping: float = 1.0
     uses_tolerance = False
+
+    @property
+    def period(self) -> int:  # the history's ring of slots
+        return self.m
+
+    @property
+    def warmup(self) -> int:  # steps before the history is full
+        return self.m - 1
 
     def __post_init__(self) -> None:
         check_positive_int("m", self.m)
@@ -117,7 +137,7 @@ class Anderson(FixedPointSolver):
         in_place = mutable(z, fz, history, kkt)
         if in_place:
             history[:, slot, 0].copy_(f_flat)
-            g = torch.sub(f_flat, z_flat, out=history[:, slot, 1])
+            g = write_into(history[:, slot, 1], torch.sub, f_flat, z_flat)
         else:
             g = f_flat - z_flat
             pair = torch.stack([f_flat, g], dim=1).unsqueeze(1)
@@ -127,8 +147,9 @@ class Anderson(FixedPointSolver):
         # The regularised diagonal entry is written with the row, by one multiply.
         scale = state["row_scale"][:, slot : slot + 1, :count]
         if in_place:
-            torch.mul(row, scale, out=kkt[:, slot + 1 : slot + 2, 1 : count + 1])
-            torch.mul(row.squeeze(1), scale.squeeze(1), out=kkt[:, 1 : count + 1, slot + 1])
+            write_into(kkt[:, slot + 1 : slot + 2, 1 : count + 1], torch.mul, row, scale)
+            write_into(kkt[:, 1 : count + 1, slot + 1], torch.mul, row.squeeze(1),
+                       scale.squeeze(1))
         else:
             index = torch.tensor([slot + 1], device=z.device)
             full = torch.cat([kkt[:, slot + 1 : slot + 2, :1], row * scale,
@@ -138,8 +159,8 @@ class Anderson(FixedPointSolver):
         with torch.no_grad():
             # The loop's norms: every valid slot's regularised residual norm, and ||z||.
             diagonal = kkt.detach().diagonal(dim1=1, dim2=2)[:, 1 : count + 1]
-            torch.sqrt(diagonal, out=norms[:, :count])
-            torch.linalg.vector_norm(z_flat.detach(), dim=1, out=norms[:, self.m])
+            write_into(norms[:, :count], torch.sqrt, diagonal)
+            write_into(norms[:, self.m], _row_norms, z_flat.detach())
         return {"z": z, "fz": fz, "history": history, "kkt": kkt, "norms": norms,
                 "rhs": state["rhs"], "row_scale": state["row_scale"]}
 
@@ -164,8 +185,10 @@ class Anderson(FixedPointSolver):
         ok = None
         # On CPU a host read is free: one reduction over every coefficient tells whether all
         # samples solved (a NaN or inf anywhere makes the sum non-finite; a singular system,
-        # info > 0, divides by its zero pivot, so its solution is non-finite too).
-        if not (z.device.type == "cpu" and math.isfinite(float(solution.detach().sum()))):
+        # info > 0, divides by its zero pivot, so its solution is non-finite too). Elsewhere,
+        # and in a captured region, the per-sample mask costs no host read.
+        eager_cpu = z.device.type == "cpu" and not torch.compiler.is_compiling()
+        if not (eager_cpu and math.isfinite(float(solution.detach().sum()))):
             ok = torch.isfinite(solution).all(dim=2).all(dim=1) & (info == 0)
             if solution.requires_grad:
                 # The failed systems' NaNs sit in the recorded graph, and torch.where's zero

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
@@ -21,6 +21,7 @@ from .._checks import (
     check_positive,
     check_positive_int,
     check_tolerances,
+    deliberate_sync,
     rms_norm,
     row_norm,
 )
@@ -28,7 +29,17 @@ from .._context import _ROWS
 from .._solution import Solution, Status
 from .._structure import Structure
 from ._anderson import Anderson
-from ._solver import FixedPointSolver, NormLayout, State, expand_as_batch
+from ._captured import Captured
+from ._fused import (
+    BestColumn,
+    FusedTest,
+    _put,
+    _take,
+    add_pending,
+    residual_from,
+    stop_or_improve,
+)
+from ._solver import FixedPointSolver, State, expand_as_batch
 
 __all__ = ["fixed_point"]
 
@@ -153,102 +164,6 @@ def _snapshot(value: torch.Tensor) -> torch.Tensor:
     return value if value.requires_grad else value.detach().clone()
 
 
-def _put(full: torch.Tensor, rows: torch.Tensor | None, local: torch.Tensor) -> torch.Tensor:
-    """Out-of-place scatter of the active rows back into a full-batch tensor (autograd-safe)."""
-    if rows is None:
-        return local
-    return full.index_copy(0, rows, local)
-
-
-def _take(full: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-    return full if rows is None else full.index_select(0, rows)
-
-
-class _Column(NamedTuple):
-    """A column of a solver's norms holding the running rows' best residual."""
-
-    index: int
-    scale: float
-
-    def read(self, norms: torch.Tensor, inverse_sqrt: float) -> torch.Tensor:
-        return norms[:, self.index] * (self.scale * inverse_sqrt)
-
-
-def _residual_from(norms: torch.Tensor, layout: NormLayout, inverse_sqrt: float,
-                   dtype: torch.dtype) -> torch.Tensor:
-    return (norms[:, layout.residual] * (layout.residual_scale * inverse_sqrt)).to(dtype)
-
-
-def _add_pending(n_steps: torch.Tensor, nfe: torch.Tensor, rows: torch.Tensor | None,
-                 running: torch.Tensor | None, steps: int, evaluations: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Add the steps (and evaluations) taken by every running row since the last slow step."""
-    if running is None:
-        return (_put(n_steps, rows, _take(n_steps, rows) + steps),
-                _put(nfe, rows, _take(nfe, rows) + evaluations))
-    return (_put(n_steps, rows, _take(n_steps, rows) + running * steps),
-            _put(nfe, rows, _take(nfe, rows) + running * evaluations))
-
-
-class _FusedTest:
-    """The CPU loop's test of a step, from a solver's norms, in one matrix product.
-
-    With r = ||f(z) - z|| / sqrt(n) and t = atol + rtol ||z|| / sqrt(n) (the per-sample test)
-    and b the best residual so far, the margins (rows, 2) = bias + norms @ W are r - t and
-    b - r for a running row (b either the previous step's residual, a column of the norms,
-    or a stored value in the bias), and +inf for a row that stopped. Their minimum is > 0
-    exactly when no running sample passes its test this step and every one improved on its
-    best (NaN and inf fail): then the step changes nothing but the best iterate. An improved
-    residual is also below the divergence limit (the best is at most the initial residual).
-    """
-
-    def __init__(self, atol: float, rtol: float, inverse_sqrt: float) -> None:
-        self.atol, self.rtol, self.inverse_sqrt = atol, rtol, inverse_sqrt
-        self.weights: dict[tuple[NormLayout, bool, int], torch.Tensor] = {}
-        self.bias_previous = self.bias_best = None
-
-    def reset(self, running: torch.Tensor | None, best: torch.Tensor) -> None:
-        """New running rows or best residuals (after a step on which something changed)."""
-        rows = best.shape[0]
-        bias = best.new_empty(rows, 2)
-        bias[:, 0] = -self.atol
-        bias[:, 1] = 0.0
-        best = best.detach()
-        if running is not None:
-            bias.masked_fill_(~running.unsqueeze(1), math.inf)
-            best = best.masked_fill(~running, math.inf)
-        self.bias_previous = bias
-        self.bias_best = bias.clone()
-        self.bias_best[:, 1] = best
-
-    def _weights(self, norms: torch.Tensor, layout: NormLayout, previous: bool) -> torch.Tensor:
-        key = (layout, previous, norms.shape[1])
-        weights = self.weights.get(key)
-        if weights is None or weights.dtype != norms.dtype:
-            scale = layout.residual_scale * self.inverse_sqrt
-            weights = torch.zeros(norms.shape[1], 2, dtype=norms.dtype, device=norms.device)
-            weights[layout.residual, 0] = scale
-            weights[layout.z, 0] = -self.rtol * self.inverse_sqrt
-            weights[layout.residual, 1] = -scale
-            if previous:
-                weights[layout.previous, 1] = scale
-            self.weights[key] = weights
-        return weights
-
-    def passes(self, norms: torch.Tensor, layout: NormLayout, previous: bool) -> bool:
-        bias = self.bias_previous if previous else self.bias_best
-        margins = torch.addmm(bias, norms, self._weights(norms, layout, previous))
-        return float(margins.amin()) > 0  # NaN compares False
-
-    def residual(self, norms: torch.Tensor, layout: NormLayout) -> torch.Tensor:
-        return norms[:, layout.residual] * (layout.residual_scale * self.inverse_sqrt)
-
-    @staticmethod
-    def merge(new: torch.Tensor, running: torch.Tensor | None,
-              old: torch.Tensor) -> torch.Tensor:
-        return new if running is None else torch.where(running, new, old)
-
-
 @outside_autocast(fn="f", state="z0")
 def fixed_point(
     f: Callable[..., torch.Tensor],
@@ -344,6 +259,15 @@ def fixed_point(
             f"solver must be a solver object, got {type(solver).__name__} {solver!r}; "
             f"choose one of {_solver_choices()}."
         )
+    capture = None
+    if isinstance(solver, Captured):
+        capture, solver = solver, solver.solver
+        for name, value in (("trace", trace), ("keep_steps", keep_steps), ("compact", compact)):
+            if value:
+                raise ValueError(
+                    f"{name} is not available with a Captured solver (its regions keep fixed "
+                    f"shapes and record nothing per step); pass {capture.solver!r} instead."
+                )
     atol, rtol = check_tolerances(atol, rtol)
     max_steps = check_positive_int("max_steps", max_steps)
     divergence_factor = check_positive("divergence_factor", divergence_factor)
@@ -391,7 +315,8 @@ def fixed_point(
     # A row is running exactly while its status is MAX_STEPS: the loop gives a row one of
     # the three other statuses when it stops it.
     active = status == int(Status.MAX_STEPS)
-    n_active = int(active.sum())
+    with deliberate_sync(device):
+        n_active = int(active.sum())
     best_value = z0
     best_residual = residual0
     n_steps = torch.zeros(batch, dtype=torch.int64, device=device)
@@ -407,7 +332,8 @@ def fixed_point(
     extra: dict[str, torch.Tensor] = {}
     if n_active:
         if compact and n_active < batch:
-            rows = active.nonzero().flatten()
+            with deliberate_sync(device):
+                rows = active.nonzero().flatten()
             x_rows = _select_rows(x, rows)
             state = solver.init(_bind(f, x_rows, rows), z0.index_select(0, rows), fz0[rows])
         else:
@@ -436,15 +362,23 @@ def fixed_point(
     fused = None
     if fast and state is not None and not solver.stat_keys and streak is None:
         if solver.norm_layout(0) is not None:
-            fused = _FusedTest(atol, rtol, inverse_sqrt)
+            fused = FusedTest(atol, rtol, inverse_sqrt)
             fused.reset(running_local, _take(best_residual, rows))
     pending_steps = pending_nfe = 0
-    best_in_norms: _Column | None = None
-    for step_index in range(max_steps if state is not None else 0):
+    best_in_norms: BestColumn | None = None
+    # A Captured solver's regions start once the solver's history is full (fixed shapes);
+    # when autograd records the solve (Unrolled), every step runs eagerly.
+    if capture is not None and (fz0.requires_grad or z0.requires_grad):
+        capture = None
+    eager_steps = max_steps if capture is None else min(max_steps, solver.warmup)
+    finished = False
+    for step_index in range(eager_steps if state is not None else 0):
         state, step_nfe = solver.step(_bind(f, x_rows, rows), state, step_index)
         z, fz = state["z"], state["fz"]
         layout = solver.norm_layout(step_index) if fused is not None else None
+        checked = False  # whether the fused test ran on this step's norms
         if layout is not None and isinstance(step_nfe, int):
+            checked = True
             norms = state["norms"]
             use_previous = best_in_norms is not None and layout.previous is not None
             if fused.passes(norms, layout, use_previous):
@@ -455,10 +389,10 @@ def fixed_point(
                     keep = expand_as_batch(running_local, z)
                     best_value = _put(best_value, rows,
                                       torch.where(keep, z, _take(best_value, rows)))
-                best_in_norms = _Column(layout.residual, layout.residual_scale)
+                best_in_norms = BestColumn(layout.residual, layout.residual_scale)
                 if layout.previous is None:  # the solver will not keep it: store it now
                     best_residual = _put(best_residual, rows, fused.merge(
-                        best_in_norms.read(norms, inverse_sqrt), running_local,
+                        best_in_norms.read(norms, inverse_sqrt, residual0.dtype), running_local,
                         _take(best_residual, rows)))
                     best_in_norms = None
                 pending_steps += 1
@@ -475,11 +409,11 @@ def fixed_point(
             # The previous step's residual column (the best of every running row): the
             # solver's layout keeps it as this step's `previous`.
             best_residual = _put(best_residual, rows, fused.merge(
-                best_in_norms.read(state["norms"], inverse_sqrt).to(residual0.dtype),
+                best_in_norms.read(state["norms"], inverse_sqrt, residual0.dtype),
                 running_local, _take(best_residual, rows)))
             best_in_norms = None
         if pending_steps:
-            n_steps, nfe = _add_pending(n_steps, nfe, rows, running_local, pending_steps,
+            n_steps, nfe = add_pending(n_steps, nfe, rows, running_local, pending_steps,
                                         pending_nfe)
             pending_steps = pending_nfe = 0
         with torch.no_grad():
@@ -490,7 +424,7 @@ def fixed_point(
             norm = _plain_norm if fast else row_norm
             layout = solver.norm_layout(step_index)
             if layout is not None:
-                residual = _residual_from(state["norms"], layout, inverse_sqrt, z.dtype)
+                residual = residual_from(state["norms"], layout, inverse_sqrt, z.dtype)
             else:
                 residual = state.get("residual")
             if residual is None:
@@ -498,10 +432,12 @@ def fixed_point(
                 g = fz - z if g is None else g
                 residual = norm(g.reshape(z.shape[0], -1)) * inverse_sqrt
             if layout is not None and fast:
-                tolerance = state["norms"][:, layout.z].to(z.dtype)
+                tolerance = state["norms"][:, layout.z]
             else:
                 tolerance = norm(z.reshape(z.shape[0], -1))
             tolerance = tolerance.mul(rtol * inverse_sqrt).add_(atol)
+            if tolerance.dtype != z.dtype:
+                tolerance = tolerance.to(z.dtype)
         # A solver that rejects trial steps (line searches, step-size control) hides an f
         # that returns NaN: it reports the rows whose trial was not finite.
         bad_trial = state.get("nonfinite_trial")
@@ -545,7 +481,8 @@ def fixed_point(
                     kept.append(_snapshot(best_value))
                 continue
         running = _take(active, rows)
-        if fast and not math.isfinite(float(residual.max() + tolerance.max())):
+        finite = checked and fused.finite()  # then every running row's norms are finite
+        if fast and not finite and not math.isfinite(float(residual.max() + tolerance.max())):
             with torch.no_grad():  # float32 norms that overflowed: recompute them wider
                 residual = torch.where(
                     torch.isinf(residual), row_norm((fz - z).reshape(z.shape[0], -1)) *
@@ -554,28 +491,20 @@ def fixed_point(
                 tolerance = tolerance.add_(atol)
             if solver.uses_tolerance:
                 state["tolerance"] = tolerance
-        ok = running & (residual < math.inf)  # running and finite
+        ok = None if finite else running & (residual < math.inf)  # running and finite
         if bad_trial is not None:
             streak_rows = torch.where(bad_trial, _take(streak, rows) + 1, 0)
             streak = _put(streak, rows, streak_rows)
             ok = ok & (streak_rows < _NONFINITE_STREAK)
-        converged = ok & (residual <= tolerance)
-        improved = (ok & (residual < _take(best_residual, rows))) | converged
-        diverged = ok & (residual > _take(limit, rows))
-        nonfinite = running & ~ok
-
-        best_local = torch.where(expand_as_batch(improved, z), z, _take(best_value, rows))
+        best_local, best_residual_local, step_status = stop_or_improve(
+            running, ok, residual, tolerance, _take(limit, rows), z, _take(best_value, rows),
+            _take(best_residual, rows), _take(status, rows))
         best_value = _put(best_value, rows, best_local)
-        best_residual = _put(
-            best_residual, rows, torch.where(improved, residual, _take(best_residual, rows))
-        )
-        # SUCCESS is written last: a sample that passed the test is not also DIVERGED.
-        step_status = _take(status, rows).masked_fill(diverged, int(Status.DIVERGED))
-        step_status = step_status.masked_fill_(nonfinite, int(Status.NONFINITE))
-        step_status = step_status.masked_fill_(converged, int(Status.SUCCESS))
+        best_residual = _put(best_residual, rows, best_residual_local)
         status = _put(status, rows, step_status)
         n_steps = _put(n_steps, rows, _take(n_steps, rows) + running)
-        nfe = _put(nfe, rows, _take(nfe, rows) + running * step_nfe)
+        one = isinstance(step_nfe, int) and step_nfe == 1
+        nfe = _put(nfe, rows, _take(nfe, rows) + (running if one else running * step_nfe))
         for key in solver.stat_keys:
             value = state[key].detach().to(residual0.dtype)
             kept = torch.where(running, value, _take(extra[key], rows))
@@ -591,8 +520,10 @@ def fixed_point(
             kept.append(_snapshot(best_value))
 
         if (step_index + 1) % check_every == 0 or step_index + 1 == max_steps:
-            n_still = int(still_running.sum())
+            with deliberate_sync(device):
+                n_still = int(still_running.sum())
             if n_still == 0:
+                finished = True
                 break
             n_rows = still_running.shape[0]
             all_running = n_still == n_rows
@@ -600,7 +531,8 @@ def fixed_point(
             # Compacting copies the whole solver state (e.g. Anderson's history), so do it
             # once enough rows have finished to pay for the copy.
             if compact and n_rows - n_still >= max(1, n_rows // 8):
-                keep = still_running.nonzero().flatten()
+                with deliberate_sync(device):
+                    keep = still_running.nonzero().flatten()
                 rows = keep if rows is None else rows.index_select(0, keep)
                 x_rows = _select_rows(x, rows)
                 state = {key: value.index_select(0, keep) for key, value in state.items()}
@@ -610,11 +542,19 @@ def fixed_point(
 
     if best_in_norms is not None:  # the last step improved every running row
         best_residual = _put(best_residual, rows, fused.merge(
-            best_in_norms.read(state["norms"], inverse_sqrt).to(residual0.dtype),
+            best_in_norms.read(state["norms"], inverse_sqrt, residual0.dtype),
             running_local, _take(best_residual, rows)))
     if pending_steps:
-        n_steps, nfe = _add_pending(n_steps, nfe, rows, running_local, pending_steps,
+        n_steps, nfe = add_pending(n_steps, nfe, rows, running_local, pending_steps,
                                     pending_nfe)
+    if capture is not None and state is not None and not finished and eager_steps < max_steps:
+        book = {"best_value": best_value, "best_residual": best_residual, "status": status,
+                "n_steps": n_steps, "nfe": nfe, "limit": limit}
+        state, book = capture.run(f, x, state, book, eager_steps, max_steps, atol, rtol,
+                                  inverse_sqrt)
+        best_value, best_residual, status = book["best_value"], book["best_residual"], \
+            book["status"]
+        n_steps, nfe = book["n_steps"], book["nfe"]
 
     if streak is not None:
         # Still rejecting non-finite trials at the step bound: f is the problem, not max_steps.

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from .._checks import check_unit_interval
-from ._solver import FixedPointSolver, Fn, NormLayout, State
+from ._solver import FixedPointSolver, Fn, NormLayout, State, write_into
 
 __all__ = ["Picard"]
 
@@ -33,6 +34,7 @@ class Picard(FixedPointSolver):
 
     damping: float = 1.0
     uses_tolerance = False
+    period = 2  # the norms' even/odd rows
 
     def __post_init__(self) -> None:
         check_unit_interval("damping", self.damping)
@@ -57,9 +59,9 @@ class Picard(FixedPointSolver):
         with torch.no_grad():
             flat = z.reshape(z.shape[0], -1).detach()
             g = fz.reshape(flat.shape).detach() - flat
-            dtype = norms.dtype
-            torch.linalg.vector_norm(g, dim=1, dtype=dtype, out=norms[:, column])
-            torch.linalg.vector_norm(flat, dim=1, dtype=dtype, out=norms[:, 2])
+            norm = functools.partial(torch.linalg.vector_norm, dim=1, dtype=norms.dtype)
+            write_into(norms[:, column], norm, g)
+            write_into(norms[:, 2], norm, flat)
 
     def step(self, fn: Fn, state: State, step_index: int) -> tuple[State, int]:
         if self.damping == 1.0:

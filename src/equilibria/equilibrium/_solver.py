@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["FixedPointSolver", "NormLayout", "State"]
+__all__ = ["FixedPointSolver", "NormLayout", "State", "write_into"]
 
 State = dict[str, torch.Tensor]
 Fn = Callable[..., torch.Tensor]
@@ -59,6 +59,10 @@ class FixedPointSolver:
 
     stat_keys: tuple[str, ...] = ()
     uses_tolerance: bool = True
+    # For `Captured`: a solver whose step depends on step_index only through
+    # step_index % period once step_index >= warmup (0: it cannot be captured).
+    period: int = 0
+    warmup: int = 0
 
     def norm_layout(self, step_index: int) -> NormLayout | None:
         """Where the norms the loop tests are in state["norms"] after step `step_index`
@@ -85,6 +89,16 @@ class NormLayout:
     z: int
     previous: int | None = None
     residual_scale: float = 1.0
+
+
+def write_into(out: torch.Tensor, op: Callable[..., torch.Tensor], *args: torch.Tensor
+               ) -> torch.Tensor:
+    """op(*args, out=out): the result written into a (possibly strided) view of a buffer
+    allocated once. While torch.compile traces (`Captured`), which refuses a strided out=,
+    the same write as out.copy_(op(*args)): the compiled kernel stores in place either way."""
+    if torch.compiler.is_compiling():
+        return out.copy_(op(*args))
+    return op(*args, out=out)
 
 
 def mutable(*tensors: torch.Tensor) -> bool:
