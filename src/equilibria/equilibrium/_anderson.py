@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -19,6 +20,15 @@ from ._solver import (
 )
 
 __all__ = ["Anderson"]
+
+
+@functools.lru_cache(maxsize=64)
+def _layouts(m: int, regularization: float) -> tuple[NormLayout, ...]:
+    """The norms' layout after step s is the entry s % m: the new residual in slot
+    (s + 1) % m, the previous one in slot s % m (none when m = 1), ||z|| in column m."""
+    scale = 1.0 / math.sqrt(1.0 + regularization)
+    return tuple(NormLayout(residual=(s + 1) % m, z=m, previous=s if m > 1 else None,
+                            residual_scale=scale) for s in range(m))
 
 
 def _row_norms(flat: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -122,10 +132,7 @@ class Anderson(FixedPointSolver):
         return self._record(z, fz, state, slot=0, count=1)
 
     def norm_layout(self, step_index: int) -> NormLayout:
-        slot = (step_index + 1) % self.m
-        previous = (step_index % self.m) if step_index >= 0 and self.m > 1 else None
-        return NormLayout(residual=slot, z=self.m, previous=previous,
-                          residual_scale=1.0 / math.sqrt(1.0 + self.regularization))
+        return _layouts(self.m, self.regularization)[step_index % self.m]
 
     def _record(self, z: torch.Tensor, fz: torch.Tensor, state: State, slot: int,
                 count: int) -> State:

@@ -52,16 +52,17 @@ class Picard(FixedPointSolver):
         return {"z": z, "fz": fz, "norms": norms}
 
     def norm_layout(self, step_index: int) -> NormLayout:
-        return NormLayout(residual=step_index % 2, z=2, previous=(step_index + 1) % 2)
+        return _LAYOUTS[step_index % 2]
 
     @staticmethod
     def _norms(z: torch.Tensor, fz: torch.Tensor, norms: torch.Tensor, column: int) -> None:
-        with torch.no_grad():
-            flat = z.reshape(z.shape[0], -1).detach()
-            g = fz.reshape(flat.shape).detach() - flat
-            norm = functools.partial(torch.linalg.vector_norm, dim=1, dtype=norms.dtype)
-            write_into(norms[:, column], norm, g)
-            write_into(norms[:, 2], norm, flat)
+        # Detached inputs: nothing here is recorded, without a no_grad context per step.
+        flat = z.detach().reshape(z.shape[0], -1)
+        g = fz.detach().reshape(flat.shape) - flat
+        norm = functools.partial(torch.linalg.vector_norm, dim=1, dtype=norms.dtype)
+        write_into(norms[:, column], norm, g)
+        write_into(norms[:, 2], norm, flat)
+
 
     def step(self, fn: Fn, state: State, step_index: int) -> tuple[State, int]:
         if self.damping == 1.0:
@@ -71,3 +72,6 @@ class Picard(FixedPointSolver):
         fz = fn(z)
         self._norms(z, fz, state["norms"], column=step_index % 2)
         return {"z": z, "fz": fz, "norms": state["norms"]}, 1
+
+
+_LAYOUTS = (NormLayout(residual=0, z=2, previous=1), NormLayout(residual=1, z=2, previous=0))
