@@ -82,6 +82,8 @@ class FusedTest:
     exactly when no running sample passes its test this step and every one improved on its
     best (NaN and inf fail): then the step changes nothing but the best iterate. An improved
     residual is also below the divergence limit (the best is at most the initial residual).
+    The margins must clear a few rounding errors (16 eps, relative): a step at the edge of
+    either test goes to the exact, masked path, so both paths give the same result.
     """
 
     def __init__(self, atol: float, rtol: float, inverse_sqrt: float) -> None:
@@ -110,9 +112,6 @@ class FusedTest:
         key = (id(layout), previous, norms.shape[1])  # solvers keep their layouts
         weights = self.weights.get(key)
         if weights is None or weights.dtype != norms.dtype:
-            # Margins are asked to clear a few rounding errors (`slack`), so that a step the
-            # fused test passes is one the exact test of the slow path would pass too: both
-            # paths give the same result.
             slack = 1.0 + 16 * torch.finfo(norms.dtype).eps
             scale = layout.residual_scale * self.inverse_sqrt
             weights = torch.zeros(norms.shape[1], 2, dtype=norms.dtype, device=norms.device)
