@@ -199,7 +199,9 @@ def fixed_point(
             structure, ``value`` has it, and each sample's test is one RMS over all of its
             elements in every slot (the state is packed into one (batch, n) tensor inside).
         x: None, a tensor or a tuple of tensors, each with the batch in dim 0.
-        solver: a solver object: Picard, Anderson, Broyden, NewtonKrylov or SteadyState.
+        solver: a solver object: Picard, Anderson, Broyden, NewtonKrylov or SteadyState;
+            or Captured(Picard() or Anderson()) to run k steps at a time as one
+            torch.compile'd region (fixed shapes; see `Captured`).
         atol, rtol: tolerances (> 0) of the per-sample test above.
         max_steps: bound on solver steps (>= 1); samples still running get MAX_STEPS.
         throw: raise EquilibriaError (saying what to try) when any sample failed.
