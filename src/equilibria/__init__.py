@@ -37,6 +37,7 @@ from .ode import odeint_adjoint as odeint_adjoint
 # isort: split
 from .equilibrium import Anderson as Anderson
 from .equilibrium import Broyden as Broyden
+from .equilibrium import Captured as Captured
 from .equilibrium import ImplicitEuler as ImplicitEuler
 from .equilibrium import NewtonKrylov as NewtonKrylov
 from .equilibrium import Picard as Picard

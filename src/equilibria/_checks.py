@@ -5,7 +5,9 @@ Every check raises ValueError/TypeError naming the argument and the fix, never a
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -17,10 +19,26 @@ __all__ = [
     "check_positive_int",
     "check_tolerances",
     "check_unit_interval",
+    "deliberate_sync",
     "out_of_range",
     "rms_norm",
     "row_norm",
 ]
+
+
+@contextlib.contextmanager
+def deliberate_sync(device: torch.device) -> Iterator[None]:
+    """Mark a host read a solver makes on purpose (an input check, the every-k-steps "is
+    every sample done?"): on CUDA it is exempt from `torch.cuda.set_sync_debug_mode`, so
+    that mode ("warn" or "error") reports only the synchronisations nobody meant."""
+    mode = torch.cuda.get_sync_debug_mode() if device.type == "cuda" else 0
+    if mode:
+        torch.cuda.set_sync_debug_mode(0)
+    try:
+        yield
+    finally:
+        if mode:
+            torch.cuda.set_sync_debug_mode(mode)
 
 
 def row_norm(flat: torch.Tensor) -> torch.Tensor:
@@ -29,11 +47,14 @@ def row_norm(flat: torch.Tensor) -> torch.Tensor:
     state read as an infinite norm, and an infinite tolerance passes every residual) and
     underflows to 0 below ~1e-19 (a residual of 1e-30 read as 0: a false SUCCESS). On CPU
     the plain norm is checked on the host (free there) and the rows out of range recomputed
-    scaled by their largest element; on other devices a float32 norm accumulates in float64
-    (one reduction, no host sync). NaN and inf inputs still give NaN / inf."""
+    scaled by their largest element; on other devices, and inside a torch.compile'd region, a
+    float32 norm accumulates in float64 (one reduction, no host sync). NaN and inf inputs
+    still give NaN / inf."""
     if not flat.is_floating_point():
         return torch.linalg.vector_norm(flat, dim=1)
-    if flat.device.type != "cpu" and flat.dtype != torch.float64:
+    if (flat.device.type != "cpu" or torch.compiler.is_compiling()) and (
+        flat.dtype != torch.float64
+    ):
         return torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64).to(flat.dtype)
     norm = torch.linalg.vector_norm(flat, dim=1)
     if norm.numel() and out_of_range(norm):
@@ -107,7 +128,8 @@ def _all_finite(tensor: torch.Tensor) -> bool:
         return True
     values = torch.view_as_real(tensor) if tensor.is_complex() else tensor
     low, high = torch.aminmax(values.detach())
-    return math.isfinite(float(low)) and math.isfinite(float(high))
+    with deliberate_sync(tensor.device):
+        return math.isfinite(float(low)) and math.isfinite(float(high))
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:

@@ -2,6 +2,7 @@
 
 from ._anderson import Anderson as Anderson
 from ._broyden import Broyden as Broyden
+from ._captured import Captured as Captured
 from ._loop import fixed_point as fixed_point
 from ._newton_krylov import NewtonKrylov as NewtonKrylov
 from ._picard import Picard as Picard

@@ -2,15 +2,37 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 
 from .._checks import check_positive_int, check_unit_interval
-from ._solver import FixedPointSolver, Fn, State, expand_as_batch, mutable
+from ._solver import (
+    FixedPointSolver,
+    Fn,
+    NormLayout,
+    State,
+    expand_as_batch,
+    mutable,
+    write_into,
+)
 
 __all__ = ["Anderson"]
+
+
+@functools.lru_cache(maxsize=64)
+def _layouts(m: int, regularization: float) -> tuple[NormLayout, ...]:
+    """The norms' layout after step s is the entry s % m: the new residual in slot
+    (s + 1) % m, the previous one in slot s % m (none when m = 1), ||z|| in column m."""
+    scale = 1.0 / math.sqrt(1.0 + regularization)
+    return tuple(NormLayout(residual=(s + 1) % m, z=m, previous=s if m > 1 else None,
+                            residual_scale=scale) for s in range(m))
+
+
+def _row_norms(flat: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.linalg.vector_norm(flat, dim=1, out=out)
 
 
 @dataclass(frozen=True)
@@ -22,19 +44,20 @@ class Anderson(FixedPointSolver):
 
         alpha = argmin ||sum_i alpha_i g_i||^2   subject to   sum_i alpha_i = 1
 
-    via the regularised normal equations (G G^T + lambda I) a = 1, alpha = a / sum(a), with
-    lambda = regularization * max_i ||g_i||^2 (relative, per sample), then set
-    z <- sum_i alpha_i (z_i + beta g_i) = sum_i alpha_i (f_i - (1 - beta) g_i). The Gram
-    matrix G G^T is updated one row per step, and all samples' c x c systems are solved in one
-    batched `torch.linalg.solve_ex` (no Python loop over samples).
+    through its bordered (KKT) system [[0, 1^T], [1, G G^T + Lambda]] [mu; alpha] = [1; 0],
+    with the relative Tikhonov term Lambda = regularization * diag(G G^T) (each g_i's own
+    squared norm, so the term does not depend on the residuals' scale), then set
+    z <- sum_i alpha_i (f_i - (1 - beta) g_i). The Gram matrix G G^T is updated one row per
+    step, and all samples' systems are solved in one batched `torch.linalg.solve_ex` (no
+    Python loop over samples), whose right-hand side yields alpha and (1 - beta) alpha at once.
 
-    Safeguard: a sample whose system is singular, ill-conditioned to the point of a
-    non-finite solution, or has sum(a) ~ 0, takes a damped Picard step z + beta g that step
-    instead; nothing raises.
+    Safeguard: a sample whose system is singular or ill-conditioned to the point of a
+    non-finite solution takes a damped Picard step z + beta g that step instead; nothing
+    raises.
 
     Arguments:
         m: history length (>= 1; m = 1 is damped Picard).
-        regularization: relative Tikhonov term lambda (>= 0).
+        regularization: relative Tikhonov term (>= 0).
         damping: beta in (0, 1].
 
     Raises:
@@ -47,6 +70,15 @@ class Anderson(FixedPointSolver):
     m: int = 5
     regularization: float = 1e-8
     damping: float = 1.0
+    uses_tolerance = False
+
+    @property
+    def period(self) -> int:  # the history's ring of slots
+        return self.m
+
+    @property
+    def warmup(self) -> int:  # steps before the history is full
+        return self.m - 1
 
     def __post_init__(self) -> None:
         check_positive_int("m", self.m)
@@ -57,58 +89,87 @@ class Anderson(FixedPointSolver):
             raise ValueError(f"regularization must be finite and >= 0, got {reg!r}; e.g. 1e-8.")
         check_unit_interval("damping", self.damping)
 
-    # The history: f_i as the tensors f returned (state entries "f0".."f{m-1}": copying
-    # them into a buffer would cost a 0.5 MB read and write per step at width 512, batch
-    # 256, and the mixing reads each once), the residuals g_i in a (batch, m, n) buffer and
-    # their Gram matrix. Slots fill 0, 1, ..., m-1, then the oldest is overwritten; the first
-    # `count` are valid (the same count for every row: all rows have taken the same steps).
-    # A new residual's Gram row is computed right after f is evaluated, and its diagonal
-    # entry g.g hands the loop the residual norm, so the loop makes no second pass over g.
+    # Per step, beside f, the solver launches: two writes of the history (f and g), one bmm
+    # for the new Gram row and two writes of it (row, with the regularised diagonal entry,
+    # and column), two norms for the loop's test, one batched solve, one finiteness read and
+    # one bmm for the mixing. Every buffer is allocated once, in `init`.
+    #
+    # The history is one (m, 2, batch, n) buffer, slot-major: slot i holds [f_i, g_i], so
+    # each write is a contiguous (batch, n) block, and the mixing is one bmm of the solved
+    # coefficients [alpha_i, -(1 - beta) alpha_i] with the interleaved rows. The state holds
+    # it as a batch-first view (the loop compacts dim 0). Slots fill 0, 1, ..., m-1, then the
+    # oldest is overwritten; the first `count` are valid (the same for every row).
+    #
+    # "kkt" (batch, m + 1, m + 1) is the bordered system: row/column 0 the constraint, the
+    # regularised Gram matrix below it. "norms" (batch, m + 1) are plain 2-norms for the
+    # loop: column i = sqrt((1 + reg) g_i.g_i) (the regularised diagonal), column m = ||z||;
+    # `norm_layout` says which column is which.
     #
     # Buffers are updated in place when autograd records nothing (the DEQ forward), and out
     # of place when it records the iterations (the Unrolled backward).
 
     def init(self, fn: Fn, z: torch.Tensor, fz: torch.Tensor) -> State:
-        batch, width = z.shape[0], z[0].numel()
-        # Uninitialised when written in place: slot i is written before anything reads it,
-        # and zero-filling megabytes is measurable here.
-        new = z.new_empty if mutable(z, fz) else z.new_zeros
-        history = {
-            "residuals": new(batch, self.m, width),
-            "gram": z.new_zeros(batch, self.m, self.m),
-        }
-        return self._record(z, fz, history, slot=0, count=1)
+        batch, width, m = z.shape[0], z[0].numel(), self.m
+        in_place = mutable(z, fz)
+        # Uninitialised when written in place: slot i is written before anything reads it.
+        new = z.new_empty if in_place else z.new_zeros
+        history = new(m, 2, batch, width).permute(2, 0, 1, 3)
+        kkt = z.new_zeros(batch, m + 1, m + 1)
+        kkt[:, 0, 1:] = 1
+        kkt[:, 1:, 0] = 1
+        norms = z.new_zeros(m + 1, batch).T
+        # The right-hand sides [1, 0, ..., 0] and [-(1 - beta), 0, ..., 0]: the solution's
+        # columns are [mu, alpha] and (beta - 1) [mu, alpha].
+        rhs = z.new_zeros(1, m + 1, 2 if self.damping != 1.0 else 1)
+        rhs[0, 0, 0] = 1.0
+        if self.damping != 1.0:
+            rhs[0, 0, 1] = self.damping - 1.0
+        # Row i of it scales the new Gram row of slot i: 1 + regularization on the diagonal.
+        row_scale = torch.eye(m, dtype=z.dtype, device=z.device).mul_(self.regularization)
+        row_scale = row_scale.add_(1.0).unsqueeze(0)
+        state = {"history": history, "kkt": kkt, "norms": norms,
+                 "rhs": rhs.expand(batch, -1, -1), "row_scale": row_scale.expand(batch, -1, -1)}
+        return self._record(z, fz, state, slot=0, count=1)
 
-    def _record(self, z: torch.Tensor, fz: torch.Tensor, history: State, slot: int,
+    def norm_layout(self, step_index: int) -> NormLayout:
+        return _layouts(self.m, self.regularization)[step_index % self.m]
+
+    def _record(self, z: torch.Tensor, fz: torch.Tensor, state: State, slot: int,
                 count: int) -> State:
-        """Write g = f(z) - z into `slot` of the residual history and its row of the Gram
-        matrix; return the state (z, fz, f{slot}, the history and the RMS residual)."""
+        """Write f(z) and g = f(z) - z into `slot` of the history, the new Gram row and
+        column, and the norms; return the new state."""
         batch = z.shape[0]
-        residuals, gram = history["residuals"], history["gram"]
+        history, kkt, norms = state["history"], state["kkt"], state["norms"]
         z_flat, f_flat = z.reshape(batch, -1), fz.reshape(batch, -1)
-        in_place = mutable(z, fz, residuals, gram)
+        in_place = mutable(z, fz, history, kkt)
         if in_place:
-            g = residuals[:, slot]
-            torch.sub(f_flat, z_flat, out=g)
+            history[:, slot, 0].copy_(f_flat)
+            g = write_into(history[:, slot, 1], torch.sub, f_flat, z_flat)
         else:
             g = f_flat - z_flat
-            index = torch.tensor([slot], device=z.device)
-            residuals = residuals.index_copy(1, index, g.unsqueeze(1))
-        # Only the new residual's row changes: O(m n) instead of O(m^2 n). As g^T G^T: on CPU
-        # this bmm orientation is ~10x faster than G g.
-        row = torch.bmm(g.unsqueeze(1), residuals[:, :count].transpose(1, 2)).squeeze(1)
+            pair = torch.stack([f_flat, g], dim=1).unsqueeze(1)
+            history = history.index_copy(1, torch.tensor([slot], device=z.device), pair)
+        # Only the new residual's row of G G^T changes: O(m n) instead of O(m^2 n).
+        row = torch.bmm(g.unsqueeze(1), history[:, :count, 1].transpose(1, 2))
+        # The regularised diagonal entry is written with the row, by one multiply.
+        scale = state["row_scale"][:, slot : slot + 1, :count]
         if in_place:
-            gram[:, slot, :count] = row
-            gram[:, :count, slot] = row
+            write_into(kkt[:, slot + 1 : slot + 2, 1 : count + 1], torch.mul, row, scale)
+            write_into(kkt[:, 1 : count + 1, slot + 1], torch.mul, row.squeeze(1),
+                       scale.squeeze(1))
         else:
-            row = torch.cat([row, row.new_zeros(batch, self.m - count)], dim=1)
-            gram = gram.index_copy(1, index, row.unsqueeze(1))
-            gram = gram.index_copy(2, index, row.unsqueeze(2))
-        width = g.shape[1]
-        residual = row[:, slot].detach().sqrt()  # g.g: a sum of squares, never negative
-        residual = residual.mul_(1.0 / math.sqrt(width)) if width else residual
-        return {"z": z, "fz": fz, f"f{slot}": fz, "residuals": residuals, "gram": gram,
-                "residual": residual}
+            index = torch.tensor([slot + 1], device=z.device)
+            full = torch.cat([kkt[:, slot + 1 : slot + 2, :1], row * scale,
+                              kkt[:, slot + 1 : slot + 2, count + 1 :]], dim=2)
+            kkt = kkt.index_copy(1, index, full)
+            kkt = kkt.index_copy(2, index, full.transpose(1, 2))
+        with torch.no_grad():
+            # The loop's norms: every valid slot's regularised residual norm, and ||z||.
+            diagonal = kkt.detach().diagonal(dim1=1, dim2=2)[:, 1 : count + 1]
+            write_into(norms[:, :count], torch.sqrt, diagonal)
+            write_into(norms[:, self.m], _row_norms, z_flat.detach())
+        return {"z": z, "fz": fz, "history": history, "kkt": kkt, "norms": norms,
+                "rhs": state["rhs"], "row_scale": state["row_scale"]}
 
     def step(self, fn: Fn, state: State, step_index: int) -> tuple[State, int]:
         z, fz = state["z"], state["fz"]
@@ -117,59 +178,43 @@ class Anderson(FixedPointSolver):
         if count == 1:
             z_next = torch.lerp(z, fz, beta) if beta != 1.0 else fz
         else:
-            z_next = self._mix(z, fz, [state[f"f{i}"] for i in range(count)],
-                               state["residuals"][:, :count], state["gram"][:, :count, :count])
+            z_next = self._mix(z, fz, state, count)
         slot, count = (step_index + 1) % self.m, min(step_index + 2, self.m)
-        new_state = self._record(z_next, fn(z_next), state, slot, count)
-        new_state.update({f"f{i}": state[f"f{i}"] for i in range(count) if i != slot})
-        return new_state, 1
+        return self._record(z_next, fn(z_next), state, slot, count), 1
 
-    def _mix(self, z: torch.Tensor, fz: torch.Tensor, values: list[torch.Tensor],
-             residuals: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-        """sum_i alpha_i (f_i - (1 - beta) g_i) from the c values f_i, the (batch, c, n)
-        residuals and their (batch, c, c) Gram matrix; a sample whose mixing system failed
-        takes the damped Picard step instead."""
-        alpha, ok = self._weights(gram)
+    def _mix(self, z: torch.Tensor, fz: torch.Tensor, state: State, count: int) -> torch.Tensor:
+        """sum_i alpha_i (f_i - (1 - beta) g_i) over the `count` valid slots; a sample whose
+        system failed takes the damped Picard step instead."""
         batch = z.shape[0]
-        weights = alpha.squeeze(1)
-        mixed = values[0].reshape(batch, -1) * weights[:, :1]
-        in_place = mutable(mixed, *values)
-        for i in range(1, len(values)):
-            add = mixed.addcmul_ if in_place else mixed.addcmul
-            mixed = add(values[i].reshape(batch, -1), weights[:, i : i + 1])
-        if self.damping != 1.0:
-            mixed = mixed - (1 - self.damping) * torch.bmm(alpha, residuals).squeeze(1)
-        mixed = mixed.reshape(z.shape)
+        kkt, rhs, history = state["kkt"], state["rhs"], state["history"]
+        solution, info = torch.linalg.solve_ex(kkt[:, : count + 1, : count + 1],
+                                               rhs[:, : count + 1], check_errors=False)
+        ok = None
+        # On CPU a host read is free: one reduction over every coefficient tells whether all
+        # samples solved (a NaN or inf anywhere makes the sum non-finite; a singular system,
+        # info > 0, divides by its zero pivot, so its solution is non-finite too). Elsewhere,
+        # and in a captured region, the per-sample mask costs no host read.
+        eager_cpu = z.device.type == "cpu" and not torch.compiler.is_compiling()
+        if not (eager_cpu and math.isfinite(float(solution.detach().sum()))):
+            ok = torch.isfinite(solution).all(dim=2).all(dim=1) & (info == 0)
+            if solution.requires_grad:
+                # The failed systems' NaNs sit in the recorded graph, and torch.where's zero
+                # gradient times them is NaN again: solve once more with those systems
+                # replaced by an invertible one (whose weights torch.where discards).
+                eye = torch.eye(count + 1, dtype=kkt.dtype, device=kkt.device)
+                system = torch.where(ok[:, None, None], kkt[:, : count + 1, : count + 1], eye)
+                solution = torch.linalg.solve_ex(system, rhs[:, : count + 1],
+                                                 check_errors=False)[0]
+            solution = torch.where(ok[:, None, None], solution, torch.zeros_like(solution))
+        # Drop mu; [alpha_i, (beta - 1) alpha_i] interleaved as the history's [f_i, g_i] rows.
+        columns = solution.shape[2]
+        weights = solution[:, 1:].reshape(batch, 1, count * columns)
+        if columns == 1:
+            rows = history[:, :count, 0]
+        else:
+            rows = history[:, :count].reshape(batch, 2 * count, -1)
+        mixed = torch.bmm(weights, rows).reshape(z.shape)
         if ok is None:
             return mixed
         picard = torch.lerp(z, fz, self.damping) if self.damping != 1.0 else fz
         return torch.where(expand_as_batch(ok, z), mixed, picard)
-
-    def _weights(self, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The mixing weights alpha (batch, 1, c) from the (batch, c, c) Gram matrix, and the
-        per-sample mask of systems that solved (None when all did: nothing to mask). A failed
-        sample's weights are zero; `_safeguard` gives it a Picard step."""
-        # Regularise by lambda max_i ||g_i||^2 on a copy's diagonal (no eye, no broadcast).
-        scale = gram.diagonal(dim1=1, dim2=2).amax(dim=1, keepdim=True)
-        system = gram.clone()
-        system.diagonal(dim1=1, dim2=2).add_(scale, alpha=self.regularization)
-        ones = gram.new_ones(gram.shape[0], gram.shape[1], 1)
-        a, info = torch.linalg.solve_ex(system, ones, check_errors=False)
-        # sum(a) = 0 makes alpha non-finite, so the finiteness test also catches it.
-        alpha = (a / a.sum(dim=1, keepdim=True)).transpose(1, 2)  # (batch, 1, c)
-        # On CPU a host read is free: one reduction over every weight tells whether all
-        # samples solved (a NaN or inf anywhere makes the sum non-finite). A singular system
-        # (info > 0, a zero pivot) divides by that zero in the solve, so its a is non-finite
-        # too, and info needs no separate read here.
-        if gram.device.type == "cpu" and math.isfinite(float(alpha.detach().sum())):
-            return alpha, None
-        ok = torch.isfinite(alpha).all(dim=2).squeeze(1) & (info == 0)
-        if alpha.requires_grad:
-            # The failed systems' NaNs sit in the recorded graph, and torch.where's zero
-            # gradient times them is NaN again: it would reach f's parameters through the
-            # Gram matrix. Solve once more with those systems replaced by the identity.
-            eye = torch.eye(system.shape[1], dtype=system.dtype, device=system.device)
-            system = torch.where(ok[:, None, None], system, eye)
-            a = torch.linalg.solve_ex(system, ones, check_errors=False)[0]
-            alpha = (a / a.sum(dim=1, keepdim=True)).transpose(1, 2)
-        return torch.where(ok[:, None, None], alpha, torch.zeros_like(alpha)), ok

@@ -21,6 +21,7 @@ from .._checks import (
     check_positive,
     check_positive_int,
     check_tolerances,
+    deliberate_sync,
     out_of_range,
     rms_norm,
     row_norm,
@@ -29,6 +30,16 @@ from .._context import _ROWS
 from .._solution import Solution, Status
 from .._structure import Structure
 from ._anderson import Anderson
+from ._captured import Captured
+from ._fused import (
+    BestColumn,
+    FusedTest,
+    _put,
+    _take,
+    add_pending,
+    residual_from,
+    stop_or_improve,
+)
 from ._solver import FixedPointSolver, State, expand_as_batch
 
 __all__ = ["fixed_point"]
@@ -154,17 +165,6 @@ def _snapshot(value: torch.Tensor) -> torch.Tensor:
     return value if value.requires_grad else value.detach().clone()
 
 
-def _put(full: torch.Tensor, rows: torch.Tensor | None, local: torch.Tensor) -> torch.Tensor:
-    """Out-of-place scatter of the active rows back into a full-batch tensor (autograd-safe)."""
-    if rows is None:
-        return local
-    return full.index_copy(0, rows, local)
-
-
-def _take(full: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-    return full if rows is None else full.index_select(0, rows)
-
-
 @outside_autocast(fn="f", state="z0")
 def fixed_point(
     f: Callable[..., torch.Tensor],
@@ -200,7 +200,9 @@ def fixed_point(
             structure, ``value`` has it, and each sample's test is one RMS over all of its
             elements in every slot (the state is packed into one (batch, n) tensor inside).
         x: None, a tensor or a tuple of tensors, each with the batch in dim 0.
-        solver: a solver object: Picard, Anderson, Broyden, NewtonKrylov or SteadyState.
+        solver: a solver object: Picard, Anderson, Broyden, NewtonKrylov or SteadyState;
+            or Captured(Picard() or Anderson()) to run k steps at a time as one
+            torch.compile'd region (fixed shapes; see `Captured`).
         atol, rtol: tolerances (> 0) of the per-sample test above.
         max_steps: bound on solver steps (>= 1); samples still running get MAX_STEPS.
         throw: raise EquilibriaError (saying what to try) when any sample failed.
@@ -260,6 +262,15 @@ def fixed_point(
             f"solver must be a solver object, got {type(solver).__name__} {solver!r}; "
             f"choose one of {_solver_choices()}."
         )
+    capture = None
+    if isinstance(solver, Captured):
+        capture, solver = solver, solver.solver
+        for name, value in (("trace", trace), ("keep_steps", keep_steps), ("compact", compact)):
+            if value:
+                raise ValueError(
+                    f"{name} is not available with a Captured solver (its regions keep fixed "
+                    f"shapes and record nothing per step); pass {capture.solver!r} instead."
+                )
     atol, rtol = check_tolerances(atol, rtol)
     max_steps = check_positive_int("max_steps", max_steps)
     divergence_factor = check_positive("divergence_factor", divergence_factor)
@@ -307,7 +318,8 @@ def fixed_point(
     # A row is running exactly while its status is MAX_STEPS: the loop gives a row one of
     # the three other statuses when it stops it.
     active = status == int(Status.MAX_STEPS)
-    n_active = int(active.sum())
+    with deliberate_sync(device):
+        n_active = int(active.sum())
     best_value = z0
     best_residual = residual0
     n_steps = torch.zeros(batch, dtype=torch.int64, device=device)
@@ -324,47 +336,119 @@ def fixed_point(
     extra = {key: torch.zeros_like(residual0) for key in solver.stat_keys}
     if n_active:
         if compact and n_active < batch:
-            rows = active.nonzero().flatten()
+            with deliberate_sync(device):
+                rows = active.nonzero().flatten()
             x_rows = _select_rows(x, rows)
             state = solver.init(_bind(f, x_rows, rows), z0.index_select(0, rows), fz0[rows])
         else:
             state = solver.init(_bind(f, x), z0, fz0)
-        state["tolerance"] = _take(tolerance0, rows)
+        if solver.uses_tolerance:
+            state["tolerance"] = _take(tolerance0, rows)
         for key in solver.stat_keys:
             extra[key] = _put(extra[key], rows, state[key].detach().to(residual0.dtype))
 
     # On CPU a host sync is free, so the common step (every row still running, every residual
     # improving, none finished) takes a path with no torch.where over the batch at all.
     all_running = state is not None and (rows is not None or n_active == batch)
+    # The running rows among the state's (None: all of them).
+    running_local = None if all_running or state is None else _take(active, rows)
     limit = divergence_factor * residual0  # a residual above it is DIVERGED
     kept: list[torch.Tensor] = []
     # Consecutive steps whose trial f was not finite, per row (solvers that reject steps).
     streak = None
     if state is not None and "nonfinite_trial" in state:
         streak = torch.zeros(batch, dtype=torch.int64, device=device)
-    for step_index in range(max_steps if state is not None else 0):
+    # The fused test (CPU, solvers that keep their norms): steps on which no sample stops and
+    # every running one improves add to n_steps and nfe in bulk later (`pending`), and leave
+    # the running rows' best residual in the solver's norms (`best_in_norms`) until a step
+    # needs it: such a step costs the loop two ops beside the solver's norms.
+    fused = None
+    if fast and state is not None and not solver.stat_keys and streak is None:
+        if solver.norm_layout(0) is not None:
+            fused = FusedTest(atol, rtol, inverse_sqrt)
+            fused.reset(running_local, _take(best_residual, rows))
+    pending_steps = pending_nfe = 0
+    best_in_norms: BestColumn | None = None
+    # A Captured solver's regions start once the solver's history is full (fixed shapes);
+    # when autograd records the solve (Unrolled), every step runs eagerly.
+    if capture is not None and (fz0.requires_grad or z0.requires_grad):
+        capture = None
+    eager_steps = max_steps if capture is None else min(max_steps, solver.warmup)
+    finished = False
+    for step_index in range(eager_steps if state is not None else 0):
         state, step_nfe = solver.step(_bind(f, x_rows, rows), state, step_index)
         z, fz = state["z"], state["fz"]
+        layout = solver.norm_layout(step_index) if fused is not None else None
+        checked = False  # whether the fused test ran on this step's norms
+        if layout is not None and isinstance(step_nfe, int):
+            checked = True
+            norms = state["norms"]
+            use_previous = best_in_norms is not None and layout.previous is not None
+            if fused.passes(norms, layout, use_previous):
+                # No sample stops this step and every running one improved.
+                if running_local is None:
+                    best_value = _put(best_value, rows, z)
+                else:
+                    keep = expand_as_batch(running_local, z)
+                    best_value = _put(best_value, rows,
+                                      torch.where(keep, z, _take(best_value, rows)))
+                best_in_norms = BestColumn(layout.residual, layout.residual_scale)
+                if layout.previous is None:  # the solver will not keep it: store it now
+                    best_residual = _put(best_residual, rows, fused.merge(
+                        best_in_norms.read(norms, inverse_sqrt, residual0.dtype), running_local,
+                        _take(best_residual, rows)))
+                    best_in_norms = None
+                pending_steps += 1
+                pending_nfe += step_nfe
+                if residual_trace is not None:
+                    residual_now = _put(residual_now, rows, fused.merge(
+                        fused.residual(norms, layout).to(residual0.dtype), running_local,
+                        _take(residual_now, rows)))
+                    residual_trace.append(residual_now)
+                if keep_steps and step_index + 1 in keep_steps:
+                    kept.append(_snapshot(best_value))
+                continue
+        if best_in_norms is not None:
+            # The previous step's residual column (the best of every running row): the
+            # solver's layout keeps it as this step's `previous`.
+            best_residual = _put(best_residual, rows, fused.merge(
+                best_in_norms.read(state["norms"], inverse_sqrt, residual0.dtype),
+                running_local, _take(best_residual, rows)))
+            best_in_norms = None
+        if pending_steps:
+            n_steps, nfe = add_pending(n_steps, nfe, rows, running_local, pending_steps,
+                                        pending_nfe)
+            pending_steps = pending_nfe = 0
         with torch.no_grad():
-            # A solver may hand over the RMS residual, or f(z) - z, already computed.
-            # On CPU the plain float32 norms are used and an overflowed one (a state near
-            # 1e19) is recomputed on the slow path below; elsewhere row_norm accumulates
-            # in float64 (no host sync).
+            # A solver may hand over its norms, the RMS residual, or f(z) - z, already
+            # computed. On CPU the plain float32 norms are used and an overflowed one (a
+            # state near 1e19) is recomputed on the slow path below; elsewhere row_norm
+            # accumulates in float64 (no host sync).
             norm = _plain_norm if fast else row_norm
-            residual = state.get("residual")
+            layout = solver.norm_layout(step_index)
+            if layout is not None:
+                residual = residual_from(state["norms"], layout, inverse_sqrt, z.dtype)
+            else:
+                residual = state.get("residual")
             if residual is None:
                 g = state.get("g")
                 g = fz - z if g is None else g
                 residual = norm(g.reshape(z.shape[0], -1)) * inverse_sqrt
-            tolerance = norm(z.reshape(z.shape[0], -1))
-            tolerance = tolerance.mul_(rtol * inverse_sqrt).add_(atol)
+            if layout is not None and fast:
+                tolerance = state["norms"][:, layout.z]
+            else:
+                tolerance = norm(z.reshape(z.shape[0], -1))
+            tolerance = tolerance.mul(rtol * inverse_sqrt).add_(atol)
+            if tolerance.dtype != z.dtype:
+                tolerance = tolerance.to(z.dtype)
         # A solver that rejects trial steps (line searches, step-size control) hides an f
         # that returns NaN: it reports the rows whose trial was not finite.
         bad_trial = state.get("nonfinite_trial")
         # Solvers with an inner iteration (Newton-Krylov forcing terms) use the target to
         # avoid solving the linear systems more accurately than the answer needs.
-        state["tolerance"] = tolerance
-        if fast and all_running:
+        if solver.uses_tolerance:
+            state["tolerance"] = tolerance
+        if fast and all_running and fused is None:
             # NaN compares False, so a non-finite residual leaves the fast path too.
             going = (residual > tolerance) & (residual <= _take(limit, rows))
             if bad_trial is not None:
@@ -400,34 +484,31 @@ def fixed_point(
                     kept.append(_snapshot(best_value))
                 continue
         running = _take(active, rows)
+        finite = checked and fused.finite()  # then every running row's norms are finite
         if fast and (out_of_range(residual) or out_of_range(tolerance)):
-            with torch.no_grad():  # norms that over- or underflowed: recompute them scaled
+            # norms that over- or underflowed in float32 (a 1e19 state, a 1e-30 residual):
+            # recompute them scaled, and test them with the full mask below
+            finite = False
+            with torch.no_grad():
                 residual = row_norm((fz - z).reshape(z.shape[0], -1)) * inverse_sqrt
                 tolerance = row_norm(z.reshape(z.shape[0], -1)).mul_(rtol * inverse_sqrt)
                 tolerance = tolerance.add_(atol)
-            state["tolerance"] = tolerance
-        ok = running & (residual < math.inf)  # running and finite
+            if solver.uses_tolerance:
+                state["tolerance"] = tolerance
+        ok = None if finite else running & (residual < math.inf)  # running and finite
         if bad_trial is not None:
             streak_rows = torch.where(bad_trial, _take(streak, rows) + 1, 0)
             streak = _put(streak, rows, streak_rows)
-            ok = ok & (streak_rows < _NONFINITE_STREAK)
-        converged = ok & (residual <= tolerance)
-        improved = (ok & (residual < _take(best_residual, rows))) | converged
-        diverged = ok & (residual > _take(limit, rows))
-        nonfinite = running & ~ok
-
-        best_local = torch.where(expand_as_batch(improved, z), z, _take(best_value, rows))
+            ok = (running if ok is None else ok) & (streak_rows < _NONFINITE_STREAK)
+        best_local, best_residual_local, step_status = stop_or_improve(
+            running, ok, residual, tolerance, _take(limit, rows), z, _take(best_value, rows),
+            _take(best_residual, rows), _take(status, rows))
         best_value = _put(best_value, rows, best_local)
-        best_residual = _put(
-            best_residual, rows, torch.where(improved, residual, _take(best_residual, rows))
-        )
-        # SUCCESS is written last: a sample that passed the test is not also DIVERGED.
-        step_status = _take(status, rows).masked_fill(diverged, int(Status.DIVERGED))
-        step_status = step_status.masked_fill_(nonfinite, int(Status.NONFINITE))
-        step_status = step_status.masked_fill_(converged, int(Status.SUCCESS))
+        best_residual = _put(best_residual, rows, best_residual_local)
         status = _put(status, rows, step_status)
         n_steps = _put(n_steps, rows, _take(n_steps, rows) + running)
-        nfe = _put(nfe, rows, _take(nfe, rows) + running * step_nfe)
+        one = isinstance(step_nfe, int) and step_nfe == 1
+        nfe = _put(nfe, rows, _take(nfe, rows) + (running if one else running * step_nfe))
         for key in solver.stat_keys:
             value = state[key].detach().to(residual0.dtype)
             kept = torch.where(running, value, _take(extra[key], rows))
@@ -443,19 +524,41 @@ def fixed_point(
             kept.append(_snapshot(best_value))
 
         if (step_index + 1) % check_every == 0 or step_index + 1 == max_steps:
-            n_still = int(still_running.sum())
+            with deliberate_sync(device):
+                n_still = int(still_running.sum())
             if n_still == 0:
+                finished = True
                 break
             n_rows = still_running.shape[0]
             all_running = n_still == n_rows
+            running_local = None if all_running else still_running
             # Compacting copies the whole solver state (e.g. Anderson's history), so do it
             # once enough rows have finished to pay for the copy.
             if compact and n_rows - n_still >= max(1, n_rows // 8):
-                keep = still_running.nonzero().flatten()
+                with deliberate_sync(device):
+                    keep = still_running.nonzero().flatten()
                 rows = keep if rows is None else rows.index_select(0, keep)
                 x_rows = _select_rows(x, rows)
                 state = {key: value.index_select(0, keep) for key, value in state.items()}
-                all_running = True
+                all_running, running_local = True, None
+            if fused is not None:
+                fused.reset(running_local, _take(best_residual, rows))
+
+    if best_in_norms is not None:  # the last step improved every running row
+        best_residual = _put(best_residual, rows, fused.merge(
+            best_in_norms.read(state["norms"], inverse_sqrt, residual0.dtype),
+            running_local, _take(best_residual, rows)))
+    if pending_steps:
+        n_steps, nfe = add_pending(n_steps, nfe, rows, running_local, pending_steps,
+                                    pending_nfe)
+    if capture is not None and state is not None and not finished and eager_steps < max_steps:
+        book = {"best_value": best_value, "best_residual": best_residual, "status": status,
+                "n_steps": n_steps, "nfe": nfe, "limit": limit}
+        state, book = capture.run(f, x, state, book, eager_steps, max_steps, atol, rtol,
+                                  inverse_sqrt)
+        best_value, best_residual, status = book["best_value"], book["best_residual"], \
+            book["status"]
+        n_steps, nfe = book["n_steps"], book["nfe"]
 
     if streak is not None:
         # Still rejecting non-finite trials at the step bound: f is the problem, not max_steps.

@@ -10,10 +10,11 @@ residual f(z) - z from them.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-__all__ = ["FixedPointSolver", "State"]
+__all__ = ["FixedPointSolver", "NormLayout", "State", "write_into"]
 
 State = dict[str, torch.Tensor]
 Fn = Callable[..., torch.Tensor]
@@ -46,15 +47,58 @@ class FixedPointSolver:
 
     `stat_keys` names (batch,) state entries the loop copies into `Solution.stats` (e.g. "t",
     the ODE time reached by SteadyState).
+
+    The loop's fused test: a solver may instead keep "norms", a (batch, k) tensor of plain
+    Euclidean norms (detached) holding at least ||f(z) - z|| and ||z||, and say in
+    `norm_layout(step_index)` which column is which. On CPU the loop then decides "no sample
+    stops this step, every one improved" with one matrix product and one reduction over
+    them (see `_loop._FusedTest`), and a solver that also keeps the previous step's residual
+    norm saves the loop a copy of the best residual per step. `uses_tolerance = False` tells
+    the loop not to write "tolerance" (a solver without an inner iteration ignores it).
     """
 
     stat_keys: tuple[str, ...] = ()
+    uses_tolerance: bool = True
+    # For `Captured`: a solver whose step depends on step_index only through
+    # step_index % period once step_index >= warmup (0: it cannot be captured).
+    period: int = 0
+    warmup: int = 0
+
+    def norm_layout(self, step_index: int) -> NormLayout | None:
+        """Where the norms the loop tests are in state["norms"] after step `step_index`
+        (None: the solver keeps none, the loop computes them)."""
+        return None
 
     def init(self, fn: Fn, z: torch.Tensor, fz: torch.Tensor) -> State:
         raise NotImplementedError
 
     def step(self, fn: Fn, state: State, step_index: int) -> tuple[State, int | torch.Tensor]:
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class NormLayout:
+    """Columns of a solver's state["norms"] (plain 2-norms, one row per sample).
+
+    residual: the column c with norms[:, c] * residual_scale = ||f(z) - z|| at the new z.
+    z: the column holding ||z||.
+    previous: the column holding the previous step's residual norm (same scale), or None.
+    """
+
+    residual: int
+    z: int
+    previous: int | None = None
+    residual_scale: float = 1.0
+
+
+def write_into(out: torch.Tensor, op: Callable[..., torch.Tensor], *args: torch.Tensor
+               ) -> torch.Tensor:
+    """op(*args, out=out): the result written into a (possibly strided) view of a buffer
+    allocated once. While torch.compile traces (`Captured`), which refuses a strided out=,
+    the same write as out.copy_(op(*args)): the compiled kernel stores in place either way."""
+    if torch.compiler.is_compiling():
+        return out.copy_(op(*args))
+    return op(*args, out=out)
 
 
 def mutable(*tensors: torch.Tensor) -> bool:

@@ -9,12 +9,22 @@ from dataclasses import dataclass
 import torch
 
 from .._autocast import outside_autocast
-from .._checks import check_finite, check_positive_int, check_tolerances, rms_norm, row_norm
+from .._checks import (
+    check_finite,
+    check_positive_int,
+    check_tolerances,
+    deliberate_sync,
+    rms_norm,
+    row_norm,
+)
 from .._solution import Solution, Status
 
 __all__ = ["GMRES"]
 
 Matvec = Callable[[torch.Tensor], torch.Tensor]
+# Off the CPU, `bool(tensor)` waits for the device: "is any sample still running?" is asked
+# every few Arnoldi iterations there.
+_CHECK_EVERY_WITHOUT_SYNC = 4
 
 
 def _per_sample(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -23,18 +33,13 @@ def _per_sample(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor
     return torch.full_like(like, float(value))
 
 
-def _givens(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin with [c s; -s c] [a; b] = [r; 0], batched; (1, 0) where a = b = 0."""
-    # Where a = b = 0 the rotation is the identity; hypot's gradient there is 0/0, and
-    # torch.where would pass 0 * NaN back (NaN gradients when the solve is differentiated,
-    # e.g. Unrolled through NewtonKrylov): feed it (1, 0) there instead.
-    zero = (a == 0) & (b == 0)
-    a_safe = torch.where(zero, torch.ones_like(a), a)
-    b_safe = torch.where(zero, torch.zeros_like(b), b)
-    radius = torch.hypot(a_safe, b_safe)
-    c = torch.where(zero, torch.ones_like(a), a_safe / radius)
-    s = torch.where(zero, torch.zeros_like(b), b_safe / radius)
-    return c, s
+def _assign(buffer: torch.Tensor, dim: int, index: torch.Tensor, value: torch.Tensor
+            ) -> torch.Tensor:
+    """buffer with the slices `index` along `dim` set to value: in place, or out of place
+    when autograd records (GMRES inside an Unrolled Newton-Krylov solve)."""
+    if torch.is_grad_enabled() and (value.requires_grad or buffer.requires_grad):
+        return buffer.index_copy(dim, index, value)
+    return buffer.index_copy_(dim, index, value)
 
 
 @dataclass(frozen=True)
@@ -163,80 +168,100 @@ class GMRES:
         total_iters = 0
         while total_iters < self.max_iters:
             running = torch.isfinite(beta) & (beta > target) & ~singular
-            if not bool(running.any()):
-                break
+            with deliberate_sync(device):
+                if not bool(running.any()):
+                    break
             cycle = min(self.restart, self.max_iters - total_iters)
+            # Per iteration a fixed number of batched ops, whatever j: the basis lives in one
+            # buffer (no re-stacking), and the Givens rotations met so far are kept as one
+            # (cycle + 1) x (cycle + 1) orthogonal matrix P (rotate a new Hessenberg column
+            # with one bmm instead of j pairs of scalar updates); the rotated right-hand side
+            # is g = g0 P e_0, so its last entry is the residual estimate.
+            slots = torch.arange(cycle + 1, device=device)
+            basis = b.new_zeros(batch, cycle + 1, n)
             norm = torch.where(running, row_norm(r), 1)
-            basis = [torch.where(running[:, None], r / norm[:, None], 0)]
-            columns = []  # rotated Hessenberg columns, each (batch, cycle)
-            cosines, sines = [], []
-            g = [row_norm(r)]
+            basis = _assign(basis, 1, slots[:1], torch.where(running[:, None], r / norm[:, None],
+                                                             0).unsqueeze(1))
+            rotations = torch.eye(cycle + 1, dtype=b.dtype, device=device).repeat(batch, 1, 1)
+            # Row j holds column j of the triangular factor (zero past its diagonal).
+            triangle = b.new_zeros(batch, cycle, cycle)
+            tail = b.new_zeros(batch, cycle)
+            g0 = row_norm(r)
             used = torch.zeros(batch, dtype=torch.int64, device=device)
             scale = torch.zeros(batch, dtype=b.dtype, device=device)  # largest ||A v_j||
+            k = 0
             for j in range(cycle):
-                w = apply(basis[j])
+                w = apply(basis[:, j])
                 nmatvec += 1
                 scale = torch.maximum(scale, row_norm(w).detach())
-                stacked = torch.stack(basis, dim=1)  # (batch, j+1, n)
+                stacked = basis[:, : j + 1]  # (batch, j+1, n)
                 # Projections as w^T V^T (batch, 1, j+1): on CPU this bmm orientation is
                 # several times faster than V w.
                 across = stacked.transpose(1, 2)
-                h = torch.bmm(w.unsqueeze(1), across).squeeze(1)
-                w = w - torch.bmm(h.unsqueeze(1), stacked).squeeze(1)
-                h_again = torch.bmm(w.unsqueeze(1), across).squeeze(1)
-                w = w - torch.bmm(h_again.unsqueeze(1), stacked).squeeze(1)
-                h = h + h_again
+                h = torch.bmm(w.unsqueeze(1), across)
+                w = w - torch.bmm(h, stacked).squeeze(1)
+                h_again = torch.bmm(w.unsqueeze(1), across)
+                w = w - torch.bmm(h_again, stacked).squeeze(1)
+                h = (h + h_again).squeeze(1)
                 h_next = row_norm(w)
                 # Breakdown (h_next ~ 0) means the Krylov space is invariant: x is exact there
                 # unless the rotated pivot is zero too (then A is singular on that space).
                 healthy = h_next > tiny * h.abs().amax(dim=1)
-                safe = torch.where(healthy, h_next, torch.ones_like(h_next))
-                basis.append(torch.where(healthy[:, None], w / safe[:, None], 0))
-                entries = list(h.unbind(1))
-                for i in range(j):
-                    top, bottom = entries[i], entries[i + 1]
-                    entries[i] = cosines[i] * top + sines[i] * bottom
-                    entries[i + 1] = -sines[i] * top + cosines[i] * bottom
-                pivot = torch.hypot(entries[j], h_next).detach()
-                zero_pivot = running & ~healthy & (pivot <= 1e3 * tiny * scale)
-                c, s = _givens(entries[j], h_next)
-                # No rotation at a zero pivot: g[j] stays the (unreduced) residual and the
-                # column is not used.
-                c = torch.where(zero_pivot, torch.ones_like(c), c)
-                s = torch.where(zero_pivot, torch.zeros_like(s), s)
-                cosines.append(c)
-                sines.append(s)
-                entries[j] = c * entries[j] + s * h_next
-                g.append(-s * g[j])
-                g[j] = c * g[j]
-                columns.append(torch.stack(entries, dim=1))  # (batch, j+1)
+                safe = torch.where(healthy, h_next, 1)
+                basis = _assign(basis, 1, slots[j + 1 : j + 2],
+                                torch.where(healthy[:, None], w / safe[:, None], 0).unsqueeze(1))
+                column = torch.bmm(rotations[:, : j + 1, : j + 1], h.unsqueeze(2)).squeeze(2)
+                top = column[:, j]
+                # hypot's gradient at (0, 0) is 0/0, which torch.where below would pass back
+                # as 0 * NaN (NaN gradients through an Unrolled Newton-Krylov solve)
+                both_zero = (top == 0) & (h_next == 0)
+                pivot = torch.hypot(torch.where(both_zero, 1, top), h_next)
+                pivot = torch.where(both_zero, 0, pivot)
+                zero_pivot = running & ~healthy & (pivot.detach() <= 1e3 * tiny * scale)
+                # No rotation at a zero pivot (nor where both entries are 0): g[j] stays the
+                # (unreduced) residual and the column is not used.
+                rotate = (pivot > 0) & ~zero_pivot
+                safe = torch.where(rotate, pivot, 1)
+                c = torch.where(rotate, top / safe, 1)
+                s = torch.where(rotate, h_next / safe, 0)
+                diagonal = torch.where(rotate, pivot, top)  # c top + s h_next
+                entries = torch.cat((column[:, :j], diagonal.unsqueeze(1), tail[:, j + 1 :]), 1)
+                triangle = _assign(triangle, 1, slots[j : j + 1], entries.unsqueeze(1))
+                # P <- G_j P: rows j and j+1 mix (row j+1 of P is still e_{j+1}).
+                givens = torch.stack((c, s, -s, c), dim=1).view(batch, 2, 2)
+                rotations = _assign(rotations, 1, slots[j : j + 2],
+                                    torch.bmm(givens, rotations[:, j : j + 2]))
                 singular = singular | zero_pivot
                 running = running & ~zero_pivot
-                used = used + running.long()
-                estimate = g[j + 1].abs().detach()
+                used = used + running
+                estimate = (g0 * rotations[:, j + 1, 0]).abs().detach()
                 running = running & (estimate > target) & torch.isfinite(estimate)
                 total_iters += 1
-                if not bool(running.any()):
-                    break
-            k = len(columns)
-            triangle = torch.stack(
-                [torch.cat([c, c.new_zeros(batch, k - c.shape[1])], dim=1) for c in columns],
-                dim=2,
-            )
+                k = j + 1
+                # On CUDA the host asks "is any sample still running?" every few iterations
+                # only (finished samples are masked: the same answer, a few more products).
+                if (device.type == "cpu" or k % _CHECK_EVERY_WITHOUT_SYNC == 0
+                        or k == cycle):
+                    with deliberate_sync(device):
+                        if not bool(running.any()):
+                            break
             index = torch.arange(k, device=device)
             mask = index[None, :] < used[:, None]  # (batch, k): this sample's valid columns
             square = mask[:, :, None] & mask[:, None, :]
-            eye = torch.eye(k, dtype=b.dtype, device=device).expand(batch, k, k)
-            triangle = torch.where(square, triangle, eye)
-            rhs = torch.where(mask, torch.stack(g[:k], dim=1), 0)
+            eye = torch.eye(k, dtype=b.dtype, device=device)
+            triangle = torch.where(square, triangle[:, :k, :k].transpose(1, 2), eye)
+            g = g0[:, None] * rotations[:, :, 0]  # (batch, cycle + 1)
+            rhs = torch.where(mask, g[:, :k], 0)
             y = torch.linalg.solve_triangular(triangle, rhs.unsqueeze(2), upper=True).squeeze(2)
-            x = x + torch.bmm(y.unsqueeze(1), torch.stack(basis[:k], dim=1)).squeeze(1)
+            x = x + torch.bmm(y.unsqueeze(1), basis[:, :k]).squeeze(1)
             n_iters = n_iters + used
-            estimate = torch.stack(g, dim=1).abs().detach()
+            estimate = g.abs().detach()
             last = estimate.gather(1, used.unsqueeze(1)).squeeze(1)
             residual_norm = torch.where((used > 0) | singular, last, residual_norm)
             needs_restart = torch.isfinite(last) & (last > target) & ~singular
-            if total_iters < self.max_iters and bool(needs_restart.any()):
+            with deliberate_sync(device):
+                restart = total_iters < self.max_iters and bool(needs_restart.any())
+            if restart:
                 r = flat_b - apply(x)
                 nmatvec += 1
                 beta = row_norm(r).detach()
@@ -251,7 +276,9 @@ class GMRES:
         status = torch.where(singular, int(Status.SINGULAR), status)
         status = torch.where(finite, status, int(Status.NONFINITE)).to(torch.int64)
         failed = status != int(Status.SUCCESS)
-        if bool(failed.any()) and bool(finite.any()):
+        with deliberate_sync(device):
+            recheck = bool(failed.any()) and bool(finite.any())
+        if recheck:
             # A failed sample reports its true residual ||b - A x||, not the estimate.
             true = row_norm(flat_b - apply(torch.where(finite[:, None], x, 0))).detach()
             nmatvec += failed.long()

@@ -1,0 +1,144 @@
+"""The loop's bookkeeping of a step as few tensor ops: the CPU fast path's fused test and
+the masked update shared by the eager loop and `Captured` regions."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from .._solution import Status
+from ._solver import NormLayout, expand_as_batch
+
+__all__ = ["BestColumn", "FusedTest", "add_pending", "residual_from", "stop_or_improve"]
+
+
+def _put(full: torch.Tensor, rows: torch.Tensor | None, local: torch.Tensor) -> torch.Tensor:
+    return local if rows is None else full.index_copy(0, rows, local)
+
+
+def _take(full: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    return full if rows is None else full.index_select(0, rows)
+
+
+def stop_or_improve(running: torch.Tensor, ok: torch.Tensor | None, residual: torch.Tensor,
+                    tolerance: torch.Tensor, limit: torch.Tensor, z: torch.Tensor,
+                    best_value: torch.Tensor, best_residual: torch.Tensor,
+                    status: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step's per-sample decisions, by masks (no host read): a running row (`ok`: and
+    finite; None when every running row is known finite) passes its test (SUCCESS),
+    improves its best iterate, or is stopped as DIVERGED or NONFINITE. Returns the new best
+    value, best residual and status."""
+    valid = running if ok is None else ok
+    converged = valid & (residual <= tolerance)
+    improved = (valid & (residual < best_residual)) | converged
+    diverged = valid & (residual > limit)
+    best_value = torch.where(expand_as_batch(improved, z), z, best_value)
+    best_residual = torch.where(improved, residual, best_residual)
+    # SUCCESS is written last: a sample that passed the test is not also DIVERGED.
+    status = status.masked_fill(diverged, int(Status.DIVERGED))
+    if ok is not None:
+        status = status.masked_fill_(running & ~ok, int(Status.NONFINITE))
+    return best_value, best_residual, status.masked_fill_(converged, int(Status.SUCCESS))
+
+
+class BestColumn(NamedTuple):
+    """A column of a solver's norms holding the running rows' best residual."""
+
+    index: int
+    scale: float
+
+    def read(self, norms: torch.Tensor, inverse_sqrt: float, dtype: torch.dtype
+             ) -> torch.Tensor:
+        residual = norms[:, self.index] * (self.scale * inverse_sqrt)
+        return residual if residual.dtype == dtype else residual.to(dtype)
+
+
+def residual_from(norms: torch.Tensor, layout: NormLayout, inverse_sqrt: float,
+                  dtype: torch.dtype) -> torch.Tensor:
+    residual = norms[:, layout.residual] * (layout.residual_scale * inverse_sqrt)
+    return residual if residual.dtype == dtype else residual.to(dtype)
+
+
+def add_pending(n_steps: torch.Tensor, nfe: torch.Tensor, rows: torch.Tensor | None,
+                running: torch.Tensor | None, steps: int, evaluations: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add the steps (and evaluations) taken by every running row since the last slow step."""
+    if running is None:
+        return (_put(n_steps, rows, _take(n_steps, rows) + steps),
+                _put(nfe, rows, _take(nfe, rows) + evaluations))
+    return (_put(n_steps, rows, _take(n_steps, rows) + running * steps),
+            _put(nfe, rows, _take(nfe, rows) + running * evaluations))
+
+
+class FusedTest:
+    """The CPU loop's test of a step, from a solver's norms, in one matrix product.
+
+    With r = ||f(z) - z|| / sqrt(n) and t = atol + rtol ||z|| / sqrt(n) (the per-sample test)
+    and b the best residual so far, the margins (rows, 2) = bias + norms @ W are r - t and
+    b - r for a running row (b either the previous step's residual, a column of the norms,
+    or a stored value in the bias), and +inf for a row that stopped. Their minimum is > 0
+    exactly when no running sample passes its test this step and every one improved on its
+    best (NaN and inf fail): then the step changes nothing but the best iterate. An improved
+    residual is also below the divergence limit (the best is at most the initial residual).
+    The margins must clear a few rounding errors (16 eps, relative): a step at the edge of
+    either test goes to the exact, masked path, so both paths give the same result.
+    """
+
+    def __init__(self, atol: float, rtol: float, inverse_sqrt: float) -> None:
+        self.atol, self.rtol, self.inverse_sqrt = atol, rtol, inverse_sqrt
+        self.weights: dict[tuple[int, bool, int], torch.Tensor] = {}
+        self.bias_previous = self.bias_best = self.base = None
+        # The minimum margin of the last test: finite exactly when every running row's
+        # residual and tolerance were finite (then the slow path skips its overflow checks).
+        self.minimum = math.nan
+
+    def reset(self, running: torch.Tensor | None, best: torch.Tensor) -> None:
+        """New running rows or best residuals (after a step on which something changed)."""
+        rows = best.shape[0]
+        if self.base is None or self.base.dtype != best.dtype:
+            slack = 1.0 + 16 * torch.finfo(best.dtype).eps
+            self.base = best.new_tensor([[-self.atol * slack, 0.0]])
+        best = best.detach()
+        if running is None:
+            self.bias_previous = self.base.expand(rows, 2)
+        else:
+            self.bias_previous = torch.where(running.unsqueeze(1), self.base, math.inf)
+            best = best.masked_fill(~running, math.inf)
+        self.bias_best = torch.stack((self.bias_previous[:, 0], best), dim=1)
+
+    def _weights(self, norms: torch.Tensor, layout: NormLayout, previous: bool) -> torch.Tensor:
+        key = (id(layout), previous, norms.shape[1])  # solvers keep their layouts
+        weights = self.weights.get(key)
+        if weights is None or weights.dtype != norms.dtype:
+            slack = 1.0 + 16 * torch.finfo(norms.dtype).eps
+            scale = layout.residual_scale * self.inverse_sqrt
+            weights = torch.zeros(norms.shape[1], 2, dtype=norms.dtype, device=norms.device)
+            weights[layout.residual, 0] = scale
+            weights[layout.z, 0] = -self.rtol * self.inverse_sqrt * slack
+            weights[layout.residual, 1] = -scale * slack
+            if previous:
+                weights[layout.previous, 1] = scale
+            self.weights[key] = weights
+        return weights
+
+    def passes(self, norms: torch.Tensor, layout: NormLayout, previous: bool) -> bool:
+        bias = self.bias_previous if previous else self.bias_best
+        margins = torch.addmm(bias, norms, self._weights(norms, layout, previous))
+        self.minimum = float(margins.amin())
+        return self.minimum > 0  # NaN compares False
+
+    def finite(self) -> bool:
+        """Whether the last test saw only finite residuals and tolerances on running rows: a
+        row whose residual is +inf has margin b - r = -inf, whose tolerance is +inf has
+        r - t = -inf, and NaN propagates; stopped rows' margins are +inf."""
+        return math.isfinite(self.minimum)
+
+    def residual(self, norms: torch.Tensor, layout: NormLayout) -> torch.Tensor:
+        return norms[:, layout.residual] * (layout.residual_scale * self.inverse_sqrt)
+
+    @staticmethod
+    def merge(new: torch.Tensor, running: torch.Tensor | None,
+              old: torch.Tensor) -> torch.Tensor:
+        return new if running is None else torch.where(running, new, old)
