@@ -17,13 +17,21 @@ from .._autocast import autocast_dtype, under_autocast
 from .._checks import check_positive, check_positive_int, check_tolerances
 from .._context import call_scope
 from .._solution import EquilibriaError, Solution, Status
-from .._structure import Structure, is_structured
+from .._structure import Structure
 from ..equilibrium._anderson import Anderson
 from ..equilibrium._loop import fixed_point
 from ..equilibrium._solver import FixedPointSolver
 from ..equilibrium._steady_state import SteadyState
 from ..ode import RungeKutta
 from ._backward import BACKWARD_TYPES, Implicit, Unrolled
+from ._deq_state import (
+    check_state,
+    check_z_shape,
+    explain_first_failure,
+    is_structured_shape,
+    shape_of,
+    state_steps,
+)
 from ._dropout import stochastic_modules
 from ._parametrize import SolveScope
 from ._penalty import spectral_radius
@@ -53,71 +61,6 @@ def _check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}.")
     return value
-
-
-def _is_structured_shape(shape: Any) -> bool:
-    return isinstance(shape, (tuple, list)) and bool(shape) and all(
-        isinstance(item, (tuple, list)) for item in shape)
-
-
-def _check_z_shape(z_shape: Any) -> Any:
-    """A per-sample shape (tuple of positive ints) or one per slot of a structured state."""
-    def valid(shape: Any) -> bool:
-        return isinstance(shape, (tuple, list)) and all(
-            isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)
-
-    if _is_structured_shape(z_shape) and all(valid(shape) for shape in z_shape):
-        return tuple(tuple(shape) for shape in z_shape)
-    if valid(z_shape):
-        return tuple(z_shape)
-    raise ValueError(
-        f"z_shape must be a tuple of positive ints (the per-sample shape of z, without the "
-        f"batch), or a tuple of such tuples for a multi-scale state (e.g. ((8, 16, 16), "
-        f"(16, 8, 8))), got {z_shape!r}."
-    )
-
-
-def _shape_of(state: Any) -> Any:
-    if is_structured(state):
-        return tuple(tuple(slot.shape) for slot in state)
-    return tuple(state.shape)
-
-
-def _check_state(name: str, state: Any) -> None:
-    """A floating tensor, or a tuple/list of them (checked by Structure.of)."""
-    if is_structured(state):
-        Structure.of(name, state)
-        return
-    if not isinstance(state, torch.Tensor) or not state.is_floating_point():
-        got = state.dtype if isinstance(state, torch.Tensor) else type(state).__name__
-        raise TypeError(f"{name} must be a floating torch.Tensor or a tuple of them, got {got}.")
-
-
-def _explain_first_failure(f: Any, shape: tuple[int, ...]) -> Any:
-    """f, whose first call re-raises a failure with the likely cause: z was shaped like x."""
-    called = [False]
-
-    def first_call_explained(z: Any, x: Any) -> Any:
-        if called[0]:
-            return f(z, x)
-        called[0] = True
-        try:
-            return f(z, x)
-        except (RuntimeError, ValueError, TypeError, IndexError) as error:
-            raise ValueError(
-                f"f_module failed on its first call, with z0 shaped like x {shape} (the default "
-                "when neither z_shape nor z0 is given). If the state is not shaped like x, pass "
-                "z_shape= (per-sample shape; a tuple of shapes for a multi-scale state) or z0=. "
-                f"The error from f_module: {type(error).__name__}: {error}"
-            ) from error
-
-    return first_call_explained
-
-
-def _state_steps(n_states: int, max_steps: int) -> tuple[int, ...]:
-    """The solver steps after which the n_states - 1 earlier states are taken: evenly spaced
-    over the step budget (the last state is z* itself)."""
-    return tuple(sorted({max(1, round(i * max_steps / n_states)) for i in range(1, n_states)}))
 
 
 def _first_tensor(x: Any) -> torch.Tensor | None:
@@ -272,7 +215,7 @@ class DEQ(nn.Module):
             )
         self.atol, self.rtol = check_tolerances(atol, rtol)
         self.max_steps = check_positive_int("max_steps", max_steps)
-        self.z_shape = None if z_shape is None else _check_z_shape(z_shape)
+        self.z_shape = None if z_shape is None else check_z_shape(z_shape)
         self.eval_max_steps = (None if eval_max_steps is None
                                else check_positive_int("eval_max_steps", eval_max_steps))
         self.compact = _check_bool("compact", compact)
@@ -314,22 +257,22 @@ class DEQ(nn.Module):
             if x is None:
                 raise ValueError("a Skip DEQ (init=g) needs an input x: z0 = g(x).")
             prediction = self.init(x)
-            _check_state("init(x)", prediction)
+            check_state("init(x)", prediction)
         if z0 is not None:
-            _check_state("z0", z0)
+            check_state("z0", z0)
             expected = self._expected_shape(like, prediction)
-            if expected is not None and _shape_of(z0) != expected:
+            if expected is not None and shape_of(z0) != expected:
                 raise ValueError(
-                    f"z0 must have shape {expected} (batch, *z_shape), got {_shape_of(z0)}; "
+                    f"z0 must have shape {expected} (batch, *z_shape), got {shape_of(z0)}; "
                     "pass the fixed point of the same samples (e.g. deq.last_solution.value)."
                 )
             return z0, prediction, False
         if prediction is not None:
             expected = self._expected_shape(like, None) if self.z_shape is not None else None
-            if expected is not None and _shape_of(prediction) != expected:
+            if expected is not None and shape_of(prediction) != expected:
                 raise ValueError(
                     f"init(x) must return shape {expected} (batch, *z_shape), got "
-                    f"{_shape_of(prediction)}."
+                    f"{shape_of(prediction)}."
                 )
             return prediction, prediction, False
         if like is None:
@@ -344,18 +287,18 @@ class DEQ(nn.Module):
                 )
             return torch.zeros_like(like), None, True
         dtype = like.dtype if like.is_floating_point() else self._parameter_dtype()
-        if _is_structured_shape(self.z_shape):
+        if is_structured_shape(self.z_shape):
             return tuple(like.new_zeros((like.shape[0], *shape), dtype=dtype)
                          for shape in self.z_shape), None, False
         return like.new_zeros((like.shape[0], *self.z_shape), dtype=dtype), None, False
 
     def _expected_shape(self, like: torch.Tensor | None, prediction: Any) -> Any:
         if prediction is not None:
-            return _shape_of(prediction)
+            return shape_of(prediction)
         if like is None:
             return None
         if self.z_shape is not None:
-            if _is_structured_shape(self.z_shape):
+            if is_structured_shape(self.z_shape):
                 return tuple((like.shape[0], *shape) for shape in self.z_shape)
             return (like.shape[0], *self.z_shape)
         return tuple(like.shape)
@@ -409,7 +352,7 @@ class DEQ(nn.Module):
         if structure is not None:
             f = structure.wrap(f, "f_module")
         if shaped_like_x:
-            f = _explain_first_failure(f, tuple(start.shape))
+            f = explain_first_failure(f, tuple(start.shape))
         if self.training and not self._warned_stochastic:
             self._warn_stochastic()
         token = object()  # this call: per-call state inside f (dropout masks) keys on it
@@ -471,7 +414,7 @@ class DEQ(nn.Module):
         else:
             fn = f
         n_states = settings["n_states"]
-        keep = _state_steps(n_states, settings["max_steps"]) if n_states else ()
+        keep = state_steps(n_states, settings["max_steps"]) if n_states else ()
 
         def solve(first: torch.Tensor) -> Solution:
             return scope.solve(lambda: fixed_point(
