@@ -135,6 +135,8 @@ class MultiscaleDEQ(nn.Module):
         channels: channels per scale, finest first.
         dropout: variational dropout inside the cell.
         in_channels, n_classes: 1 and 10 for MNIST / Fashion-MNIST.
+        weight_norm: weight-normalise the cell's convolutions with torch's parametrization
+            (False: plain convolutions, e.g. to apply another library's normalisation).
 
     forward(images, z0=None) -> logits (batch, n_classes); images (batch, in_channels, 28,
     28); z0 a tuple of per-scale states (fixed-point reuse). The equilibrium of the last call
@@ -143,7 +145,7 @@ class MultiscaleDEQ(nn.Module):
 
     def __init__(self, deq_factory: Callable[..., nn.Module],
                  channels: tuple[int, ...] = (24, 48), dropout: float = 0.0,
-                 in_channels: int = 1, n_classes: int = 10) -> None:
+                 in_channels: int = 1, n_classes: int = 10, weight_norm: bool = True) -> None:
         super().__init__()
         c1 = channels[0]
         self.stem = nn.Sequential(
@@ -160,7 +162,7 @@ class MultiscaleDEQ(nn.Module):
                                     bias=False), nn.GroupNorm(_groups(channels[s]), channels[s]))
             for s in range(1, len(channels))
         )
-        cell = MultiscaleCell(channels, dropout=dropout)
+        cell = MultiscaleCell(channels, dropout=dropout, weight_norm=weight_norm)
         self.deq = deq_factory(cell, cell.shapes)
         self._structure = Structure(tuple, cell.shapes, torch.get_default_dtype(),
                                     torch.device("cpu"))
