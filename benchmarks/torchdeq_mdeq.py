@@ -25,16 +25,15 @@ benchmarks/results/mdeq_torchdeq.md.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import equilibria as eq
 from equilibria.models.mdeq import MultiscaleDEQ
 from equilibria.train.data import DATASETS, normalize
+from side_by_side import run_epoch, test_accuracy
 
 RESULTS = Path(__file__).parent / "results" / "mdeq_torchdeq.md"
 
@@ -94,29 +93,6 @@ def forward_nfe(model) -> float:
     return deq.last_nfe
 
 
-def run_epoch(model, optimizer, images, labels, order, batch_size) -> tuple[float, float]:
-    model.train()
-    started, nfe, batches = time.perf_counter(), 0.0, 0
-    for start in range(0, order.numel(), batch_size):
-        index = order[start : start + batch_size]
-        loss = F.cross_entropy(model(images[index]), labels[index])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        nfe, batches = nfe + forward_nfe(model), batches + 1
-    return time.perf_counter() - started, nfe / max(batches, 1)
-
-
-@torch.no_grad()
-def test_accuracy(model, images, labels) -> float:
-    model.eval()
-    correct = 0
-    for start in range(0, images.shape[0], 500):
-        logits = model(images[start : start + 500])
-        correct += int((logits.argmax(1) == labels[start : start + 500]).sum())
-    return correct / images.shape[0]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="fashion-mnist")
@@ -168,9 +144,12 @@ def main() -> None:
     for epoch in range(args.epochs):
         order = torch.randperm(train_x.shape[0], generator=torch.Generator().manual_seed(epoch))
         for name, model in models.items():
-            seconds, nfe = run_epoch(model, optimizers[name], train_x, train_y, order,
+            def forward(images, model=model):
+                return model(images), forward_nfe(model)
+
+            seconds, nfe = run_epoch(model, forward, optimizers[name], train_x, train_y, order,
                                      args.batch_size)
-            accuracy = test_accuracy(model, test_x, test_y)
+            accuracy = test_accuracy(model, forward, test_x, test_y)
             rows[name].append((seconds, nfe, accuracy))
             print(f"epoch {epoch + 1} {name}: {seconds:.1f} s, forward NFE {nfe:.1f}, "
                   f"test accuracy {accuracy:.4f}", flush=True)

@@ -23,16 +23,15 @@ solver's step count per batch) and writes benchmarks/results/mnist_torchdeq.md.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import equilibria as eq
 from equilibria.data import load_mnist, normalize_images
 from equilibria.models.mnist import SeedCell
+from side_by_side import run_epoch, test_accuracy
 
 RESULTS = Path(__file__).parent / "results" / "mnist_torchdeq.md"
 
@@ -77,30 +76,6 @@ class TorchDEQSeed(nn.Module):
         return self.head(z_out[-1]), float(torch.as_tensor(info["nstep"]).double().mean())
 
 
-def run_epoch(model, optimizer, images, labels, order, batch_size) -> tuple[float, float]:
-    model.train()
-    started, nfe, batches = time.perf_counter(), 0.0, 0
-    for start in range(0, order.numel(), batch_size):
-        index = order[start : start + batch_size]
-        logits, batch_nfe = model(images[index])
-        loss = F.cross_entropy(logits, labels[index])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        nfe, batches = nfe + batch_nfe, batches + 1
-    return time.perf_counter() - started, nfe / max(batches, 1)
-
-
-@torch.no_grad()
-def test_accuracy(model, images, labels) -> float:
-    model.eval()
-    correct = 0
-    for start in range(0, images.shape[0], 500):
-        logits, _ = model(images[start : start + 500])
-        correct += int((logits.argmax(1) == labels[start : start + 500]).sum())
-    return correct / images.shape[0]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=2)
@@ -138,8 +113,8 @@ def main() -> None:
     for epoch in range(args.epochs):
         order = torch.randperm(train_x.shape[0], generator=torch.Generator().manual_seed(epoch))
         for name, model in models.items():
-            seconds, nfe = run_epoch(model, optimizers[name], train_x, train_y, order, 128)
-            accuracy = test_accuracy(model, test_x, test_y)
+            seconds, nfe = run_epoch(model, model, optimizers[name], train_x, train_y, order, 128)
+            accuracy = test_accuracy(model, model, test_x, test_y)
             rows[name].append((seconds, nfe, accuracy))
             print(
                 f"epoch {epoch + 1} {name}: {seconds:.1f} s, forward NFE {nfe:.1f}, "
