@@ -254,3 +254,18 @@ def test_correction_loss_weights_states_towards_the_fixed_point():
         eq.correction_loss(loss, states, target, weights=(1, 2))
     with pytest.raises(ValueError, match="states must be a non-empty list"):
         eq.correction_loss(loss, [], target)
+
+
+@pytest.mark.parametrize("solver", [eq.SteadyState(eq.Tsit5()), eq.SteadyState(), eq.Broyden()],
+                         ids=["steady-tsit5", "steady-implicit", "broyden"])
+def test_kept_states_with_solvers_that_report_stats_or_reject_trials(solver):
+    """keep_steps alongside a solver's own per-sample stats (SteadyState's t): the stats'
+    bookkeeping once overwrote the list of kept states."""
+    z0 = torch.zeros(3, 2, dtype=torch.float64)
+    solution = eq.fixed_point(lambda z: 0.5 * z + 1, z0, solver=solver, keep_steps=(1, 2),
+                              max_steps=50, atol=1e-10, rtol=1e-10)
+    kept = solution.stats["kept"]
+    assert isinstance(kept, list) and len(kept) == 2
+    assert all(state.shape == z0.shape for state in kept)
+    residuals = [float((0.5 * s + 1 - s).abs().max()) for s in (z0, *kept)]
+    assert residuals[0] >= residuals[1] >= residuals[2]

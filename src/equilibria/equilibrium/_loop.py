@@ -511,8 +511,8 @@ def fixed_point(
         nfe = _put(nfe, rows, _take(nfe, rows) + (running if one else running * step_nfe))
         for key in solver.stat_keys:
             value = state[key].detach().to(residual0.dtype)
-            kept = torch.where(running, value, _take(extra[key], rows))
-            extra[key] = _put(extra[key], rows, kept)
+            merged = torch.where(running, value, _take(extra[key], rows))
+            extra[key] = _put(extra[key], rows, merged)
         still_running = step_status == int(Status.MAX_STEPS)
         active = _put(active, rows, still_running)
         if residual_trace is not None:
