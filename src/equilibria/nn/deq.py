@@ -358,14 +358,14 @@ class DEQ(nn.Module):
         token = object()  # this call: per-call state inside f (dropout masks) keys on it
         with call_scope(token), SolveScope(self.f_module) as scope:
             z_star, solution, states = self._solve(f, start, x, settings, scope, token)
-        solution = Solution(
-            value=solution.value.detach(), status=solution.status,
-            stats=dict(solution.stats), trace=solution.trace,
-        )
-        if self.spectral_radius_iters:
-            solution.stats["spectral_radius"] = spectral_radius(
-                f, solution.value, x, n_iters=self.spectral_radius_iters
+            solution = Solution(
+                value=solution.value.detach(), status=solution.status,
+                stats=dict(solution.stats), trace=solution.trace,
             )
+            if self.spectral_radius_iters:  # in the call: the same dropout masks and weights
+                solution.stats["spectral_radius"] = spectral_radius(
+                    f, solution.value, x, n_iters=self.spectral_radius_iters
+                )
         if prediction is not None:
             self._skip_pair = (prediction, solution.value)
         if structure is not None:
