@@ -122,9 +122,15 @@ def train_classifier(
         torch.set_num_threads(config.threads)
     context = setup_distributed(config.device)
     try:
-        return _train(config, resume, on_step, log if context.is_main else _silent, context)
-    finally:
-        teardown_distributed(context)
+        result = _train(config, resume, on_step, log if context.is_main else _silent, context)
+    except AgreedStop:  # every rank stopped at the same boundary: they can still meet
+        teardown_distributed(context, finished=True)
+        raise
+    except BaseException:
+        teardown_distributed(context, finished=False)
+        raise
+    teardown_distributed(context, finished=True)
+    return result
 
 
 def _silent(_: str) -> None:
