@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -33,6 +34,68 @@ def _layouts(m: int, regularization: float) -> tuple[NormLayout, ...]:
 
 def _row_norms(flat: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     return torch.linalg.vector_norm(flat, dim=1, out=out)
+
+
+class _RecordViews(NamedTuple):
+    """The views of the state's buffers that recording a step into `slot` (with `count`
+    valid slots after it) writes and reads."""
+
+    f: torch.Tensor  # the slot's f and g, (batch, n)
+    g: torch.Tensor
+    g_row: torch.Tensor  # g as (batch, 1, n)
+    g_columns: torch.Tensor  # the valid slots' g, (batch, n, count)
+    scale: torch.Tensor  # the Gram row's scale, (batch, 1, count)
+    kkt_row: torch.Tensor  # the slot's Gram row and column, both (batch, 1, count)
+    kkt_column: torch.Tensor
+    diagonal: torch.Tensor  # the valid slots' Gram diagonal, (batch, count)
+    norms_g: torch.Tensor  # norms[:, :count] and norms[:, m]
+    norms_z: torch.Tensor
+
+
+class _MixViews(NamedTuple):
+    """The bordered system, right-hand side and history rows of a mixing over `count`
+    valid slots."""
+
+    system: torch.Tensor
+    rhs: torch.Tensor
+    rows: torch.Tensor
+
+
+def _cached_views(state: State, key: tuple[str, int, int]) -> _RecordViews | _MixViews:
+    """The views one step makes of the state's buffers, made once per (kind, slot, count).
+
+    At batch 1 a step's arithmetic costs about as much as making its ~20 views (1-3 us
+    each, mostly Python indexing), so they are kept on the history tensor, with the
+    buffers they view: a new history (after compaction) or a new Gram buffer gets new ones.
+    """
+    history, kkt, norms = state["history"], state["kkt"], state["norms"]
+    cache = getattr(history, "_equilibria_views", None)
+    if cache is None or cache[0] is not kkt or cache[1] is not norms:
+        cache = (kkt, norms, {})
+        history._equilibria_views = cache  # type: ignore[attr-defined]
+    views = cache[2].get(key)
+    if views is None:
+        kind, slot, count = key
+        batch, m = history.shape[0], history.shape[1]
+        if kind == "mix":
+            # [alpha_i, (beta - 1) alpha_i] weigh the interleaved [f_i, g_i] rows; with
+            # beta = 1 the f_i alone.
+            rows = (history[:, :count, 0] if state["rhs"].shape[2] == 1
+                    else history[:, :count].reshape(batch, 2 * count, -1))
+            views = _MixViews(kkt[:, : count + 1, : count + 1],
+                              state["rhs"][:, : count + 1], rows)
+        else:
+            g = history[:, slot, 1]
+            views = _RecordViews(
+                f=history[:, slot, 0], g=g, g_row=g.unsqueeze(1),
+                g_columns=history[:, :count, 1].transpose(1, 2),
+                scale=state["row_scale"][:, slot : slot + 1, :count],
+                kkt_row=kkt[:, slot + 1 : slot + 2, 1 : count + 1],
+                kkt_column=kkt[:, 1 : count + 1, slot + 1].unsqueeze(1),
+                diagonal=kkt.diagonal(dim1=1, dim2=2)[:, 1 : count + 1],
+                norms_g=norms[:, :count], norms_z=norms[:, m])
+        cache[2][key] = views
+    return views
 
 
 @dataclass(frozen=True)
@@ -140,7 +203,20 @@ class Anderson(FixedPointSolver):
         column, and the norms; return the new state."""
         batch = z.shape[0]
         history, kkt, norms = state["history"], state["kkt"], state["norms"]
-        z_flat, f_flat = z.reshape(batch, -1), fz.reshape(batch, -1)
+        z_flat = z if z.dim() == 2 else z.reshape(batch, -1)
+        f_flat = fz if fz.dim() == 2 else fz.reshape(batch, -1)
+        if mutable(z, fz, history, kkt) and not torch.compiler.is_compiling():
+            v = _cached_views(state, ("record", slot, count))
+            v.f.copy_(f_flat)
+            torch.sub(f_flat, z_flat, out=v.g)
+            row = torch.bmm(v.g_row, v.g_columns)
+            # The regularised diagonal entry is written with the row, by one multiply.
+            torch.mul(row, v.scale, out=v.kkt_row)
+            torch.mul(row, v.scale, out=v.kkt_column)
+            torch.sqrt(v.diagonal, out=v.norms_g)
+            _row_norms(z_flat if not z_flat.requires_grad else z_flat.detach(), out=v.norms_z)
+            return {"z": z, "fz": fz, "history": history, "kkt": kkt, "norms": norms,
+                    "rhs": state["rhs"], "row_scale": state["row_scale"]}
         in_place = mutable(z, fz, history, kkt)
         if in_place:
             history[:, slot, 0].copy_(f_flat)
@@ -151,7 +227,6 @@ class Anderson(FixedPointSolver):
             history = history.index_copy(1, torch.tensor([slot], device=z.device), pair)
         # Only the new residual's row of G G^T changes: O(m n) instead of O(m^2 n).
         row = torch.bmm(g.unsqueeze(1), history[:, :count, 1].transpose(1, 2))
-        # The regularised diagonal entry is written with the row, by one multiply.
         scale = state["row_scale"][:, slot : slot + 1, :count]
         if in_place:
             write_into(kkt[:, slot + 1 : slot + 2, 1 : count + 1], torch.mul, row, scale)
@@ -187,15 +262,21 @@ class Anderson(FixedPointSolver):
         system failed takes the damped Picard step instead."""
         batch = z.shape[0]
         kkt, rhs, history = state["kkt"], state["rhs"], state["history"]
-        solution, info = torch.linalg.solve_ex(kkt[:, : count + 1, : count + 1],
-                                               rhs[:, : count + 1], check_errors=False)
+        fast = not torch.compiler.is_compiling() and mutable(history, kkt)
+        views = _cached_views(state, ("mix", 0, count)) if fast else None
+        if views is not None:
+            solution, info = torch.linalg.solve_ex(views.system, views.rhs, check_errors=False)
+        else:
+            solution, info = torch.linalg.solve_ex(kkt[:, : count + 1, : count + 1],
+                                                   rhs[:, : count + 1], check_errors=False)
         ok = None
         # On CPU a host read is free: one reduction over every coefficient tells whether all
         # samples solved (a NaN or inf anywhere makes the sum non-finite; a singular system,
         # info > 0, divides by its zero pivot, so its solution is non-finite too). Elsewhere,
         # and in a captured region, the per-sample mask costs no host read.
         eager_cpu = z.device.type == "cpu" and not torch.compiler.is_compiling()
-        if not (eager_cpu and math.isfinite(float(solution.detach().sum()))):
+        check = solution.detach() if solution.requires_grad else solution
+        if not (eager_cpu and math.isfinite(float(check.sum()))):
             ok = torch.isfinite(solution).all(dim=2).all(dim=1) & (info == 0)
             if solution.requires_grad:
                 # The failed systems' NaNs sit in the recorded graph, and torch.where's zero
@@ -209,7 +290,9 @@ class Anderson(FixedPointSolver):
         # Drop mu; [alpha_i, (beta - 1) alpha_i] interleaved as the history's [f_i, g_i] rows.
         columns = solution.shape[2]
         weights = solution[:, 1:].reshape(batch, 1, count * columns)
-        if columns == 1:
+        if views is not None:
+            rows = views.rows
+        elif columns == 1:
             rows = history[:, :count, 0]
         else:
             rows = history[:, :count].reshape(batch, 2 * count, -1)

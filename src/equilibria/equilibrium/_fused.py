@@ -89,6 +89,7 @@ class FusedTest:
     def __init__(self, atol: float, rtol: float, inverse_sqrt: float) -> None:
         self.atol, self.rtol, self.inverse_sqrt = atol, rtol, inverse_sqrt
         self.weights: dict[tuple[int, bool, int], torch.Tensor] = {}
+        self.columns: dict[int, BestColumn] = {}
         self.bias_previous = self.bias_best = self.base = None
         # The minimum margin of the last test: finite exactly when every running row's
         # residual and tolerance were finite (then the slow path skips its overflow checks).
@@ -122,6 +123,15 @@ class FusedTest:
                 weights[layout.previous, 1] = scale
             self.weights[key] = weights
         return weights
+
+    def best_column(self, layout: NormLayout) -> BestColumn:
+        """The column of `layout` that holds the running rows' best residual (one object
+        per layout: made once, not every step)."""
+        column = self.columns.get(id(layout))
+        if column is None:
+            column = self.columns[id(layout)] = BestColumn(layout.residual,
+                                                           layout.residual_scale)
+        return column
 
     def passes(self, norms: torch.Tensor, layout: NormLayout, previous: bool) -> bool:
         bias = self.bias_previous if previous else self.bias_best

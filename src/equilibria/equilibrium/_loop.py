@@ -108,7 +108,21 @@ def _bind(f: Callable, x: Any, base: torch.Tensor | None = None) -> Callable[...
     its first call instead of a wrong-dtype result or a raw error from inside a solver."""
 
     def fn(z: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        full = base if rows is None else (rows if base is None else base.index_select(0, rows))
+        if rows is None:
+            token = _ROWS.set(base)
+            try:
+                out = f(z) if x is None else f(z, x)
+            finally:
+                _ROWS.reset(token)
+            if (
+                out.__class__ is not torch.Tensor and not isinstance(out, torch.Tensor)
+                or out.shape != z.shape
+                or out.dtype != z.dtype
+                or out.device != z.device
+            ):
+                _bad_output(out, z)
+            return out
+        full = rows if base is None else base.index_select(0, rows)
         token = _ROWS.set(full)
         try:
             out = f(z) if x is None else f(z, _select_rows(x, rows))
@@ -375,24 +389,26 @@ def fixed_point(
         capture = None
     eager_steps = max_steps if capture is None else min(max_steps, solver.warmup)
     finished = False
+    # The map on the state's rows: made again only when compaction changes them.
+    bound = _bind(f, x_rows, rows)
     for step_index in range(eager_steps if state is not None else 0):
-        state, step_nfe = solver.step(_bind(f, x_rows, rows), state, step_index)
+        state, step_nfe = solver.step(bound, state, step_index)
         z, fz = state["z"], state["fz"]
         layout = solver.norm_layout(step_index) if fused is not None else None
         checked = False  # whether the fused test ran on this step's norms
-        if layout is not None and isinstance(step_nfe, int):
+        if layout is not None and step_nfe.__class__ is int:
             checked = True
             norms = state["norms"]
             use_previous = best_in_norms is not None and layout.previous is not None
             if fused.passes(norms, layout, use_previous):
                 # No sample stops this step and every running one improved.
                 if running_local is None:
-                    best_value = _put(best_value, rows, z)
+                    best_value = z if rows is None else best_value.index_copy(0, rows, z)
                 else:
                     keep = expand_as_batch(running_local, z)
                     best_value = _put(best_value, rows,
                                       torch.where(keep, z, _take(best_value, rows)))
-                best_in_norms = BestColumn(layout.residual, layout.residual_scale)
+                best_in_norms = fused.best_column(layout)
                 if layout.previous is None:  # the solver will not keep it: store it now
                     best_residual = _put(best_residual, rows, fused.merge(
                         best_in_norms.read(norms, inverse_sqrt, residual0.dtype), running_local,
@@ -539,6 +555,7 @@ def fixed_point(
                     keep = still_running.nonzero().flatten()
                 rows = keep if rows is None else rows.index_select(0, keep)
                 x_rows = _select_rows(x, rows)
+                bound = _bind(f, x_rows, rows)
                 state = {key: value.index_select(0, keep) for key, value in state.items()}
                 all_running, running_local = True, None
             if fused is not None:
