@@ -57,7 +57,9 @@ def row_norm(flat: torch.Tensor) -> torch.Tensor:
     ):
         return torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64).to(flat.dtype)
     norm = torch.linalg.vector_norm(flat, dim=1)
-    if norm.numel() and out_of_range(norm):
+    # An all-zero tensor (a zero first iterate, the usual one) has exact zero norms: one
+    # `any` instead of the dozen masked ops of the rescaling.
+    if norm.numel() and out_of_range(norm) and bool(flat.detach().any()):
         norm = _rescaled(flat, norm)
     return norm
 
