@@ -10,8 +10,9 @@ import torch
 from .._checks import check_batched_state, check_positive_int, check_tolerances
 from .._solution import Solution
 from ..ode import Dopri5, ImplicitRK, RungeKutta, odeint
-from ..ode._adjoint import Adjoint, Backprop, odeint_adjoint
+from ..ode._adjoint import Adjoint, Backprop
 from ..ode._inputs import _api, check_args, check_t_eval
+from ..ode._odeint_adjoint import odeint_adjoint
 
 
 def _check_t_span(t_span: object) -> None:
