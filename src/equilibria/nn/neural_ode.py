@@ -43,8 +43,10 @@ class NeuralODE(torch.nn.Module):
         t_span: (t0, t1): floats, or tensors that require grad to learn the time span
             (with gradient=Adjoint(); Backprop refuses them rather than drop the gradient).
         solver: solver object (default Dopri5()).
-        gradient: Adjoint() (continuous adjoint, memory independent of the number of steps)
-            or Backprop() (autograd through the steps).
+        gradient: Adjoint() (an adjoint backward: continuous, with memory independent of the
+            number of steps, for explicit solvers; checkpointed, replaying the forward's
+            steps, for implicit solvers and events: see equilibria.ode.Adjoint) or
+            Backprop() (autograd through the steps).
         rtol, atol, max_steps: as in odeint.
         t_eval: optional times; forward then returns (len(t_eval), batch, ...).
         throw: raise EquilibriaError when a sample fails in the forward solve.
