@@ -9,9 +9,10 @@ import torch
 
 from .._checks import check_batched_state, check_positive_int, check_tolerances
 from .._solution import Solution
-from ..ode import Dopri5, ImplicitRK, RungeKutta, odeint
-from ..ode._adjoint import Adjoint, Backprop, odeint_adjoint
+from ..ode import Dopri5, Event, ImplicitRK, RungeKutta, odeint
+from ..ode._adjoint import Adjoint, Backprop
 from ..ode._inputs import _api, check_args, check_t_eval
+from ..ode._odeint_adjoint import odeint_adjoint
 
 
 def _check_t_span(t_span: object) -> None:
@@ -42,11 +43,18 @@ class NeuralODE(torch.nn.Module):
         t_span: (t0, t1): floats, or tensors that require grad to learn the time span
             (with gradient=Adjoint(); Backprop refuses them rather than drop the gradient).
         solver: solver object (default Dopri5()).
-        gradient: Adjoint() (continuous adjoint, memory independent of the number of steps)
-            or Backprop() (autograd through the steps).
+        gradient: Adjoint() (an adjoint backward: continuous, with memory independent of the
+            number of steps, for explicit solvers; checkpointed, replaying the forward's
+            steps, for implicit solvers and events: see equilibria.ode.Adjoint) or
+            Backprop() (autograd through the steps).
         rtol, atol, max_steps: as in odeint.
         t_eval: optional times; forward then returns (len(t_eval), batch, ...).
         throw: raise EquilibriaError when a sample fails in the forward solve.
+        event: optional `Event(fn, direction, terminal)` (fn may be an nn.Module: its
+            parameters are trained too): a terminal event stops each sample at its own event
+            time, the output is the state there, and last_solution.stats["event_t"] holds the
+            differentiable event times (implicit function theorem; with Adjoint() the
+            checkpointed backward starts each sample at its event).
 
     Call it as ``node(y0)`` or, conditioned, ``node(y0, args=(x,))``: per-sample tensors with
     y0's batch in dim 0, passed as f_module(t, y, *args), sliced with y when finished samples
@@ -77,6 +85,7 @@ class NeuralODE(torch.nn.Module):
         t_eval: Sequence[float] | torch.Tensor | None = None,
         max_steps: int = 10_000,
         throw: bool = False,
+        event: Event | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(f_module, torch.nn.Module):
@@ -90,6 +99,11 @@ class NeuralODE(torch.nn.Module):
             )
         if not isinstance(gradient, (Adjoint, Backprop)):
             raise TypeError(f"gradient must be Adjoint() or Backprop(), got {gradient!r}.")
+        if event is not None and not isinstance(event, Event):
+            raise TypeError(
+                f"event must be an equilibria.ode.Event(fn, direction, terminal), got "
+                f"{type(event).__name__}; wrap a function as Event(fn)."
+            )
         check_tolerances(atol, rtol)
         check_positive_int("max_steps", max_steps)
         _check_t_span(t_span)
@@ -105,6 +119,10 @@ class NeuralODE(torch.nn.Module):
         self.t_eval = t_eval
         self.max_steps = max_steps
         self.throw = throw
+        self.event = event
+        # an event function with parameters is part of the model (optimizers, state_dict)
+        event_fn = getattr(event, "fn", None)
+        self.event_fn = event_fn if isinstance(event_fn, torch.nn.Module) else None
         self.last_solution: Solution | None = None
 
     def forward(
@@ -121,11 +139,11 @@ class NeuralODE(torch.nn.Module):
                 sol = odeint_adjoint(self.f_module, y0, self.t_span, solver=self.solver,
                                      rtol=self.rtol, atol=self.atol, t_eval=self.t_eval,
                                      max_steps=self.max_steps, gradient=self.gradient,
-                                     args=args)
+                                     args=args, event=self.event)
             else:
                 sol = odeint(self.f_module, y0, self.t_span, solver=self.solver,
                              rtol=self.rtol, atol=self.atol, t_eval=self.t_eval,
-                             max_steps=self.max_steps, args=args)
+                             max_steps=self.max_steps, args=args, event=self.event)
         self.last_solution = sol
         if self.throw:
             sol.raise_if_failed("NeuralODE")

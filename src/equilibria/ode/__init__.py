@@ -10,7 +10,6 @@ from ._adjoint import Adjoint as Adjoint
 from ._adjoint import AdjointTrajectory as AdjointTrajectory
 from ._adjoint import Backprop as Backprop
 from ._adjoint import adjoint_trajectory as adjoint_trajectory
-from ._adjoint import odeint_adjoint as odeint_adjoint
 from ._controller import PIController as PIController
 from ._esdirk_tableau import ESDIRKTableau as ESDIRKTableau
 from ._events import Event as Event
@@ -20,6 +19,7 @@ from ._implicit import Kvaerno5 as Kvaerno5
 from ._implicit import Newton as Newton
 from ._implicit import esdirk_stages as esdirk_stages
 from ._integrate import odeint as odeint
+from ._odeint_adjoint import odeint_adjoint as odeint_adjoint
 from ._rk import rk_step as rk_step
 from ._solvers import RK4 as RK4
 from ._solvers import Bosh3 as Bosh3

@@ -35,15 +35,16 @@ from dataclasses import dataclass
 import torch
 
 from .._autocast import autocast_context, autocast_dtype
-from .._checks import check_batched_state, check_positive, check_positive_int, rms_norm
+from .._checks import check_positive, check_positive_int, rms_norm
 from .._solution import Solution
 from ._adjoint_rows import per_sample_trajectory
+from ._adjoint_time import time_span_gradient
 from ._implicit import ImplicitRK
-from ._inputs import _api, check_args
+from ._inputs import _api
 from ._integrate import odeint
 from ._solvers import RungeKutta, Tsit5
 
-__all__ = ["Adjoint", "AdjointTrajectory", "Backprop", "adjoint_trajectory", "odeint_adjoint"]
+__all__ = ["Adjoint", "AdjointFunction", "AdjointTrajectory", "Backprop", "adjoint_trajectory"]
 
 
 @dataclass(frozen=True)
@@ -58,19 +59,45 @@ class Backprop:
 
 @dataclass(frozen=True)
 class Adjoint:
-    """Gradients by the continuous adjoint (Chen et al. 2018): O(1) memory in the steps.
+    """Gradients by an adjoint backward pass instead of a graph through every step.
+
+    Two backwards, chosen by `checkpoints`:
+
+    - continuous (Chen et al. 2018): y and the costate a are integrated together from t1
+      back to t0 with a fresh odeint; O(1) memory in the steps. Integrating y backwards is
+      unstable for stiff fields (its decaying modes grow), so this backward fails there.
+    - checkpointed (see `_adjoint_checkpoint`): the forward keeps each accepted step's start
+      (t, y) per sample (O(steps x state) memory, no graph); the backward replays the steps
+      from the last to the first, one step's graph at a time, and pulls a back through each
+      (through an implicit step by (I - dt gamma J)^-T). y is never integrated backwards, so
+      it works on stiff problems; the gradient is that of the steps taken (as Backprop's),
+      each sample's from its own steps, starting where the sample stopped (t1 or its event).
 
     Arguments:
-        rtol, atol: tolerances of the backward solve (default: the forward's).
-        solver: solver of the backward solve (default: the forward's).
-        max_steps: step bound of the backward solve (default: the forward's).
-        seminorm: step control of the backward solve on y and a only, not on the parameter
-            integrals (fewer steps; Kidger et al. 2021). False: the full norm.
-        per_sample: integrate the backward system per sample, each on its own steps, so
-            that a sample's gradient does not depend on its batch-mates (see
+        checkpoints: True: the checkpointed backward; False: the continuous one; None
+            (default): checkpointed when the forward solver is implicit (Kvaerno3/5: a stiff
+            problem), when odeint_adjoint has an `event`, or a per-sample (batch, n) t_eval,
+            continuous otherwise.
+        rtol, atol: tolerances of the continuous backward solve (default: the forward's).
+        solver: solver of the continuous backward solve (default: the forward's).
+        max_steps: step bound of the continuous backward solve (default: the forward's).
+        seminorm: step control of the continuous backward solve on y and a only, not on the
+            parameter integrals (fewer steps; Kidger et al. 2021). False: the full norm.
+        per_sample: integrate the continuous backward system per sample, each on its own
+            steps, so that a sample's gradient does not depend on its batch-mates (see
             `_adjoint_rows`; f must then be an nn.Module when it has parameters; memory
             batch x n_params for the per-sample parameter gradients). False (default): the
-            batch as one system with one shared step size.
+            batch as one system with one shared step size. (The checkpointed backward is
+            per sample by construction.)
+
+    rtol, atol, solver, max_steps and seminorm configure the continuous backward's solve; the
+    checkpointed backward has none (it replays the forward's steps), so giving them with
+    checkpoints=True is refused, and with the automatic choice odeint_adjoint refuses them
+    when it picks the checkpointed backward.
+
+    Raises:
+        TypeError / ValueError: a field of the wrong type or out of range, or continuous-solve
+            options with checkpoints=True.
     """
 
     rtol: float | None = None
@@ -79,6 +106,7 @@ class Adjoint:
     max_steps: int | None = None
     seminorm: bool = True
     per_sample: bool = False
+    checkpoints: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("rtol", "atol"):
@@ -92,6 +120,23 @@ class Adjoint:
             raise TypeError(f"Adjoint.seminorm must be a bool, got {self.seminorm!r}.")
         if not isinstance(self.per_sample, bool):
             raise TypeError(f"Adjoint.per_sample must be a bool, got {self.per_sample!r}.")
+        if self.checkpoints is not None and not isinstance(self.checkpoints, bool):
+            raise TypeError(
+                f"Adjoint.checkpoints must be True, False or None (automatic), got "
+                f"{self.checkpoints!r}."
+            )
+        if self.checkpoints is True and self.continuous_options():
+            raise ValueError(
+                f"Adjoint(checkpoints=True) replays the forward's steps and has no backward "
+                f"solve of its own, so {', '.join(self.continuous_options())} would be "
+                "ignored: drop them, or use checkpoints=False for the continuous backward."
+            )
+
+    def continuous_options(self) -> list[str]:
+        """The options given that only the continuous backward's solve uses."""
+        given = [name for name in ("rtol", "atol", "solver", "max_steps")
+                 if getattr(self, name) is not None]
+        return given + ([] if self.seminorm else ["seminorm=False"])
 
 
 @dataclass
@@ -226,7 +271,7 @@ def adjoint_trajectory(
     return AdjointTrajectory(torch.stack(ys), torch.stack(as_), a_params, sol)
 
 
-class _AdjointFunction(torch.autograd.Function):
+class AdjointFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, config, y0, t_pair, *inputs):
         # t_pair: (2,) float64 tensor of (t0, t1) when the time span is differentiated, else
@@ -302,7 +347,7 @@ class _AdjointFunction(torch.autograd.Function):
                 backward_status = failed[0]
         grad_t = None
         if ctx.t_pair and ctx.needs_input_grad[2]:
-            grad_t, extra_nfe = _time_span_gradient(f, value, y0, grad_value, a, t0, t1,
+            grad_t, extra_nfe = time_span_gradient(f, value, y0, grad_value, a, t0, t1,
                                                     t_grid is not None, args)
             nfe += extra_nfe
         stats_out["adjoint_nfe"] = nfe
@@ -314,103 +359,4 @@ class _AdjointFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_value):
         with autocast_context(*ctx.autocast):
-            return _AdjointFunction._backward(ctx, grad_value)
-
-
-def _time_span_gradient(f, value, y0, grad_value, a0, t0: float, t1: float,
-                        has_grid: bool, args=()) -> tuple[torch.Tensor, int]:
-    """(dL/dt0, dL/dt1) as a (2,) float64 tensor, and the evaluations of f it took.
-
-    Moving t1 moves the returned state y(t1) along the flow: dL/dt1 = g . f(t1, y(t1)). With
-    t_eval the returned states sit at fixed times that t1 only bounds, so dL/dt1 = 0. Moving
-    t0 with y0 fixed shifts the whole trajectory: dy(t)/dt0 = -Phi(t, t0) f(t0, y0), so
-    dL/dt0 = -a(t0) . f(t0, y0) with a(t0) = dL/dy0.
-    """
-    batch = y0.shape[0]
-    with torch.no_grad():
-        def rate(t: float, y: torch.Tensor) -> torch.Tensor:
-            return f(torch.full((batch,) + (1,) * (y.dim() - 1), t, dtype=y.dtype,
-                                device=y.device), y, *(x.detach() for x in args))
-
-        grad_t0 = -(a0 * rate(t0, y0)).sum()
-        grad_t1 = torch.zeros_like(grad_t0) if has_grid else (grad_value * rate(t1, value)).sum()
-    grad = torch.stack([grad_t0, grad_t1]).to(torch.float64)
-    return grad, 1 if has_grid else 2
-
-
-def odeint_adjoint(
-    f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    y0: torch.Tensor,
-    t_span: tuple[float, float] = (0.0, 1.0),
-    solver: RungeKutta = Tsit5(),  # noqa: B008
-    rtol: float = 1e-6,
-    atol: float = 1e-8,
-    t_eval: Sequence[float] | torch.Tensor | None = None,
-    max_steps: int = 10_000,
-    dt0: float | None = None,
-    params: Sequence[torch.Tensor] | None = None,
-    gradient: Adjoint = Adjoint(),  # noqa: B008
-    args: tuple[torch.Tensor, ...] | torch.Tensor = (),
-) -> Solution:
-    """odeint whose value is differentiated by the continuous adjoint (O(1) memory).
-
-    Arguments:
-        f: vector field f(t, y, *args); an nn.Module's parameters are found automatically.
-        y0, t_span, solver, rtol, atol, t_eval, max_steps, dt0: as in odeint.
-        params: tensors to differentiate besides y0 (default: f.parameters() that require
-            grad when f is an nn.Module, else none).
-        gradient: the Adjoint options (backward tolerances, solver, step bound).
-        args: per-sample conditioning, tensors with y0's batch in dim 0, passed as
-            f(t, y, *args) and sliced with y when finished samples are dropped; those that
-            require grad are differentiated (their adjoint integral is per sample:
-            dL/dargs_b = int a_b^T df_b/dargs_b dt).
-
-    Returns:
-        Solution whose value is differentiable w.r.t. y0 and params, and w.r.t. t_span's
-        entries when they are tensors that require grad (e.g. a learned end time): dL/dt1 =
-        g . f(t1, y(t1)), dL/dt0 = -a(t0) . f(t0, y0) (dL/dt1 = 0 with t_eval, whose times are
-        fixed). After backward(), stats["adjoint_nfe"] holds the evaluations of the backward
-        solve and stats["adjoint_status"] its `Status` code (an int: the backward solves the
-        batch as one system; anything but SUCCESS means the gradients are not usable, e.g. a
-        stiff problem, whose state is unstable integrated backwards: use Backprop there).
-        Gradients are meaningful for samples whose status is SUCCESS (the backward starts
-        from t1).
-
-    Raises:
-        TypeError: when gradient is not an Adjoint; as odeint otherwise.
-        ValueError: args not tensors with y0's batch in dim 0; as odeint otherwise.
-    """
-    if not isinstance(gradient, Adjoint):
-        raise TypeError(f"gradient must be Adjoint(...), got {type(gradient).__name__}.")
-    check_batched_state("y0", y0)
-    args = check_args(args, y0, "odeint_adjoint")
-    if params is None:
-        params = (
-            tuple(p for p in f.parameters() if p.requires_grad)
-            if isinstance(f, torch.nn.Module)
-            else ()
-        )
-    params = tuple(params)
-    # the forward odeint inside the Function validates every argument
-    t_grid = None if t_eval is None else torch.as_tensor(t_eval, dtype=torch.float64)
-    if t_grid is not None and t_grid.dim() != 1:
-        raise ValueError(
-            f"odeint_adjoint takes a t_eval of shape (n,) shared by the batch, got "
-            f"{tuple(t_grid.shape)}; per-sample (batch, n) times need odeint (Backprop), "
-            "whose gradient follows each sample's own grid."
-        )
-    t_pair = None
-    if isinstance(t_span, (tuple, list)) and len(t_span) == 2:
-        if any(isinstance(t, torch.Tensor) and t.requires_grad for t in t_span):
-            t_pair = torch.stack([
-                t.reshape(()).to(torch.float64) if isinstance(t, torch.Tensor)
-                else torch.tensor(float(t), dtype=torch.float64)
-                for t in t_span
-            ])
-        t_span = tuple(float(t.detach()) if isinstance(t, torch.Tensor) else t for t in t_span)
-    stats: dict = {}
-    config = (f, t_span, t_grid, solver, rtol, atol, max_steps,
-              dt0, gradient, stats, len(params))
-    value = _AdjointFunction.apply(config, y0, t_pair, *params, *args)
-    status = stats.pop("status")
-    return Solution(value, status, stats)
+            return AdjointFunction._backward(ctx, grad_value)

@@ -22,6 +22,7 @@ from ._inputs import _API, _Field, call_terminate, check_inputs, check_t_eval
 from ._interp import dense_value
 from ._rk import rk_stages, time_like
 from ._solvers import RungeKutta, Tsit5
+from ._tape import record_step
 
 __all__ = ["odeint"]
 
@@ -71,6 +72,7 @@ def odeint(
     compact: bool = True,
     error_norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
     event: Event | None = None,
+    _tape: list | None = None,
 ) -> Solution:
     """Integrate dy/dt = f(t, y) from t_span[0] to t_span[1], every sample on its own steps.
 
@@ -118,6 +120,9 @@ def odeint(
             sample stops there with Status.EVENT (also inside the last step). With autograd
             recording, the event time and state carry their implicit-function-theorem
             derivative (Chen, Amos & Nickel 2021).
+        _tape: internal (odeint_adjoint's checkpointed backward): a list that receives one
+            `StepRecord` per step with an accepted row (its start state, times, event and
+            t_eval positions; no graph). One more host sync per step on CUDA.
 
     Returns:
         Solution with value (batch, ...) at t1 (or at each sample's stopping time), or
@@ -336,10 +341,14 @@ def odeint(
                     rows = crossed.nonzero().flatten()
                     records.append((idx.index_select(0, rows), t_event.index_select(0, rows)))
 
+        eval_before = next_i
         if out is not None:
             next_i = _fill_t_eval(out, grid, next_i, idx, accept, t, t_end, dt_step, direction,
                                   tab, y, y_new, stages, k_next, y_end)
 
+        if _tape is not None:
+            record_step(_tape, accept, idx, t, t_new, dt_step, y, stop,
+                        theta_event if stop is not None else None, eval_before, next_i)
         acc_rows = _rows(accept, y)
         y = torch.where(acc_rows, y_end, y)
         k1 = torch.where(acc_rows, k_next, k1)
