@@ -399,7 +399,7 @@ def test_device_path_without_host_syncs_gives_the_same_answer(solver, monkeypatc
     # On CUDA the loop never takes the CPU fast path and checks "all done?" every 4 steps
     # only. Run that path here on CPU: per-sample results must be identical (a sample is
     # frozen exactly when it passes, whatever the check cadence).
-    from equilibria.equilibrium import _loop
+    from equilibria.equilibrium import _book
 
     rates = torch.tensor([0.0, 0.1, 0.3, 0.6, 0.95], dtype=torch.float64)
     z0 = torch.ones(5, 3, dtype=torch.float64)
@@ -409,7 +409,7 @@ def test_device_path_without_host_syncs_gives_the_same_answer(solver, monkeypatc
 
     kwargs = dict(atol=1e-10, rtol=1e-10, max_steps=1000, trace=True)
     reference = eq.fixed_point(f, z0, rates, solver=solver, **kwargs)
-    monkeypatch.setattr(_loop, "_cheap_sync", lambda device: False)
+    monkeypatch.setattr(_book, "_cheap_sync", lambda device: False)
     for compact in (False, True):
         sol = eq.fixed_point(f, z0, rates, solver=solver, compact=compact, **kwargs)
         torch.testing.assert_close(sol.value, reference.value, atol=1e-13, rtol=0)

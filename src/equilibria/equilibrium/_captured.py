@@ -139,7 +139,7 @@ def _region(solver: FixedPointSolver, f: Any, x: Any, keys: tuple[str, ...],
         out = f(z) if x is None else f(z, x)
         if (not isinstance(out, torch.Tensor) or out.shape != z.shape
                 or out.dtype != z.dtype or out.device != z.device):
-            from ._loop import _bad_output
+            from ._inputs import _bad_output
 
             _bad_output(out, z)
         return out

@@ -52,7 +52,7 @@ class FixedPointSolver:
     Euclidean norms (detached) holding at least ||f(z) - z|| and ||z||, and say in
     `norm_layout(step_index)` which column is which. On CPU the loop then decides "no sample
     stops this step, every one improved" with one matrix product and one reduction over
-    them (see `_loop._FusedTest`), and a solver that also keeps the previous step's residual
+    them (see `_fused.FusedTest`), and a solver that also keeps the previous step's residual
     norm saves the loop a copy of the best residual per step. `uses_tolerance = False` tells
     the loop not to write "tolerance" (a solver without an inner iteration ignores it).
     """

@@ -54,7 +54,7 @@ from .._checks import (
     rms_norm,
 )
 from .._solution import Solution, Status
-from ..equilibrium._loop import _check_x
+from ..equilibrium._inputs import _check_x
 from ..equilibrium._solver import expand_as_batch
 from ._reversible_reverse import evaluate, forward_step, reverse_pass
 
