@@ -110,11 +110,13 @@ def test_exponential_decay_crossing_a_learned_threshold():
     assert abs(float(g_c) - expected_c) <= 1e-6 * abs(expected_c)
 
 
-@pytest.mark.parametrize("solver", [eq.Dopri5(), eq.Kvaerno5()], ids=["Dopri5", "Kvaerno5"])
+@pytest.mark.parametrize("solver", [eq.Dopri5(), eq.Dopri8(), eq.Kvaerno5()],
+                         ids=["Dopri5", "Dopri8", "Kvaerno5"])
 def test_event_gradients_agree_with_odeint_backprop(solver):
     """A nonlinear field, a terminal event on a combination of the state, args that require
     grad: the adjoint's gradients of the event time, the state there and t_eval values equal
-    odeint's Backprop gradients (the same steps; implicit: to Newton's tolerance)."""
+    odeint's Backprop gradients (the same steps; implicit: to Newton's tolerance; Dopri8: through
+    its extra dense-output stages, replayed on the steps that hold an event or t_eval point)."""
     field = MLPField(dim=3, hidden=8)
     gen = torch.Generator().manual_seed(2)
     y0 = torch.randn(4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -142,7 +144,7 @@ def test_event_gradients_agree_with_odeint_backprop(solver):
 
     g_adj = torch.autograd.grad(loss(adj), [y0, shift, *params])
     g_ref = torch.autograd.grad(loss(ref), [y0, shift, *params])
-    bound = 1e-12 if isinstance(solver, eq.Dopri5) else 1e-7
+    bound = 1e-7 if isinstance(solver, eq.Kvaerno5) else 1e-12
     for a, r in zip(g_adj, g_ref):
         assert float((a - r).norm() / r.norm()) < bound
 

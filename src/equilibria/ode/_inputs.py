@@ -58,6 +58,13 @@ class _Field:
     def select(self, rows: torch.Tensor) -> None:
         self.args = tuple(a.index_select(0, rows) for a in self.args)
 
+    def on_rows(self, rows: torch.Tensor) -> _Field:
+        """This field on a subset of the current rows (args sliced to them)."""
+        sub = _Field(self.f, self.args, self.batch)
+        sub.fix = self.fix
+        sub.select(rows)
+        return sub
+
     def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         compacted = y.shape[0] != self.batch
         try:

@@ -19,10 +19,11 @@ from ._controller import PIController, initial_step, scaled_error
 from ._events import Event, event_records, locate, state_at
 from ._implicit import ImplicitRK, esdirk_stages
 from ._inputs import _API, _Field, call_terminate, check_inputs, check_options, check_t_eval
+from ._interp import dense_stages
 from ._rk import rk_stages, time_like
 from ._solvers import RungeKutta, Tsit5
 from ._stopping import RUNNING, stop_statuses
-from ._t_eval import fill_t_eval, finish_t_eval, start_t_eval
+from ._t_eval import fill_t_eval, finish_t_eval, points_inside, start_t_eval
 from ._tape import record_step
 
 __all__ = ["odeint"]
@@ -73,7 +74,9 @@ def odeint(
     fail has its step rejected and retried with 0.3 dt. Fixed-step
     methods take steps of dt0 (or (t1 - t0)/n_steps); the last step is shortened to land on t1.
     With t_eval, values at those times come from dense output (Dopri5/Tsit5: their own
-    4th-order interpolants; others: cubic Hermite), so t_eval does not change the steps.
+    4th-order interpolants; Dopri8: 7th order, on 5 extra evaluations of f on the steps
+    that hold a t_eval point or an event; others: cubic Hermite), so t_eval does not change
+    the steps.
 
     Arguments:
         f: vector field f(t, y, *args) -> dy/dt; t has shape (batch, 1, ..., 1) (each
@@ -291,12 +294,24 @@ def odeint(
 
         stop = None  # rows whose terminal event lies inside this accepted step
         t_end, y_end = t_new, y_new
+        crossed = torch.zeros_like(accept)
         if event is not None:
             with torch.no_grad():
                 g_new = event.value(t_new, y_new, field.args)
                 g_start = g_old
                 crossed = accept & event.crosses(g_start, g_new)
                 g_old = torch.where(accept, g_new, g_old)
+        if tab.dense_stages:
+            # extra stages of the dense output (Dopri8) only where a value strictly inside
+            # the step is needed (a t_eval point at the step's end is y_new itself)
+            need = crossed
+            if out is not None:
+                inside, pos = points_inside(grid, next_i, idx, accept, t_new, direction)
+                need = need | (inside & (grid[idx, pos] != t_new))
+            if bool(need.any()):
+                stages, extra = dense_stages(field, tab, t, dt_step, y, stages, need)
+                nfe += extra
+        if event is not None:
             if bool(crossed.any()):
                 theta_event = locate(event, field.args, tab, crossed, t, dt_step, y, y_new,
                                      stages, k_next, g_start, g_new)

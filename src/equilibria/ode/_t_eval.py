@@ -13,7 +13,7 @@ import torch
 
 from ._interp import dense_value
 
-__all__ = ["fill_t_eval", "finish_t_eval", "start_t_eval"]
+__all__ = ["fill_t_eval", "finish_t_eval", "points_inside", "start_t_eval"]
 
 
 def start_t_eval(t_grid: torch.Tensor, y0: torch.Tensor, t0: float):
@@ -27,6 +27,16 @@ def start_t_eval(t_grid: torch.Tensor, y0: torch.Tensor, t0: float):
     return out, grid, at_start.long()
 
 
+def points_inside(grid, next_i, idx, accept, t_end, direction):
+    """(rows,) bool: the accepted rows whose next t_eval point lies inside the step (up to
+    t_end); and the (rows,) position of that point (clamped to the grid)."""
+    n_eval = grid.shape[1]
+    with torch.no_grad():
+        pos = next_i.clamp_max(n_eval - 1)
+        inside = accept & (next_i < n_eval) & ((grid[idx, pos] - t_end) * direction <= 0)
+    return inside, pos
+
+
 def fill_t_eval(out, grid, next_i, idx, accept, t, t_end, dt_step, direction, tab, y, y_new,
                 stages, k_next, y_end):
     """Write the dense-output value at every t_eval point inside this accepted step, up to
@@ -36,16 +46,20 @@ def fill_t_eval(out, grid, next_i, idx, accept, t, t_end, dt_step, direction, ta
     n_eval = grid.shape[1]
     extra = (1,) * (y.dim() - 1)
     for _ in range(n_eval):
+        inside, pos = points_inside(grid, next_i, idx, accept, t_end, direction)
+        if not bool(inside.any()):
+            break
         with torch.no_grad():
-            pos = next_i.clamp_max(n_eval - 1)
             t_point = grid[idx, pos]
-            inside = accept & (next_i < n_eval) & ((t_point - t_end) * direction <= 0)
-            if not bool(inside.any()):
-                break
             safe_dt = torch.where(dt_step == 0, torch.ones_like(dt_step), dt_step)
             theta = ((t_point - t) / safe_dt).clamp(0.0, 1.0)
-        value = dense_value(tab, theta, dt_step, y, y_new, stages, k_next)
-        value = torch.where((t_point == t_end).reshape((-1,) + extra), y_end, value)
+        if tab.dense is not None and len(stages) < len(tab.dense):
+            # extra dense stages (Dopri8) are evaluated only for points strictly inside a
+            # step: without them, every point here is at the step's end
+            value = y_end
+        else:
+            value = dense_value(tab, theta, dt_step, y, y_new, stages, k_next)
+            value = torch.where((t_point == t_end).reshape((-1,) + extra), y_end, value)
         current = out[pos, idx]
         out[pos, idx] = torch.where(inside.reshape((-1,) + extra), value, current)
         next_i = next_i + inside
