@@ -12,7 +12,7 @@ from problems import MLPField, central_difference
 
 G = 9.81
 TIGHT = {"rtol": 1e-10, "atol": 1e-12}
-SOLVERS = [eq.Tsit5(), eq.Dopri5(), eq.Bosh3(), eq.Kvaerno5()]
+SOLVERS = [eq.Tsit5(), eq.Dopri5(), eq.Bosh3(), eq.Dopri8(), eq.Kvaerno5()]
 
 
 def _name(solver):

@@ -153,21 +153,24 @@ def test_t_eval_dense_output(solver):
         assert ours <= 2.0 * scipy_worst + 1.0, (ours, scipy_worst)
     else:
         assert float((sol.value - ref).abs().max()) < 2e-6  # RK4, dt = 0.02: error ~ dt^4
-    # t_eval does not change the steps, and the last point is the end state exactly
-    assert torch.equal(sol.stats["nfe"], plain.stats["nfe"])
+    # t_eval does not change the steps, and the last point is the end state exactly (Dopri8
+    # evaluates 5 extra dense-output stages on a step with t_eval points: tests/test_ode_dense)
+    assert torch.equal(sol.stats["n_steps"], plain.stats["n_steps"])
+    if not isinstance(solver, eq.Dopri8):
+        assert torch.equal(sol.stats["nfe"], plain.stats["nfe"])
     assert torch.equal(sol.value[-1], plain.value)
     assert torch.equal(sol.value[0], problem.initial())
 
 
 @pytest.mark.parametrize(
     ("solver", "order"),
-    [(eq.Dopri5(), 5), (eq.Tsit5(), 5), (eq.Bosh3(), 4), (eq.RK4(), 4), (eq.Dopri8(), 5)],
+    [(eq.Dopri5(), 5), (eq.Tsit5(), 5), (eq.Bosh3(), 4), (eq.RK4(), 4)],
     ids=lambda x: _name(x) if not isinstance(x, int) else str(x),
 )
 def test_dense_output_local_order(solver, order):
     """One step from the exact state: the interpolant's error at theta = 0.5 is O(dt^order)
-    (Dopri5/Tsit5: 4th-order interpolants, local error dt^5; Hermite: dt^4; Dopri8: the
-    continuous extension on its 14 stages, measured slope 5.7, far below its 8th order)."""
+    (Dopri5/Tsit5: 4th-order interpolants, local error dt^5; Hermite: dt^4; Dopri8's 7th
+    order: tests/test_ode_dense.py)."""
     problem = VAN_DER_POL
     errors = []
     for dt in (0.1, 0.05, 0.025):

@@ -8,6 +8,7 @@ import torch
 
 import equilibria as eq
 from equilibria.ode import ButcherTableau, rk_step
+from equilibria.ode._trees import density, elementary_weights, size, trees
 
 ALL = [eq.Euler(), eq.Midpoint(), eq.Heun(), eq.RK4(), eq.Bosh3(), eq.Dopri5(), eq.Tsit5()]
 
@@ -165,49 +166,13 @@ def test_float32_tensors_are_cached():
     assert math.isclose(float(first["b"].sum()), 1.0, rel_tol=1e-6)
 
 
-def _grow(tree):
-    """The rooted trees with one more node than `tree` (a tree: sorted tuple of subtrees)."""
-    out = {tuple(sorted(tree + ((),)))}
-    for i, child in enumerate(tree):
-        for grown in _grow(child):
-            out.add(tuple(sorted(tree[:i] + (grown,) + tree[i + 1 :])))
-    return out
-
-
-def _trees(order):
-    """All rooted trees with at most `order` nodes (1, 1, 2, 4, 9, 20, 48, 115, 286, ...)."""
-    level, every = {()}, [()]
-    for _ in range(order - 1):
-        level = set().union(*(_grow(t) for t in level))
-        every += sorted(level)
-    return every
-
-
-def _size(tree):
-    return 1 + sum(_size(u) for u in tree)
-
-
-def _density(tree):
-    value = _size(tree)
-    for u in tree:
-        value *= _density(u)
-    return value
-
-
-def _elementary_weights(tree, a):
-    w = np.ones(a.shape[0])
-    for u in tree:
-        w = w * (a @ _elementary_weights(u, a))
-    return w
-
-
 def _tree_residuals(b, a, order):
     """max |b . Phi(t) - 1/gamma(t)| over the rooted trees t with exactly k nodes, k <= order
     (Butcher's order conditions, generated rather than listed)."""
     worst = {}
-    for tree in _trees(order):
-        k = _size(tree)
-        residual = abs(b @ _elementary_weights(tree, a) - 1 / _density(tree))
+    for tree in trees(order):
+        k = size(tree)
+        residual = abs(b @ elementary_weights(tree, a) - 1 / density(tree))
         worst[k] = max(worst.get(k, 0.0), residual)
     return worst
 
@@ -215,7 +180,7 @@ def _tree_residuals(b, a, order):
 def test_tree_count_and_dopri8_order_conditions():
     """Dopri8: all 200 conditions of order <= 8 hold (to the rounding of its 10-digit
     rationals), some of order 9 fail; its embedded solution has order 7 exactly."""
-    assert len(_trees(9)) == 486
+    assert len(trees(9)) == 486
     tab = eq.Dopri8().tableau
     a, b = _matrix(tab), np.array(tab.b)
     worst = _tree_residuals(b, a, 9)

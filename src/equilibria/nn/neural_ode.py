@@ -31,6 +31,15 @@ def _check_t_span(t_span: object) -> None:
                 f"t_span must be finite, got {name} = {value!r}; pass e.g. t_span=(0.0, 1.0)."
             )
 
+
+def _grid_rows(t_eval: object) -> int | None:
+    """The batch a (batch, n) t_eval is for; None for a shared (n,) one."""
+    shape = getattr(t_eval, "shape", None)
+    if shape is None:
+        shape = torch.as_tensor(t_eval, dtype=torch.float64).shape
+    return int(shape[0]) if len(shape) == 2 else None
+
+
 __all__ = ["NeuralODE"]
 
 
@@ -48,7 +57,9 @@ class NeuralODE(torch.nn.Module):
             steps, for implicit solvers and events: see equilibria.ode.Adjoint) or
             Backprop() (autograd through the steps).
         rtol, atol, max_steps: as in odeint.
-        t_eval: optional times; forward then returns (len(t_eval), batch, ...).
+        t_eval: optional times: (n,) shared by the samples, or (batch, n), each sample its
+            own (e.g. irregular observation times); forward then returns (n, batch, ...).
+            `forward(..., t_eval=...)` overrides it for one call.
         throw: raise EquilibriaError when a sample fails in the forward solve.
         event: optional `Event(fn, direction, terminal)` (fn may be an nn.Module: its
             parameters are trained too): a terminal event stops each sample at its own event
@@ -56,7 +67,8 @@ class NeuralODE(torch.nn.Module):
             differentiable event times (implicit function theorem; with Adjoint() the
             checkpointed backward starts each sample at its event).
 
-    Call it as ``node(y0)`` or, conditioned, ``node(y0, args=(x,))``: per-sample tensors with
+    Call it as ``node(y0)``, ``node(y0, t_eval=times)`` or, conditioned,
+    ``node(y0, args=(x,))``: per-sample tensors with
     y0's batch in dim 0, passed as f_module(t, y, *args), sliced with y when finished samples
     are dropped, and differentiated with either gradient (a conditioning that comes from an
     encoder gets its gradient).
@@ -108,8 +120,9 @@ class NeuralODE(torch.nn.Module):
         check_positive_int("max_steps", max_steps)
         _check_t_span(t_span)
         if t_eval is not None:
-            # odeint's own check, run now so a bad grid fails at construction
-            check_t_eval(t_eval, *(float(t) for t in t_span))
+            # odeint's own check, run now so a bad grid fails at construction (a per-sample
+            # grid's batch is checked against y0's at the call)
+            check_t_eval(t_eval, *(float(t) for t in t_span), _grid_rows(t_eval))
         self.f_module = f_module
         self.t_span = t_span
         self.solver = solver
@@ -126,23 +139,37 @@ class NeuralODE(torch.nn.Module):
         self.last_solution: Solution | None = None
 
     def forward(
-        self, y0: torch.Tensor, args: tuple[torch.Tensor, ...] | torch.Tensor = ()
+        self,
+        y0: torch.Tensor,
+        args: tuple[torch.Tensor, ...] | torch.Tensor = (),
+        t_eval: Sequence[float] | torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """y0: (batch, ...) -> y(t1) (batch, ...), or (len(t_eval), batch, ...).
+        """y0: (batch, ...) -> y(t1) (batch, ...), or (n, batch, ...) with t_eval.
 
         args: per-sample conditioning (tensors with y0's batch in dim 0), passed as
-        f_module(t, y, *args)."""
+        f_module(t, y, *args). t_eval: this call's times, (n,) or (batch, n) (default: the
+        constructor's); value[i, b] is sample b at t_eval[i] or t_eval[b, i]. Either
+        gradient differentiates the values at per-sample times (Adjoint() through its
+        checkpointed backward).
+
+        Raises:
+            ValueError: t_eval not a monotone grid inside t_span, or a (rows, n) grid whose
+                rows are not y0's batch; as the constructor otherwise."""
         check_batched_state("y0", y0)
         args = check_args(args, y0, "NeuralODE")
+        if t_eval is None:
+            t_eval = self.t_eval
+        else:
+            check_t_eval(t_eval, *(float(t) for t in self.t_span), y0.shape[0])
         with _api("NeuralODE"):
             if isinstance(self.gradient, Adjoint):
                 sol = odeint_adjoint(self.f_module, y0, self.t_span, solver=self.solver,
-                                     rtol=self.rtol, atol=self.atol, t_eval=self.t_eval,
+                                     rtol=self.rtol, atol=self.atol, t_eval=t_eval,
                                      max_steps=self.max_steps, gradient=self.gradient,
                                      args=args, event=self.event)
             else:
                 sol = odeint(self.f_module, y0, self.t_span, solver=self.solver,
-                             rtol=self.rtol, atol=self.atol, t_eval=self.t_eval,
+                             rtol=self.rtol, atol=self.atol, t_eval=t_eval,
                              max_steps=self.max_steps, args=args, event=self.event)
         self.last_solution = sol
         if self.throw:

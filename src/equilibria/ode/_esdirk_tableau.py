@@ -103,6 +103,7 @@ class ESDIRKTableau:
     # What dense output and odeint read from any tableau: no continuous extension of its
     # own (cubic Hermite from y, k_1, y_new, k_s), an embedded pair, k_s = f(t + dt, y_new).
     dense = None
+    dense_stages = ()
     adaptive = True
     fsal = True
 

@@ -34,7 +34,7 @@ import torch
 from ._interp import dense_value
 from ._rk import _batch_view, time_like
 
-__all__ = ["Event"]
+__all__ = ["Event", "event_records"]
 
 # Illinois converges superlinearly; 200 iterations of a bracket that at worst halves every
 # other iteration reach any float64 width, so the bound never stops a converging search.
@@ -173,3 +173,21 @@ def state_at(event, field, tab, theta, t_event, dt, y, y_new, stages, k_next):
     t_out = t_star + shift
     y_out = y_star + rate * _batch_view(shift, y_star)
     return y_out, t_out, 1
+
+
+def event_records(records, batch, device) -> dict[str, torch.Tensor]:
+    """Non-terminal events, from odeint's (sample ids, times) records of each step:
+    n_events (batch,) int64 and event_times (batch, max count) float64, each row's times in
+    the order found, NaN-padded."""
+    counts = torch.zeros(batch, dtype=torch.int64, device=device)
+    rows = [r for r, _ in records]
+    times = [t for _, t in records]
+    for r in rows:
+        counts.index_add_(0, r, torch.ones_like(r))
+    width = int(counts.max()) if batch else 0
+    table = torch.full((batch, width), float("nan"), dtype=torch.float64, device=device)
+    filled = torch.zeros(batch, dtype=torch.int64, device=device)
+    for r, t in zip(rows, times):  # one record per sample per step, in time order
+        table[r, filled[r]] = t
+        filled[r] += 1
+    return {"n_events": counts, "event_times": table}

@@ -14,11 +14,13 @@ from typing import Any
 import torch
 
 from .._checks import check_batched_state, check_positive, check_positive_int, check_tolerances
+from ._controller import PIController
+from ._events import Event
 from ._implicit import ImplicitRK
 from ._rk import time_like
 from ._solvers import RungeKutta
 
-__all__ = ["check_args", "check_inputs", "check_t_eval"]
+__all__ = ["check_args", "check_event", "check_inputs", "check_options", "check_t_eval"]
 
 # Which public entry point runs this odeint (for error texts that name what it accepts).
 _API: contextvars.ContextVar[str] = contextvars.ContextVar("equilibria_ode_api",
@@ -55,6 +57,13 @@ class _Field:
 
     def select(self, rows: torch.Tensor) -> None:
         self.args = tuple(a.index_select(0, rows) for a in self.args)
+
+    def on_rows(self, rows: torch.Tensor) -> _Field:
+        """This field on a subset of the current rows (args sliced to them)."""
+        sub = _Field(self.f, self.args, self.batch)
+        sub.fix = self.fix
+        sub.select(rows)
+        return sub
 
     def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         compacted = y.shape[0] != self.batch
@@ -154,6 +163,35 @@ def check_t_eval(t_eval: Any, t0: float, t1: float, batch: int | None = None) ->
             f"towards t_span[1]){where}; sort each row."
         )
     return t_eval
+
+
+def check_event(event: Any) -> None:
+    """An Event or None.
+
+    Raises:
+        TypeError: anything else, with how to wrap a function.
+    """
+    if event is not None and not isinstance(event, Event):
+        raise TypeError(
+            f"event must be an equilibria.ode.Event(fn, direction, terminal), got "
+            f"{type(event).__name__}; wrap a function as Event(fn)."
+        )
+
+
+def check_options(controller: Any, event: Any, error_norm: Any) -> None:
+    """odeint's step-control and event options: a PIController, an Event or None, a callable
+    norm or None.
+
+    Raises:
+        TypeError: naming the option and what it must be.
+    """
+    if not isinstance(controller, PIController):
+        raise TypeError(f"controller must be a PIController, got {type(controller).__name__}.")
+    check_event(event)
+    if error_norm is not None and not callable(error_norm):
+        raise TypeError(
+            f"error_norm must be callable (rows, ...) -> (rows,), got {type(error_norm).__name__}."
+        )
 
 
 def check_inputs(f, y0, t_span, solver, rtol, atol, max_steps, dt0, n_steps, terminate, args):

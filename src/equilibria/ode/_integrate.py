@@ -16,32 +16,22 @@ import torch
 from .._autocast import outside_autocast
 from .._solution import Solution, Status
 from ._controller import PIController, initial_step, scaled_error
-from ._events import Event, locate, state_at
+from ._events import Event, event_records, locate, state_at
 from ._implicit import ImplicitRK, esdirk_stages
-from ._inputs import _API, _Field, call_terminate, check_inputs, check_t_eval
-from ._interp import dense_value
+from ._inputs import _API, _Field, call_terminate, check_inputs, check_options, check_t_eval
+from ._interp import dense_stages
 from ._rk import rk_stages, time_like
 from ._solvers import RungeKutta, Tsit5
+from ._stopping import RUNNING, stop_statuses
+from ._t_eval import fill_t_eval, finish_t_eval, points_inside, start_t_eval
 from ._tape import record_step
 
 __all__ = ["odeint"]
 
-_RUNNING = -1
 # Drop finished rows once at least this fraction of the batch still runs no more: a
 # compaction costs a few index_selects of the state, far less than evaluating f on rows
 # that no longer change, so it pays as soon as an eighth of the rows are done.
 _COMPACT_FRACTION = 0.875
-# Consecutive non-finite step attempts (each shrinking dt by min_factor) before a sample is
-# declared NONFINITE: 0.2^10 ~ 1e-7, so a blow-up that smaller steps cannot avoid is reported
-# instead of grinding down to the dt floor.
-_MAX_NONFINITE_TRIES = 10
-# Consecutive Newton failures (each shrinking dt by 0.3, with a fresh Jacobian) before a sample
-# is declared NEWTON_FAILED: 0.3^15 ~ 1e-8 of the step that first failed.
-_MAX_NEWTON_TRIES = 15
-
-
-_EPS_T = torch.finfo(torch.float64).eps
-_TINY_T = torch.finfo(torch.float64).tiny
 
 
 def _rows(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -84,7 +74,9 @@ def odeint(
     fail has its step rejected and retried with 0.3 dt. Fixed-step
     methods take steps of dt0 (or (t1 - t0)/n_steps); the last step is shortened to land on t1.
     With t_eval, values at those times come from dense output (Dopri5/Tsit5: their own
-    4th-order interpolants; others: cubic Hermite), so t_eval does not change the steps.
+    4th-order interpolants; Dopri8: 7th order, on 5 extra evaluations of f on the steps
+    that hold a t_eval point or an event; others: cubic Hermite), so t_eval does not change
+    the steps.
 
     Arguments:
         f: vector field f(t, y, *args) -> dy/dt; t has shape (batch, 1, ..., 1) (each
@@ -156,17 +148,7 @@ def odeint(
     t0, t1, rtol, atol, dt0, args = check_inputs(
         f, y0, t_span, solver, rtol, atol, max_steps, dt0, n_steps, terminate, args
     )
-    if not isinstance(controller, PIController):
-        raise TypeError(f"controller must be a PIController, got {type(controller).__name__}.")
-    if event is not None and not isinstance(event, Event):
-        raise TypeError(
-            f"event must be an equilibria.ode.Event(fn, direction, terminal), got "
-            f"{type(event).__name__}; wrap a function as Event(fn)."
-        )
-    if error_norm is not None and not callable(error_norm):
-        raise TypeError(
-            f"error_norm must be callable (rows, ...) -> (rows,), got {type(error_norm).__name__}."
-        )
+    check_options(controller, event, error_norm)
     tab = solver.tableau
     # n_steps forces equal steps, also for an adaptive method (its error estimate unused)
     adaptive = solver.adaptive and n_steps is None
@@ -201,7 +183,7 @@ def odeint(
     else:
         dt = initial_step(field, t, y, k1, direction, tab.order, rtol, atol, span)
         nfe += 1
-    status = torch.full((batch,), _RUNNING, **i64)
+    status = torch.full((batch,), RUNNING, **i64)
     # f non-finite at the start: no step size can help; report it with y0 as the last state
     status = torch.where(_row_finite(k1), status, int(Status.NONFINITE))
     n_accepted = torch.zeros(batch, **i64)
@@ -236,15 +218,9 @@ def odeint(
             "n_steps": n_accepted.clone(), "n_rejected": n_rejected.clone()}
     if event is not None:
         full["event_t"], full["event_y"] = event_t.clone(), event_y.clone()
-    out = next_i = None
+    out = grid = next_i = None
     if t_grid is not None:
-        # (batch, n) per sample (a shared grid is expanded: one code path)
-        grid = t_grid.to(device).expand(batch, t_grid.shape[-1])
-        n_eval = grid.shape[1]
-        out = y0.new_zeros((n_eval,) + tuple(y0.shape))
-        at_start = grid[:, 0] == t0  # strictly monotone: only the first time can be t0
-        out[0] = torch.where(_rows(at_start, y0), y0, out[0])
-        next_i = at_start.long()
+        out, grid, next_i = start_t_eval(t_grid, y0, t0)
         full["next_i"] = next_i.clone()
 
     def flush() -> None:
@@ -263,7 +239,7 @@ def odeint(
     # read is free, so look every step.
     sync_every = 1 if device.type == "cpu" else 4
     for iteration in range(max_steps):
-        active = status == _RUNNING
+        active = status == RUNNING
         with torch.no_grad():
             remaining = (t1 - t) * direction
             if n_steps is not None:
@@ -318,12 +294,24 @@ def odeint(
 
         stop = None  # rows whose terminal event lies inside this accepted step
         t_end, y_end = t_new, y_new
+        crossed = torch.zeros_like(accept)
         if event is not None:
             with torch.no_grad():
                 g_new = event.value(t_new, y_new, field.args)
                 g_start = g_old
                 crossed = accept & event.crosses(g_start, g_new)
                 g_old = torch.where(accept, g_new, g_old)
+        if tab.dense_stages:
+            # extra stages of the dense output (Dopri8) only where a value strictly inside
+            # the step is needed (a t_eval point at the step's end is y_new itself)
+            need = crossed
+            if out is not None:
+                inside, pos = points_inside(grid, next_i, idx, accept, t_new, direction)
+                need = need | (inside & (grid[idx, pos] != t_new))
+            if bool(need.any()):
+                stages, extra = dense_stages(field, tab, t, dt_step, y, stages, need)
+                nfe += extra
+        if event is not None:
             if bool(crossed.any()):
                 theta_event = locate(event, field.args, tab, crossed, t, dt_step, y, y_new,
                                      stages, k_next, g_start, g_new)
@@ -343,8 +331,8 @@ def odeint(
 
         eval_before = next_i
         if out is not None:
-            next_i = _fill_t_eval(out, grid, next_i, idx, accept, t, t_end, dt_step, direction,
-                                  tab, y, y_new, stages, k_next, y_end)
+            next_i = fill_t_eval(out, grid, next_i, idx, accept, t, t_end, dt_step, direction,
+                                 tab, y, y_new, stages, k_next, y_end)
 
         if _tape is not None:
             record_step(_tape, accept, idx, t, t_new, dt_step, y, stop,
@@ -365,121 +353,46 @@ def odeint(
                 dt = torch.where(active, dt_step * factor, dt)
                 err_prev = torch.where(accept, err.clamp_min(1e-4), err_prev)
             # --- who stops here, and why ---
-            status = torch.where(accept & last, int(Status.SUCCESS), status)
-            if stop is not None:  # an event inside the last step is an event too
-                status = torch.where(stop, int(Status.EVENT), status)
-            if terminate is not None:
-                hit = call_terminate(terminate, t, y, k1, dtype)
-                status = torch.where(accept & hit & (status == _RUNNING), int(Status.EVENT), status)
-            running = status == _RUNNING
-            bad = running & (n_bad >= (_MAX_NONFINITE_TRIES if adaptive else 1))
-            status = torch.where(bad, int(Status.NONFINITE), status)
-            if implicit:
-                # fixed steps cannot shrink: a Newton failure ends the sample at once
-                tries = _MAX_NEWTON_TRIES if adaptive else 1
-                stuck = (status == _RUNNING) & (n_newton_bad >= tries)
-                status = torch.where(stuck, int(Status.NEWTON_FAILED), status)
-            if adaptive:
-                # As scipy's solve_ivp: 10 ulps of t, which is float64 here. (10 eps of the
-                # state's dtype times the span stopped float32 solves over long spans at
-                # their first, small step: y' = cos t on [0, 1000] from y0 = 0.)
-                floor = 10 * _EPS_T * torch.clamp_min(t.abs(), _TINY_T)
-                small = (status == _RUNNING) & (dt.abs() < floor)
-                why = torch.where(bad_recent, int(Status.NONFINITE),
-                                  int(Status.STEP_SIZE_TOO_SMALL))
-                if implicit:
-                    why = torch.where(newton_recent, int(Status.NEWTON_FAILED), why)
-                status = torch.where(small, why, status)
-            out_of_steps = (status == _RUNNING) & (n_accepted + n_rejected >= max_steps)
-            status = torch.where(out_of_steps, int(Status.MAX_STEPS), status)
+            hit = None if terminate is None else call_terminate(terminate, t, y, k1, dtype)
+            status = stop_statuses(
+                status, accept=accept, last=last, stop=stop, hit=hit, t=t, dt=dt, n_bad=n_bad,
+                bad_recent=bad_recent, n_newton_bad=n_newton_bad, newton_recent=newton_recent,
+                n_attempts=n_accepted + n_rejected, max_steps=max_steps, adaptive=adaptive,
+                implicit=implicit)
 
         if (iteration + 1) % sync_every:
             continue
         with torch.no_grad():
-            still = status == _RUNNING
+            still = status == RUNNING
             n_running = int(still.sum())  # the host sync
         if n_running == 0:
             break
         if compact and n_running <= _COMPACT_FRACTION * still.numel():
             flush()
             keep = still.nonzero().flatten()
-            idx, t, dt, y, k1 = (x.index_select(0, keep) for x in (idx, t, dt, y, k1))
-            status, nfe, n_accepted, n_rejected, n_bad, bad_recent, err_prev = (
-                x.index_select(0, keep)
-                for x in (status, nfe, n_accepted, n_rejected, n_bad, bad_recent, err_prev)
+            (idx, t, dt, y, k1, status, nfe, n_accepted, n_rejected, n_bad, bad_recent,
+             err_prev, next_i, g_old, event_t, event_y, refresh, n_newton_bad, newton_recent,
+             eta, jacobian) = (
+                None if x is None else x.index_select(0, keep)
+                for x in (idx, t, dt, y, k1, status, nfe, n_accepted, n_rejected, n_bad,
+                          bad_recent, err_prev, next_i, g_old, event_t, event_y, refresh,
+                          n_newton_bad, newton_recent, eta, jacobian)
             )
-            if next_i is not None:
-                next_i = next_i.index_select(0, keep)
-            if event is not None:
-                g_old, event_t, event_y = (x.index_select(0, keep)
-                                           for x in (g_old, event_t, event_y))
-            if implicit:
-                refresh, n_newton_bad, newton_recent, eta = (
-                    x.index_select(0, keep)
-                    for x in (refresh, n_newton_bad, newton_recent, eta)
-                )
-                if jacobian is not None:
-                    jacobian = jacobian.index_select(0, keep)
             field.select(keep)
-    status = torch.where(status == _RUNNING, int(Status.MAX_STEPS), status)
+    status = torch.where(status == RUNNING, int(Status.MAX_STEPS), status)
     flush()
 
     value = full["y"]
     if out is not None:
-        # Samples that stopped early hold their final state at the t_eval points they never
-        # reached (their status says why they stopped).
-        unreached = torch.arange(n_eval, device=device)[:, None] >= full["next_i"][None, :]
-        out = torch.where(unreached.reshape(unreached.shape + (1,) * (y0.dim() - 1)),
-                          value.unsqueeze(0), out)
-        value = out
+        value = finish_t_eval(out, value, full["next_i"])
     stats = {"nfe": full["nfe"], "n_steps": full["n_steps"], "n_rejected": full["n_rejected"],
              "t": full["t"]}
     if event is not None and event.terminal:
         stats["event_t"], stats["event_y"] = full["event_t"], full["event_y"]
     elif event is not None:
-        stats.update(_event_records(records, batch, device))
+        stats.update(event_records(records, batch, device))
     solution = Solution(value, full["status"], stats)
     if throw:
         solution.raise_if_failed("odeint")
     return solution
-
-
-def _fill_t_eval(out, grid, next_i, idx, accept, t, t_end, dt_step, direction, tab, y, y_new,
-                 stages, k_next, y_end):
-    """Write the dense-output value at every t_eval point inside this accepted step, up to
-    t_end (the step's end, or a terminal event inside it, where the state is y_end)."""
-    n_eval = grid.shape[1]
-    extra = (1,) * (y.dim() - 1)
-    for _ in range(n_eval):
-        with torch.no_grad():
-            pos = next_i.clamp_max(n_eval - 1)
-            t_point = grid[idx, pos]
-            inside = accept & (next_i < n_eval) & ((t_point - t_end) * direction <= 0)
-            if not bool(inside.any()):
-                break
-            safe_dt = torch.where(dt_step == 0, torch.ones_like(dt_step), dt_step)
-            theta = ((t_point - t) / safe_dt).clamp(0.0, 1.0)
-        value = dense_value(tab, theta, dt_step, y, y_new, stages, k_next)
-        value = torch.where((t_point == t_end).reshape((-1,) + extra), y_end, value)
-        current = out[pos, idx]
-        out[pos, idx] = torch.where(inside.reshape((-1,) + extra), value, current)
-        next_i = next_i + inside
-    return next_i
-
-
-def _event_records(records, batch, device) -> dict[str, torch.Tensor]:
-    """Non-terminal events: n_events (batch,) int64 and event_times (batch, max count)
-    float64, each row's times in the order found, NaN-padded."""
-    counts = torch.zeros(batch, dtype=torch.int64, device=device)
-    rows = [r for r, _ in records]
-    times = [t for _, t in records]
-    for r in rows:
-        counts.index_add_(0, r, torch.ones_like(r))
-    width = int(counts.max()) if batch else 0
-    table = torch.full((batch, width), float("nan"), dtype=torch.float64, device=device)
-    filled = torch.zeros(batch, dtype=torch.int64, device=device)
-    for r, t in zip(rows, times):  # one record per sample per step, in time order
-        table[r, filled[r]] = t
-        filled[r] += 1
-    return {"n_events": counts, "event_times": table}
 

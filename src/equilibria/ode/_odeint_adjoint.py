@@ -17,7 +17,7 @@ from ._adjoint import Adjoint, AdjointFunction
 from ._adjoint_checkpoint import CheckpointFunction
 from ._events import Event
 from ._implicit import ImplicitRK
-from ._inputs import check_args
+from ._inputs import check_args, check_event
 from ._solvers import RungeKutta, Tsit5
 
 __all__ = ["odeint_adjoint"]
@@ -106,11 +106,7 @@ def odeint_adjoint(
     """
     if not isinstance(gradient, Adjoint):
         raise TypeError(f"gradient must be Adjoint(...), got {type(gradient).__name__}.")
-    if event is not None and not isinstance(event, Event):
-        raise TypeError(
-            f"event must be an equilibria.ode.Event(fn, direction, terminal), got "
-            f"{type(event).__name__}; wrap a function as Event(fn)."
-        )
+    check_event(event)
     check_batched_state("y0", y0)
     args = check_args(args, y0, "odeint_adjoint")
     if params is None:

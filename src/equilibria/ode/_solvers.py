@@ -86,9 +86,10 @@ class Dopri5(RungeKutta):
 @dataclass(frozen=True)
 class Dopri8(RungeKutta):
     """Prince–Dormand 8(7), 13 stages + FSAL, adaptive; for tight tolerances (rtol <= 1e-8).
-    Dense output (t_eval) by a continuous extension on the 14 stages: its local error
-    measures O(dt^5.7), well below the method's order, so t_eval values are less accurate
-    than the steps' end points at loose tolerances."""
+    Dense output (t_eval, events) of order 7 (local error O(dt^8)), on 5 extra stages that
+    are evaluated only for the samples whose step holds a t_eval point strictly inside it or
+    an event: a solve without them costs nothing more, one with a point in every step 5 of
+    every 18 evaluations more."""
 
     tableau: ClassVar[ButcherTableau] = DOPRI8
 

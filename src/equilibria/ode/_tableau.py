@@ -30,6 +30,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ._dopri8_dense import DENSE as DOPRI8_DENSE
+from ._dopri8_dense import EXTRA_ROWS as DOPRI8_EXTRA_ROWS
+
 __all__ = [
     "BOSH3",
     "DOPRI8",
@@ -64,7 +67,11 @@ class ButcherTableau:
         fsal: first-same-as-last: the last stage is evaluated at (t + dt, y_new), so it is
             the next step's first stage. Checked: c[-1] = 1, a[-1] = b, b[-1] = 0.
         dense: optional dense-output weights; ``dense[i][p]`` multiplies theta^(p+1) in
-            b_i(theta). Checked: b_i(1) = b_i.
+            b_i(theta), one row per stage (and per extra stage). Checked: b_i(1) = b_i (0
+            for an extra stage).
+        dense_stages: optional extra stages that only the dense output uses (evaluated only
+            on steps that need a value inside them): row j is the row of a of stage s + j
+            over the s + j stages before it, its node the row's sum.
 
     Raises:
         ValueError: when a shape or a consistency condition fails, naming it.
@@ -79,6 +86,7 @@ class ButcherTableau:
     error_order: int | None = None
     fsal: bool = False
     dense: tuple[tuple[float, ...], ...] | None = None
+    dense_stages: tuple[tuple[float, ...], ...] = ()
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -129,16 +137,26 @@ class ButcherTableau:
                 raise ValueError(
                     f"{self.name}: fsal=True needs c[-1] = 1, b[-1] = 0 and a[-1] = b[:-1]."
                 )
+        if any(len(row) != s + j for j, row in enumerate(self.dense_stages)):
+            raise ValueError(
+                f"{self.name}: dense_stages row j must have {s} + j entries (one per earlier "
+                f"stage); got {[len(row) for row in self.dense_stages]}."
+            )
+        if self.dense_stages and self.dense is None:
+            raise ValueError(f"{self.name}: dense_stages given without dense weights.")
         if self.dense is not None:
-            if len(self.dense) != s or len({len(row) for row in self.dense}) != 1:
+            total = s + len(self.dense_stages)
+            if len(self.dense) != total or len({len(row) for row in self.dense}) != 1:
                 raise ValueError(
-                    f"{self.name}: dense must have {s} rows of equal length (one per stage)."
+                    f"{self.name}: dense must have {total} rows of equal length (one per "
+                    "stage and extra dense stage)."
                 )
+            b_all = tuple(self.b) + (0.0,) * len(self.dense_stages)
             for i, row in enumerate(self.dense):
-                if abs(math.fsum(row) - self.b[i]) > 1e-10:
+                if abs(math.fsum(row) - b_all[i]) > 1e-10:
                     raise ValueError(
                         f"{self.name}: dense row {i} at theta = 1 gives {math.fsum(row)!r}, "
-                        f"but b[{i}] = {self.b[i]!r}; the interpolant must end at y_new."
+                        f"but b[{i}] = {b_all[i]!r}; the interpolant must end at y_new."
                     )
 
     @property
@@ -154,7 +172,8 @@ class ButcherTableau:
         """The coefficients as tensors of `dtype` on `device`, cached per (dtype, device).
 
         Returns a dict with ``a`` (s, s) (zero above the diagonal), ``b`` (s,), ``c`` (s,),
-        ``b_err`` (s,) when adaptive, ``dense`` (s, p) when there is dense output.
+        ``b_err`` (s,) when adaptive, ``dense`` (s + extra stages, p) when there is dense
+        output.
         """
         key = (dtype, torch.device(device))
         cached = self._cache.get(key)
@@ -320,7 +339,8 @@ TSIT5 = ButcherTableau(
 def _dopri8() -> ButcherTableau:
     """Prince & Dormand's RK8(7)13M with its 13-stage rational coefficients, written with a
     14th, FSAL stage at (t + dt, y_new) (the next step's first: no extra cost), whose
-    derivative the dense output also uses."""
+    derivative the dense output also uses, with five more stages for its 7th-order dense
+    output."""
     a = (
         (),
         (1 / 18,),
@@ -355,31 +375,6 @@ def _dopri8() -> ButcherTableau:
              465885868 / 322736535, 53011238 / 667516719, 2 / 45, 0.0)
     c = (0.0, 1 / 18, 1 / 12, 1 / 8, 5 / 16, 3 / 8, 59 / 400, 93 / 200,
          5490023248 / 9719169821, 13 / 20, 1201146811 / 1299019798, 1.0, 1.0, 1.0)
-    # Dense output (Bogacki & Shampine 1990, as tabulated for this pair): b_i(theta) as
-    # polynomials, highest power first, theta^6 ... theta^1; stages 2-5 have b_i(theta) = 0.
-    highest_first = {
-        0: (-6.3448349392860401388, 22.1396504998094068976, -30.0610568289666450593,
-            19.9990069333683970610, -6.6910181737837595697, 1.0),
-        5: (-39.6107919852202505218, 116.4422149550342161651, -121.4999627731334642623,
-            52.2273532792945524050, -7.6142658045872677172, 0.0),
-        6: (20.3761213808791436958, -67.1451318825957197185, 83.1721004639847717481,
-            -46.8919164181093621583, 10.7281392630428866124, 0.0),
-        7: (7.3347098826795362023, -16.5672243527496524646, 9.5724507555993664382,
-            -0.1890893225010595467, 0.5526637063753648783, 0.0),
-        8: (32.8801774352459155182, -89.9916014847245016028, 87.8406057677205645007,
-            -35.7075975946222072821, 4.2186562625665153803, 0.0),
-        9: (-10.1588990526426760954, 22.6237489648532849093, -17.4152107770762969005,
-            6.2736448083240352160, -0.6627209125361597559, 0.0),
-        10: (-12.5401268098782561200, 32.2362340167355370113, -28.5903289514790976966,
-             10.3160881272450748458, -1.2636789001135462218, 0.0),
-        11: (29.5553001484516038033, -82.1020315488359848644, 81.6630950584341412934,
-             -34.7650769866611817349, 5.4106037898590422230, 0.0),
-        12: (-41.7923486424390588923, 116.2662185791119533462, -114.9375291377009418170,
-             47.7457971078225540396, -7.0321379067945741781, 0.0),
-        13: (20.3006925822100825485, -53.9020777466385396792, 50.2558364226176017553,
-             -19.0082099341608028453, 2.3537586759714983486, 0.0),
-    }
-    dense = tuple(tuple(reversed(highest_first.get(i, (0.0,) * 6))) for i in range(14))
     return ButcherTableau(
         name="Dopri8",
         c=c,
@@ -389,7 +384,9 @@ def _dopri8() -> ButcherTableau:
         order=8,
         error_order=7,
         fsal=True,
-        dense=dense,
+        # 7th order, on 5 extra stages (see _dopri8_dense.py: derived by bootstrapping)
+        dense=DOPRI8_DENSE,
+        dense_stages=DOPRI8_EXTRA_ROWS,
     )
 
 

@@ -30,7 +30,7 @@ import torch
 
 from ._events import state_at
 from ._implicit import ImplicitRK, esdirk_stages
-from ._interp import dense_value
+from ._interp import dense_stages, dense_value
 from ._rk import _batch_view, rk_stages, time_like
 
 __all__ = ["StepRecord", "record_step", "replay_step"]
@@ -109,6 +109,12 @@ def replay_step(record, field, solver, rtol, atol, event, grid, y, a, grad_event
     k_next = None
     if dense:
         k_next = stages[-1] if tab.fsal else field(time_like(t_new, y_new), y_new)
+        need = torch.zeros_like(converged)
+        if record.stop is not None:
+            need = need | record.stop
+        if record.eval_from is not None:
+            need = need | (record.eval_to > record.eval_from)
+        stages, _ = dense_stages(field, tab, t, dt, y, stages, need)
     y_end, t_end = y_new, t_new
     outputs, grads = [], []
     if record.stop is not None:
