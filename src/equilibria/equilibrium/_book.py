@@ -180,10 +180,14 @@ class Book:
         self.best_in_norms = fused.best_column(layout)
         dtype = self.residual0.dtype
         if layout.previous is None:  # the solver will not keep it: store it now
-            self.best_residual = _put(self.best_residual, rows, fused.merge(
-                self.best_in_norms.read(norms, self.inverse_sqrt, dtype), running_local,
-                _take(self.best_residual, rows)))
+            best = fused.merge(self.best_in_norms.read(norms, self.inverse_sqrt, dtype),
+                               running_local, _take(self.best_residual, rows))
+            self.best_residual = _put(self.best_residual, rows, best)
             self.best_in_norms = None
+            # the next step's test compares against this best (its bias holds the best when
+            # no column of the norms does): without this it kept the best of the last slow
+            # step, and a worse iterate could replace the best one
+            fused.reset(running_local, best)
         self.pending_steps += 1
         self.pending_nfe += step_nfe
         if self.residual_trace is not None:
