@@ -130,6 +130,7 @@ def main() -> None:
     parser.add_argument("--contenders", nargs="+", choices=sorted(CONTENDERS),
                         default=["eq-matched", "torchdeq"],
                         help="which models to train ('torchdeq' is the reference, always run)")
+    parser.add_argument("--output", type=Path, default=RESULTS, help="the results table")
     args = parser.parse_args()
     if "torchdeq" not in args.contenders:
         args.contenders.append("torchdeq")
@@ -185,7 +186,8 @@ def main() -> None:
         "",
         f"Command: `.venv/bin/python benchmarks/torchdeq_mdeq.py --dataset {args.dataset} "
         f"--epochs {args.epochs} --subset {args.subset} --test-subset {args.test_subset} "
-        f"--channels {args.channels} --contenders {' '.join(args.contenders)}`. Same cell, "
+        f"--channels {args.channels} --output results/{args.output.name} "
+        f"--contenders {' '.join(args.contenders)}`. Same cell, "
         "initial weights, data order and optimizer; "
         "epochs alternate between the contenders (wall time on a shared machine).",
         "",
@@ -199,8 +201,8 @@ def main() -> None:
         table.append(f"| {CONTENDERS[name][0]} | {mean_time:.1f} | {results[-1][1]:.1f} | "
                      f"{accuracies} | {mean_time / reference:.2f} |")
     text = "\n".join(table) + "\n"
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(text)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(text)
     print(text)
 
 
