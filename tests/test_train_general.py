@@ -65,6 +65,8 @@ def test_the_jacobian_penalty_schedule():
         (["--model", "mdeq", "--dropout", "1"], "dropout must be in [0, 1)"),
         (["--model", "mdeq", "--channels", "12"], "channels must be a multiple of 8"),
         (["--jac-every", "2"], "pass --jac-penalty"),
+        (["--solver", "reversible", "--backward", "reversible", "--compact"],
+         "drop --compact"),
     ],
 )
 def test_bad_options_are_refused_before_training(tmp_path, capsys, argv, message):
@@ -93,3 +95,11 @@ def test_resume_on_another_data_set_is_refused(tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", "mnist", *base, "--resume", "--epochs", "2"]) == 1
     assert "equilibria train fashion-mnist --resume" in capsys.readouterr().err
+
+
+def test_compact_reaches_the_deq():
+    from equilibria.train.models import build_model
+
+    config = TrainConfig(dataset="fashion-mnist", model="mdeq", channels=8, compact=True)
+    assert build_model(config.validate()).deq.compact
+    assert not build_model(TrainConfig(model="conv", channels=8).validate()).deq.compact

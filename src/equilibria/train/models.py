@@ -22,6 +22,7 @@ def build_model(config: TrainConfig) -> nn.Module:
         config.rtol,
         config.max_steps,
         backward_rtol=config.backward_rtol,
+        compact=config.compact,
     )
     if config.model == "seed":
         return SeedMnistDEQ(factory, width=config.width, hidden=config.hidden)

@@ -92,6 +92,7 @@ def make_deq(
     rtol: float,
     max_steps: int,
     backward_rtol: float | None = None,
+    compact: bool = False,
 ):
     """A factory (cell, z_shape=None) -> eq.DEQ(cell, solver, backward, atol, rtol,
     max_steps, z_shape) for the models."""
@@ -111,6 +112,7 @@ def make_deq(
             atol=atol,
             rtol=rtol,
             max_steps=max_steps,
+            compact=compact,
         )
 
     return factory
