@@ -68,10 +68,12 @@ class SteadyState(FixedPointSolver):
       2-fold is rejected and retried with dt / 4. The L-stable methods' steps tend to
       inexact Newton steps as dt grows. The local error estimate is not used and the
       stages are not Newton-solved: the transient is not accurate in time (odeint with
-      the same solver object is). Measured on the hard case (benchmarks/stiff_bench.py):
-      Kvaerno3 50 evaluations, JVPs included (1.8x Anderson's; 324 with Newton–Krylov per
-      stage), Kvaerno5 53, ImplicitEuler 45. `rtol`/`atol` are unused there, and
-      `newton.linear_solver.max_iters` caps m.
+      the same solver object is). Measured on the hard case
+      (benchmarks/steady_implicit_bench.py): Kvaerno3 52 evaluations, JVPs included (1.9x
+      Anderson's; 324 with Newton–Krylov per stage), Kvaerno5 51, ImplicitEuler 45, so
+      ImplicitEuler stays the default. `rtol`/`atol` are unused there, and
+      `newton.linear_solver.max_iters` caps m; a step that evaluates a non-finite residual
+      is rejected like one whose residual grew.
 
     Arguments:
         solver: `ImplicitEuler(...)`, an implicit `Kvaerno3(...)`/`Kvaerno5(...)` or an
