@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import row_norm
+from .._checks import deliberate_sync, row_norm
 from ..linear._gmres import _assign
 from ..ode._esdirk_tableau import ESDIRKTableau
 from ._newton_krylov import jvp_of
@@ -77,8 +77,9 @@ def krylov_esdirk_step(
     rhs[:, 0, 0] = beta.detach().double()
     tiny = torch.finfo(dtype).eps
     for j in range(limit):
-        if not bool(running.any()):
-            break
+        with deliberate_sync(device):  # the one host read of an iteration, as GMRES's
+            if not bool(running.any()):
+                break
         v = basis[:, j]
         # F = f - I: J_F v = J_f v - v (the Krylov space of J_F is that of J_f)
         w = jvp(v.reshape(shape)).reshape(rows, n) - v
@@ -113,7 +114,7 @@ def krylov_esdirk_step(
         return z, nfe
     hessenberg = torch.stack(columns, dim=2)
     coefficients = _stages(tableau, hessenberg, dims, beta, dt)
-    m = int(dims.max()) if rows else 0
+    m = hessenberg.shape[2]
     step = torch.bmm(coefficients[:, None, :m].to(dtype), basis[:, :m]).squeeze(1)
     return z + step.reshape(shape), nfe
 
