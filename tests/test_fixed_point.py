@@ -103,6 +103,14 @@ def test_divergent_samples_flagged_others_converge(solver):
         assert bool((small.status[flags] == Status.MAX_STEPS).all())
         assert bool((small.value[flags] == 0).all())
         return
+    if isinstance(solver, eq.SteadyState) and isinstance(solver.solver, eq.ImplicitRK):
+        # Its first step (dt0 = 1) on dz/dt = z + 1 grows the residual by R(1) ~ 2.7 (the
+        # method follows the unstable flow), so it is rejected; from then on dt shrinks as
+        # the residual grows (SER), as implicit Euler's with a first step below 1 above:
+        # MAX_STEPS and the best iterate (z0), not a run-away.
+        assert bool((sol.status[flags] == Status.MAX_STEPS).all())
+        assert bool((sol.value[flags] == 0).all())
+        return
     assert bool((sol.status[flags] == Status.DIVERGED).all())
     assert float(sol.stats["residual"][flags].max()) <= 1.0  # the best iterate: z0's residual
     with pytest.raises(eq.EquilibriaError, match="DIVERGED.*SteadyState"):

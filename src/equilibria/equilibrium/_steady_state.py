@@ -7,11 +7,21 @@ from dataclasses import dataclass, field
 import torch
 
 from .._checks import check_positive, rms_norm
-from ..ode import ImplicitRK, RungeKutta, esdirk_stages, rk_step
+from ..ode import ImplicitRK, RungeKutta, rk_step
+from ._krylov_esdirk import krylov_esdirk_step
+from ._newton_krylov import forcing_term
 from ._pseudo_transient import ImplicitEuler
 from ._solver import FixedPointSolver, Fn, State, expand_as_batch
 
 __all__ = ["SteadyState"]
+
+# The implicit (ESDIRK) branch: bounds of the Eisenstat–Walker forcing term of its Krylov
+# space and the cap on dt (ImplicitEuler's, but eta <= 0.1: at 0.5 a one-vector space met
+# the test at small dt and the residual crawled, falling ~2% a step for 20 steps on
+# tests/test_steady_state_implicit.py's problem; 0.1 took 11-18 steps there, 181 -> 142
+# evaluations, and the same on the benchmark's hard case).
+_ETA_MIN, _ETA_MAX = 1e-6, 0.1
+_DT_MAX = 1e8
 
 _CHOICES = (
     "eq.ImplicitEuler() (default), an implicit ESDIRK method (eq.Kvaerno3(), eq.Kvaerno5()), "
@@ -28,7 +38,7 @@ class SteadyState(FixedPointSolver):
     The flow converges whenever the eigenvalues of df/dz at z* have real part < 1, where
     Picard needs modulus < 1. ``stats["t"]`` is the pseudo-time each sample reached.
 
-    Two families of method:
+    Three kinds of method:
 
     - `ImplicitEuler` (default): pseudo-transient continuation (implicit Euler steps solved
       with GMRES on JVPs, dt grown as the residual falls until the step is Newton's). Not
@@ -48,30 +58,39 @@ class SteadyState(FixedPointSolver):
       just inside that edge instead of being rejected over and over. Explicit methods stay
       stability-limited on stiff spectra (measured in benchmarks/results/equilibrium.md).
       Fixed-step methods step with dt0.
-    - an implicit ESDIRK method (`Kvaerno3`, `Kvaerno5`): each step is
-      `equilibria.ode.esdirk_stages` (Newton per stage; on a state of more than
-      ``newton.dense_max`` elements, GMRES on difference JVPs), with the same error control
-      (no stability cap: the methods are L-stable, so dt grows as the error estimate falls,
-      and near the steady state each stage becomes a Newton step on f(z) - z = 0). A step
-      whose Newton iterations fail is retried with 0.25 dt. Measured on the hard case
-      (benchmarks/results/stiff.md): Kvaerno3 needs about 12x Anderson's evaluations, JVPs
-      included (three Newton–Krylov stage solves a step, where ImplicitEuler makes one
-      loose linear solve), so ImplicitEuler stays the default.
+    - an implicit ESDIRK method (`Kvaerno3`, `Kvaerno5`), used for the steady state only:
+      each step is linearly implicit on one Krylov space (`_krylov_esdirk`: the Jacobian of
+      f(z) - z at the step's start projected on K_m(J, f(z) - z) by Arnoldi, all stages
+      solved there as m x m systems, m grown until the shifted system's residual is below
+      an Eisenstat–Walker forcing term), so a step costs m JVPs whatever the number of
+      stages. dt follows the residual as ImplicitEuler's (switched evolution relaxation,
+      dt <- dt ||r_old|| / ||r_new||, at most 1e8); a step whose residual grew more than
+      2-fold is rejected and retried with dt / 4. The L-stable methods' steps tend to
+      inexact Newton steps as dt grows. The local error estimate is not used and the
+      stages are not Newton-solved: the transient is not accurate in time (odeint with
+      the same solver object is). Measured on the hard case
+      (benchmarks/steady_implicit_bench.py): Kvaerno3 52 evaluations, JVPs included (1.9x
+      Anderson's; 324 with Newton–Krylov per stage), Kvaerno5 51, ImplicitEuler 45, so
+      ImplicitEuler stays the default. `rtol`/`atol` are unused there, and
+      `newton.linear_solver.max_iters` caps m; a step that evaluates a non-finite residual
+      is rejected like one whose residual grew.
 
     Arguments:
         solver: `ImplicitEuler(...)`, an implicit `Kvaerno3(...)`/`Kvaerno5(...)` or an
             explicit RK solver object.
         dt0: first step (> 0) for the explicit methods (ImplicitEuler has its own dt0).
-        rtol, atol: local error tolerances of the adaptive explicit methods (> 0).
+        rtol, atol: local error tolerances of the adaptive explicit methods (> 0; the
+            implicit ones do not use them).
 
     Raises:
         TypeError: solver not one of the above.
         ValueError: non-positive dt0 / tolerances; non-default dt0, rtol or atol given
             with ImplicitEuler (they would be ignored; set ImplicitEuler's fields instead).
 
-    nfe counts every evaluation of f (RK stages; ImplicitEuler's JVPs included).
-    Reference: Kelley & Keyes (1998); Hairer, Nørsett & Wanner, "Solving Ordinary
-    Differential Equations I", §II.4 (step-size control).
+    nfe counts every evaluation of f (RK stages; ImplicitEuler's and the ESDIRK steps' JVPs
+    included). Reference: Kelley & Keyes (1998); Schmitt & Weiner (1995) for Krylov-W
+    methods; Hairer, Nørsett & Wanner, "Solving Ordinary Differential Equations I", §II.4
+    (step-size control).
     """
 
     solver: ImplicitEuler | RungeKutta = field(default_factory=ImplicitEuler)
@@ -107,6 +126,8 @@ class SteadyState(FixedPointSolver):
             "t": torch.zeros_like(residual),
             "dt": torch.full_like(residual, self.dt0),
             "cap": torch.full_like(residual, float("inf")),
+            "eta": torch.full_like(residual, _ETA_MAX),
+            "previous": residual,
             "nonfinite_trial": torch.zeros_like(residual, dtype=torch.bool),
         }
 
@@ -114,66 +135,43 @@ class SteadyState(FixedPointSolver):
         if isinstance(self.solver, ImplicitEuler):
             return self.solver.step(fn, state, step_index)
         if isinstance(self.solver, ImplicitRK):
-            return self._esdirk_step(fn, state)
+            return self._esdirk_step(fn, state, step_index)
         return self._rk_step(fn, state)
 
-    def _newton_scale(self, state: State, z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        size = rms_norm(z).detach()
-        target = state.get("tolerance")
-        if target is None:  # outside the loop: the local error test's scale
-            return self.atol + self.rtol * size
-        floor = torch.maximum(0.1 * target.to(size.dtype),
-                              10 * torch.finfo(z.dtype).eps * (1 + size))
-        return (0.1 * rms_norm(g).detach()).maximum(floor)
-
-    def _esdirk_step(self, fn: Fn, state: State) -> tuple[State, torch.Tensor]:
+    def _esdirk_step(self, fn: Fn, state: State, step_index: int
+                     ) -> tuple[State, torch.Tensor]:
         z, fz, t, dt = state["z"], state["fz"], state["t"], state["dt"]
-
-        def vector_field(time: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return fn(y) - y
-
         g = fz - z
-        z_new, error, _, nfe, converged, jacobian, theta, eta = esdirk_stages(
-            vector_field, t, z, dt, self.solver, g, self.rtol, self.atol,
-            state.get("jacobian"), state.get("refresh"), state.get("eta"),
-            # stages solved to a tenth of the current residual (an inexact Newton's forcing),
-            # never tighter than a tenth of the loop's target: the transient needs no more,
-            # the steady state no less
-            newton_scale=self._newton_scale(state, z, g),
-        )
+        residual = rms_norm(g).detach()
+        eta = state["eta"]
+        if step_index > 0:
+            eta = forcing_term(eta, residual, state["previous"], state["tolerance"],
+                               _ETA_MIN, _ETA_MAX)
+        z_new, nfe = krylov_esdirk_step(
+            fn, z, g, dt, self.solver.tableau, eta, self.solver.newton.linear_solver.max_iters)
         # f at the new state, evaluated: the loop's convergence test must see the true f(z)
         fz_new = fn(z_new)
         nfe = nfe + 1
-        scale = self.atol + self.rtol * torch.maximum(z.abs(), z_new.abs())
-        ratio = rms_norm((error / scale).detach())
-        residual = rms_norm(g).detach()
         residual_new = rms_norm(fz_new - z_new).detach()
-        finite = torch.isfinite(ratio) & torch.isfinite(residual_new)
         # Accuracy of the transient is not the goal, the steady state is: a step is kept when
-        # its stages converged and the residual did not grow more than 2-fold; dt grows by
-        # the larger of the accuracy factor and the residual's fall (switched evolution
-        # relaxation, as ImplicitEuler), which an L-stable method can afford.
-        accept = finite & converged & (residual_new <= 2 * residual)
-        tableau = self.solver.tableau
-        exponent = -1.0 / (tableau.error_order + 1)
-        safe_ratio = torch.where(torch.isfinite(ratio), ratio, torch.full_like(ratio, 1e10))
-        factor = (0.9 * safe_ratio.clamp_min(1e-10).pow(exponent)).clamp(0.2, 10.0)
+        # the residual did not grow more than 2-fold, and dt follows the residual's fall
+        # (switched evolution relaxation, as ImplicitEuler), which an L-stable method can
+        # afford at any size.
+        accept = torch.isfinite(residual_new) & (residual_new <= 2 * residual)
         fall = torch.where(residual_new > 0, residual / residual_new,
-                           torch.full_like(residual, 1e3))
-        factor = torch.maximum(factor, fall.clamp(max=1e3))
-        factor = torch.where(accept, factor, torch.full_like(factor, 0.25))
+                           torch.full_like(residual, float("inf")))
+        grown = torch.minimum(dt * fall.to(dt.dtype), torch.full_like(dt, _DT_MAX))
         keep = expand_as_batch(accept, z)
         new_state = {
             "z": torch.where(keep, z_new, z),
             "fz": torch.where(keep, fz_new, fz),
             "t": torch.where(accept, t + dt, t),
-            "dt": dt * factor.to(dt.dtype),
+            "dt": torch.where(accept, grown, dt / 4),
             "cap": state["cap"],
-            "refresh": ~converged | (theta > self.solver.newton.refresh),
             "eta": eta,
+            "previous": torch.where(accept, residual, state["previous"]),
+            "nonfinite_trial": ~torch.isfinite(residual_new),
         }
-        if jacobian is not None:
-            new_state["jacobian"] = jacobian
         return new_state, nfe
 
     def _rk_step(self, fn: Fn, state: State) -> tuple[State, int | torch.Tensor]:

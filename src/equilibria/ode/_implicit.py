@@ -219,7 +219,6 @@ def esdirk_stages(
     jacobian: torch.Tensor | None = None,
     refresh: torch.Tensor | None = None,
     eta: torch.Tensor | None = None,
-    newton_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor,
            torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """One ESDIRK step of size dt[b] for every sample b (dt = 0: the sample sits still).
@@ -235,8 +234,6 @@ def esdirk_stages(
         eta: (batch,) float64 theta / (1 - theta) of each sample's latest Newton solve (None:
             1), so that a first correction already below the tolerance can stop Newton
             (Hairer's max(eta, eps)^0.8 at the start of a step).
-        newton_scale: optional (batch,) absolute scale of Newton's test in place of
-            atol + rtol |z| (a steady-state search sizes it by its own residual tolerance).
 
     Returns:
         (y_new, y_err, stages, nfe, converged, jacobian, theta, eta): y_new and the local error
@@ -284,7 +281,7 @@ def esdirk_stages(
             guess = psi + hg * stages[-1]
             z, used, ok, theta, eta = _newton(f, t_i, guess, psi.detach(), hg,
                                               moving & converged, lu, newton, kappa, rtol,
-                                              atol, eta, newton_scale)
+                                              atol, eta)
         nfe += used
         converged &= ok | ~moving
         theta_max = torch.maximum(theta_max, theta)
@@ -297,7 +294,7 @@ def esdirk_stages(
     return y_new, y_err, stages, nfe, converged, jacobian, theta_max, eta
 
 
-def _newton(f, t_i, z, psi, hg, iterating, lu, newton, kappa, rtol, atol, eta, newton_scale):
+def _newton(f, t_i, z, psi, hg, iterating, lu, newton, kappa, rtol, atol, eta):
     """Newton on z - psi - hg f(t_i, z) = 0 for the rows in `iterating` (no graph).
 
     Returns (z, nfe per row, converged per row, largest theta per row, eta per row)."""
@@ -323,10 +320,7 @@ def _newton(f, t_i, z, psi, hg, iterating, lu, newton, kappa, rtol, atol, eta, n
         else:
             delta, products = _krylov_correction(f, t_i, z, fz, residual, hg, newton)
             nfe += products * running.long()
-        if newton_scale is None:
-            size = rms_norm(delta / z.abs().mul(rtol).add(atol)).double()
-        else:
-            size = (rms_norm(delta) / newton_scale).double()
+        size = rms_norm(delta / z.abs().mul(rtol).add(atol)).double()
         finite = torch.isfinite(size) & torch.isfinite(fz.reshape(rows, -1).sum(dim=1))
         z = torch.where(_batch_view(running & finite, z), z + delta, z)
         if iteration == 0:
