@@ -84,3 +84,12 @@ def test_implicit_steady_state_is_cheap_where_explicit_is_stability_limited(meth
     # the target: within 3x Anderson's evaluations (JVPs included); deterministic
     # counts, measured 0.55x here (145 against 261; Anderson too is slow on this spectrum)
     assert int(implicit.stats["nfe"].max()) <= 3 * int(anderson.stats["nfe"].max())
+
+
+def test_local_error_tolerances_are_refused_with_an_implicit_solver():
+    # an implicit solver's steps follow the residual: rtol/atol would be silently ignored
+    with pytest.raises(ValueError, match="drop them"):
+        eq.SteadyState(eq.Kvaerno3(), rtol=1e-5)
+    with pytest.raises(ValueError, match="drop them"):
+        eq.SteadyState(eq.Kvaerno5(), atol=1e-9)
+    eq.SteadyState(eq.Kvaerno3(), dt0=0.5)  # dt0 applies

@@ -71,21 +71,23 @@ class SteadyState(FixedPointSolver):
       the same solver object is). Measured on the hard case
       (benchmarks/steady_implicit_bench.py): Kvaerno3 52 evaluations, JVPs included (1.9x
       Anderson's; 324 with Newton–Krylov per stage), Kvaerno5 51, ImplicitEuler 45, so
-      ImplicitEuler stays the default. `rtol`/`atol` are unused there, and
+      ImplicitEuler stays the default. `rtol`/`atol` do not apply there (refused), and
       `newton.linear_solver.max_iters` caps m; a step that evaluates a non-finite residual
       is rejected like one whose residual grew.
 
     Arguments:
         solver: `ImplicitEuler(...)`, an implicit `Kvaerno3(...)`/`Kvaerno5(...)` or an
             explicit RK solver object.
-        dt0: first step (> 0) for the explicit methods (ImplicitEuler has its own dt0).
-        rtol, atol: local error tolerances of the adaptive explicit methods (> 0; the
-            implicit ones do not use them).
+        dt0: first step (> 0) for the RK methods, explicit and implicit (ImplicitEuler has
+            its own dt0).
+        rtol, atol: local error tolerances of the adaptive explicit methods (> 0; refused
+            when changed with an implicit solver, whose steps follow the residual).
 
     Raises:
         TypeError: solver not one of the above.
         ValueError: non-positive dt0 / tolerances; non-default dt0, rtol or atol given
-            with ImplicitEuler (they would be ignored; set ImplicitEuler's fields instead).
+            with ImplicitEuler (they would be ignored; set ImplicitEuler's fields instead), or
+            rtol/atol with Kvaerno3/Kvaerno5.
 
     nfe counts every evaluation of f (RK stages; ImplicitEuler's and the ESDIRK steps' JVPs
     included). Reference: Kelley & Keyes (1998); Schmitt & Weiner (1995) for Krylov-W
@@ -115,21 +117,31 @@ class SteadyState(FixedPointSolver):
                 "dt0, rtol and atol of SteadyState apply to explicit RK solvers only; with "
                 "ImplicitEuler set its own fields, e.g. SteadyState(ImplicitEuler(dt0=0.5))."
             )
+        if isinstance(self.solver, ImplicitRK) and (self.rtol != 1e-3 or self.atol != 1e-6):
+            raise ValueError(
+                "rtol and atol of SteadyState are local-error tolerances of explicit RK "
+                "solvers; an implicit solver's steps follow the residual instead (the "
+                "fixed-point tolerances decide when it has converged): drop them, e.g. "
+                "SteadyState(Kvaerno3(), dt0=0.5), and set fixed_point's atol/rtol."
+            )
 
     def init(self, fn: Fn, z: torch.Tensor, fz: torch.Tensor) -> State:
         if isinstance(self.solver, ImplicitEuler):
             return self.solver.init(fn, z, fz)
         residual = rms_norm(fz - z).detach()
-        return {
+        state = {
             "z": z,
             "fz": fz,
             "t": torch.zeros_like(residual),
             "dt": torch.full_like(residual, self.dt0),
-            "cap": torch.full_like(residual, float("inf")),
-            "eta": torch.full_like(residual, _ETA_MAX),
             "previous": residual,
             "nonfinite_trial": torch.zeros_like(residual, dtype=torch.bool),
         }
+        if isinstance(self.solver, ImplicitRK):
+            state["eta"] = torch.full_like(residual, _ETA_MAX)
+        else:  # the explicit methods' cap on dt after a rejection
+            state["cap"] = torch.full_like(residual, float("inf"))
+        return state
 
     def step(self, fn: Fn, state: State, step_index: int) -> tuple[State, int | torch.Tensor]:
         if isinstance(self.solver, ImplicitEuler):
@@ -167,7 +179,6 @@ class SteadyState(FixedPointSolver):
             "fz": torch.where(keep, fz_new, fz),
             "t": torch.where(accept, t + dt, t),
             "dt": torch.where(accept, grown, dt / 4),
-            "cap": state["cap"],
             "eta": eta,
             "previous": torch.where(accept, residual, state["previous"]),
             "nonfinite_trial": ~torch.isfinite(residual_new),
