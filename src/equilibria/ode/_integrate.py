@@ -136,6 +136,7 @@ def odeint(
         none); with a non-terminal one "n_events" ((batch,) int64) and "event_times"
         ((batch, max n_events) float64, in time order, NaN-padded; at most one event per
         sample per step is found).
+        With dense=True, ``solution.dense`` is the `DenseOutput` (else None).
 
     Raises:
         ValueError: non-finite y0, bad t_span/t_eval, rtol/atol <= 0, max_steps < 1, missing
