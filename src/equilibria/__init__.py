@@ -16,6 +16,7 @@ from .ode import Adjoint as Adjoint
 from .ode import Backprop as Backprop
 from .ode import Bosh3 as Bosh3
 from .ode import ButcherTableau as ButcherTableau
+from .ode import DenseOutput as DenseOutput
 from .ode import Dopri5 as Dopri5
 from .ode import Dopri8 as Dopri8
 from .ode import ESDIRKTableau as ESDIRKTableau

@@ -123,12 +123,15 @@ class Solution:
             documented by each solver (fixed_point: residual, n_steps, nfe; odeint: nfe,
             n_steps, n_rejected, t).
         trace: optional list of per-step tensors (e.g. residual history for plots).
+        dense: odeint(..., dense=True)'s `DenseOutput` (``dense.evaluate(t)``: the solution
+            at any time of each sample's solved span); None otherwise.
     """
 
     value: torch.Tensor
     status: torch.Tensor
     stats: dict[str, Any] = field(default_factory=dict)
     trace: list[torch.Tensor] | None = None
+    dense: Any = None
 
     @property
     def success(self) -> torch.Tensor:

@@ -11,6 +11,7 @@ from ._adjoint import AdjointTrajectory as AdjointTrajectory
 from ._adjoint import Backprop as Backprop
 from ._adjoint import adjoint_trajectory as adjoint_trajectory
 from ._controller import PIController as PIController
+from ._dense_output import DenseOutput as DenseOutput
 from ._esdirk_tableau import ESDIRKTableau as ESDIRKTableau
 from ._events import Event as Event
 from ._implicit import ImplicitRK as ImplicitRK

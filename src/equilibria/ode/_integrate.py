@@ -16,6 +16,7 @@ import torch
 from .._autocast import outside_autocast
 from .._solution import Solution, Status
 from ._controller import PIController, initial_step, scaled_error
+from ._dense_output import DenseRecorder
 from ._events import Event, event_records, locate, state_at
 from ._implicit import ImplicitRK, esdirk_stages
 from ._inputs import _API, _Field, call_terminate, check_inputs, check_options, check_t_eval
@@ -62,6 +63,7 @@ def odeint(
     compact: bool = True,
     error_norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
     event: Event | None = None,
+    dense: bool = False,
     _tape: list | None = None,
 ) -> Solution:
     """Integrate dy/dt = f(t, y) from t_span[0] to t_span[1], every sample on its own steps.
@@ -112,6 +114,11 @@ def odeint(
             sample stops there with Status.EVENT (also inside the last step). With autograd
             recording, the event time and state carry their implicit-function-theorem
             derivative (Chen, Amos & Nickel 2021).
+        dense: keep every sample's accepted steps so that ``solution.dense.evaluate(t)``
+            gives the solution at any time of the sample's solved span after the solve, on
+            the interpolant t_eval uses (see `DenseOutput`; memory: about s + 2 states per
+            accepted step per sample; Dopri8 then evaluates its 5 extra dense stages on
+            every accepted step).
         _tape: internal (odeint_adjoint's checkpointed backward): a list that receives one
             `StepRecord` per step with an accepted row (its start state, times, event and
             t_eval positions; no graph). One more host sync per step on CUDA.
@@ -129,6 +136,7 @@ def odeint(
         none); with a non-terminal one "n_events" ((batch,) int64) and "event_times"
         ((batch, max n_events) float64, in time order, NaN-padded; at most one event per
         sample per step is found).
+        With dense=True, ``solution.dense`` is the `DenseOutput` (else None).
 
     Raises:
         ValueError: non-finite y0, bad t_span/t_eval, rtol/atol <= 0, max_steps < 1, missing
@@ -149,6 +157,8 @@ def odeint(
         f, y0, t_span, solver, rtol, atol, max_steps, dt0, n_steps, terminate, args
     )
     check_options(controller, event, error_norm)
+    if not isinstance(dense, bool):
+        raise TypeError(f"dense must be True or False, got {type(dense).__name__}.")
     tab = solver.tableau
     # n_steps forces equal steps, also for an adaptive method (its error estimate unused)
     adaptive = solver.adaptive and n_steps is None
@@ -157,13 +167,17 @@ def odeint(
     i64 = dict(dtype=torch.int64, device=device)
     f64 = dict(dtype=torch.float64, device=device)
 
+    recorder = DenseRecorder(tab) if dense else None
     if t0 == t1 or batch == 0:
         value = (y0 if t_grid is None
                  else y0.unsqueeze(0).expand(t_grid.shape[-1], *y0.shape))
         zeros = torch.zeros(batch, **i64)
+        t_final = torch.full((batch,), t1, **f64)
         return Solution(value, torch.zeros(batch, **i64),
                         {"nfe": zeros, "n_steps": zeros.clone(), "n_rejected": zeros.clone(),
-                         "t": torch.full((batch,), t1, **f64)})
+                         "t": t_final},
+                        dense=None if recorder is None
+                        else recorder.finish(y0, t0, t1, t_final, zeros))
 
     direction = 1.0 if t1 > t0 else -1.0
     span = abs(t1 - t0)
@@ -304,7 +318,7 @@ def odeint(
         if tab.dense_stages:
             # extra stages of the dense output (Dopri8) only where a value strictly inside
             # the step is needed (a t_eval point at the step's end is y_new itself)
-            need = crossed
+            need = crossed | accept if recorder is not None else crossed
             if out is not None:
                 inside, pos = points_inside(grid, next_i, idx, accept, t_new, direction)
                 need = need | (inside & (grid[idx, pos] != t_new))
@@ -334,6 +348,8 @@ def odeint(
             next_i = fill_t_eval(out, grid, next_i, idx, accept, t, t_end, dt_step, direction,
                                  tab, y, y_new, stages, k_next, y_end)
 
+        if recorder is not None:
+            recorder.record(accept, idx, t, t_end, dt_step, y, y_new, y_end, stages, k_next)
         if _tape is not None:
             record_step(_tape, accept, idx, t, t_new, dt_step, y, stop,
                         theta_event if stop is not None else None, eval_before, next_i)
@@ -392,6 +408,8 @@ def odeint(
     elif event is not None:
         stats.update(event_records(records, batch, device))
     solution = Solution(value, full["status"], stats)
+    if recorder is not None:
+        solution.dense = recorder.finish(y0, t0, t1, full["t"], full["status"])
     if throw:
         solution.raise_if_failed("odeint")
     return solution

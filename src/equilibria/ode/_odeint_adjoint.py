@@ -65,6 +65,7 @@ def odeint_adjoint(
     gradient: Adjoint = Adjoint(),  # noqa: B008
     args: tuple[torch.Tensor, ...] | torch.Tensor = (),
     event: Event | None = None,
+    dense: bool = False,
 ) -> Solution:
     """odeint whose value is differentiated by an adjoint backward (see `Adjoint`).
 
@@ -85,6 +86,10 @@ def odeint_adjoint(
             there, stats["event_t"] and stats["event_y"] are differentiable, the event time
             by the implicit function theorem (Chen, Amos & Nickel 2021), and each sample's
             backward starts at its own event.
+        dense: refused (True raises): the adjoint backward differentiates the values at
+            t1 / t_eval only, so a dense output's values would carry no gradient. Use
+            odeint(..., dense=True) (Backprop: differentiable dense values), or give the
+            times as t_eval here.
 
     Returns:
         Solution whose value is differentiable w.r.t. y0 and params, and w.r.t. t_span's
@@ -100,10 +105,16 @@ def odeint_adjoint(
 
     Raises:
         TypeError: gradient not an Adjoint, event not an Event; as odeint otherwise.
-        ValueError: args not tensors with y0's batch in dim 0; an event or per-sample
+        ValueError: dense=True; args not tensors with y0's batch in dim 0; an event or per-sample
             t_eval with Adjoint(checkpoints=False); continuous-backward options where the
             checkpointed backward runs; as odeint otherwise.
     """
+    if dense is not False:
+        raise ValueError(
+            "odeint_adjoint does not take dense=True: its adjoint backward differentiates the "
+            "values at t1 / t_eval only. Use odeint(f, y0, ..., dense=True) for a dense output "
+            "differentiable by backprop, or pass the query times as t_eval= here."
+        )
     if not isinstance(gradient, Adjoint):
         raise TypeError(f"gradient must be Adjoint(...), got {type(gradient).__name__}.")
     check_event(event)
