@@ -129,3 +129,36 @@ def test_no_host_sync_inside_a_cuda_solve(solver):
     assert bool((sol.status == Status.SUCCESS).all())
     residual = (f(sol.value, c) - sol.value).norm(dim=1) / sol.value.norm(dim=1)
     assert float(residual.max()) <= 1.01e-4
+
+
+@pytest.mark.parametrize("damping", [1.0, 0.5])
+@pytest.mark.parametrize("compacted", [False, True])
+def test_cached_views_are_the_indexed_views(damping, compacted):
+    # Anderson's views are made by as_strided from geometries found on meta tensors; they
+    # must be the views the indexing expressions give (same storage, size, stride, offset),
+    # on the fresh history (slot-major) and on a compacted one (index_select: batch-major).
+    from equilibria.equilibrium._anderson_views import _RECIPES, cached_views
+
+    solver = eq.Anderson(m=3, damping=damping)
+    z = torch.randn(4, 6, dtype=torch.float64)
+    with torch.no_grad():
+        state = solver.init(lambda v: v, z, torch.tanh(z))
+    if compacted:
+        keep = torch.tensor([0, 2, 3])
+        state = {key: value.index_select(0, keep) for key, value in state.items()}
+    for slot in range(3):
+        for count in range(1, 4):
+            record = cached_views(state, ("record", slot, count))._asdict()
+            mix = cached_views(state, ("mix", 0, count))._asdict()
+            interleaved = damping != 1.0
+            recipes = {**_RECIPES["slot"](slot), **_RECIPES["count"](count, interleaved),
+                       **_RECIPES["pair"](slot, count)}
+            for name, view in {**record, **mix}.items():
+                if name == "norms_z":
+                    continue
+                buffer, expression = recipes[name]
+                expected = expression(state[buffer])
+                assert view.data_ptr() == expected.data_ptr(), name
+                assert view.shape == expected.shape and view.stride() == expected.stride(), name
+                assert view.untyped_storage().data_ptr() == (
+                    state[buffer].untyped_storage().data_ptr()), name

@@ -5,11 +5,11 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 
 from .._checks import check_positive_int, check_unit_interval
+from ._anderson_views import cached_views
 from ._solver import (
     FixedPointSolver,
     Fn,
@@ -34,68 +34,6 @@ def _layouts(m: int, regularization: float) -> tuple[NormLayout, ...]:
 
 def _row_norms(flat: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     return torch.linalg.vector_norm(flat, dim=1, out=out)
-
-
-class _RecordViews(NamedTuple):
-    """The views of the state's buffers that recording a step into `slot` (with `count`
-    valid slots after it) writes and reads."""
-
-    f: torch.Tensor  # the slot's f and g, (batch, n)
-    g: torch.Tensor
-    g_row: torch.Tensor  # g as (batch, 1, n)
-    g_columns: torch.Tensor  # the valid slots' g, (batch, n, count)
-    scale: torch.Tensor  # the Gram row's scale, (batch, 1, count)
-    kkt_row: torch.Tensor  # the slot's Gram row and column, both (batch, 1, count)
-    kkt_column: torch.Tensor
-    diagonal: torch.Tensor  # the valid slots' Gram diagonal, (batch, count)
-    norms_g: torch.Tensor  # norms[:, :count] and norms[:, m]
-    norms_z: torch.Tensor
-
-
-class _MixViews(NamedTuple):
-    """The bordered system, right-hand side and history rows of a mixing over `count`
-    valid slots."""
-
-    system: torch.Tensor
-    rhs: torch.Tensor
-    rows: torch.Tensor
-
-
-def _cached_views(state: State, key: tuple[str, int, int]) -> _RecordViews | _MixViews:
-    """The views one step makes of the state's buffers, made once per (kind, slot, count).
-
-    At batch 1 a step's arithmetic costs about as much as making its ~20 views (1-3 us
-    each, mostly Python indexing), so they are kept on the history tensor, with the
-    buffers they view: a new history (after compaction) or a new Gram buffer gets new ones.
-    """
-    history, kkt, norms = state["history"], state["kkt"], state["norms"]
-    cache = getattr(history, "_equilibria_views", None)
-    if cache is None or cache[0] is not kkt or cache[1] is not norms:
-        cache = (kkt, norms, {})
-        history._equilibria_views = cache  # type: ignore[attr-defined]
-    views = cache[2].get(key)
-    if views is None:
-        kind, slot, count = key
-        batch, m = history.shape[0], history.shape[1]
-        if kind == "mix":
-            # [alpha_i, (beta - 1) alpha_i] weigh the interleaved [f_i, g_i] rows; with
-            # beta = 1 the f_i alone.
-            rows = (history[:, :count, 0] if state["rhs"].shape[2] == 1
-                    else history[:, :count].reshape(batch, 2 * count, -1))
-            views = _MixViews(kkt[:, : count + 1, : count + 1],
-                              state["rhs"][:, : count + 1], rows)
-        else:
-            g = history[:, slot, 1]
-            views = _RecordViews(
-                f=history[:, slot, 0], g=g, g_row=g.unsqueeze(1),
-                g_columns=history[:, :count, 1].transpose(1, 2),
-                scale=state["row_scale"][:, slot : slot + 1, :count],
-                kkt_row=kkt[:, slot + 1 : slot + 2, 1 : count + 1],
-                kkt_column=kkt[:, 1 : count + 1, slot + 1].unsqueeze(1),
-                diagonal=kkt.diagonal(dim1=1, dim2=2)[:, 1 : count + 1],
-                norms_g=norms[:, :count], norms_z=norms[:, m])
-        cache[2][key] = views
-    return views
 
 
 @dataclass(frozen=True)
@@ -206,7 +144,7 @@ class Anderson(FixedPointSolver):
         z_flat = z if z.dim() == 2 else z.reshape(batch, -1)
         f_flat = fz if fz.dim() == 2 else fz.reshape(batch, -1)
         if mutable(z, fz, history, kkt) and not torch.compiler.is_compiling():
-            v = _cached_views(state, ("record", slot, count))
+            v = cached_views(state, ("record", slot, count))
             v.f.copy_(f_flat)
             torch.sub(f_flat, z_flat, out=v.g)
             row = torch.bmm(v.g_row, v.g_columns)
@@ -263,7 +201,7 @@ class Anderson(FixedPointSolver):
         batch = z.shape[0]
         kkt, rhs, history = state["kkt"], state["rhs"], state["history"]
         fast = not torch.compiler.is_compiling() and mutable(history, kkt)
-        views = _cached_views(state, ("mix", 0, count)) if fast else None
+        views = cached_views(state, ("mix", 0, count)) if fast else None
         if views is not None:
             solution, info = torch.linalg.solve_ex(views.system, views.rhs, check_errors=False)
         else:
