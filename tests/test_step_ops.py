@@ -154,7 +154,7 @@ def test_cached_views_are_the_indexed_views(damping, compacted):
             recipes = {**_RECIPES["slot"](slot), **_RECIPES["count"](count, interleaved),
                        **_RECIPES["pair"](slot, count)}
             for name, view in {**record, **mix}.items():
-                if name == "norms_z":
+                if name in ("norms_z", "cpu"):
                     continue
                 buffer, expression = recipes[name]
                 expected = expression(state[buffer])

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .._checks import check_positive_int, check_unit_interval
-from ._anderson_views import cached_views
+from ._anderson_views import cached_views, mixing_weights
 from ._solver import (
     FixedPointSolver,
     Fn,
@@ -185,6 +185,8 @@ class Anderson(FixedPointSolver):
                 "rhs": state["rhs"], "row_scale": state["row_scale"]}
 
     def step(self, fn: Fn, state: State, step_index: int) -> tuple[State, int]:
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return self._step_in_place(fn, state, step_index), 1
         z, fz = state["z"], state["fz"]
         count = min(step_index + 1, self.m)
         beta = self.damping
@@ -195,6 +197,39 @@ class Anderson(FixedPointSolver):
         slot, count = (step_index + 1) % self.m, min(step_index + 2, self.m)
         return self._record(z_next, fn(z_next), state, slot, count), 1
 
+    def _step_in_place(self, fn: Fn, state: State, step_index: int) -> State:
+        """`step` when autograd records nothing (the DEQ forward), eagerly: the same calls on
+        the buffers' cached views, without the per-call checks of `_mix` and `_record`, the
+        state updated in place. At batch 1 the Python around a step's dozen calls cost about
+        as much as the calls."""
+        m, z, fz = self.m, state["z"], state["fz"]
+        count = step_index + 1 if step_index < m else m
+        mix, record = cached_views(state, ("step", (step_index + 1) % m, count))
+        if count == 1:
+            z_next = torch.lerp(z, fz, self.damping) if self.damping != 1.0 else fz
+        else:
+            solution, info = torch.linalg.solve_ex(mix.system, mix.rhs, check_errors=False)
+            # The finiteness read of `_combine`, first: on CPU a finite sum means every
+            # sample solved, and the weights are a cached view of the solution.
+            if mix.cpu and math.isfinite(float(solution.sum())):
+                weights = mixing_weights(state, solution, count)
+                z_next = torch.bmm(weights, mix.rows).reshape(z.shape)
+            else:
+                z_next = self._combine(z, fz, state, count, solution, info, mix.rows)
+        fz_next = fn(z_next)
+        batch = z_next.shape[0]
+        z_flat = z_next if z_next.dim() == 2 else z_next.reshape(batch, -1)
+        f_flat = fz_next if fz_next.dim() == 2 else fz_next.reshape(batch, -1)
+        record.f.copy_(f_flat)
+        torch.sub(f_flat, z_flat, out=record.g)
+        row = torch.bmm(record.g_row, record.g_columns)
+        torch.mul(row, record.scale, out=record.kkt_row)
+        torch.mul(row, record.scale, out=record.kkt_column)
+        torch.sqrt(record.diagonal, out=record.norms_g)
+        _row_norms(z_flat, out=record.norms_z)
+        state["z"], state["fz"] = z_next, fz_next
+        return state
+
     def _mix(self, z: torch.Tensor, fz: torch.Tensor, state: State, count: int) -> torch.Tensor:
         """sum_i alpha_i (f_i - (1 - beta) g_i) over the `count` valid slots; a sample whose
         system failed takes the damped Picard step instead."""
@@ -204,9 +239,21 @@ class Anderson(FixedPointSolver):
         views = cached_views(state, ("mix", 0, count)) if fast else None
         if views is not None:
             solution, info = torch.linalg.solve_ex(views.system, views.rhs, check_errors=False)
+            rows = views.rows
         else:
             solution, info = torch.linalg.solve_ex(kkt[:, : count + 1, : count + 1],
                                                    rhs[:, : count + 1], check_errors=False)
+            rows = (history[:, :count, 0] if solution.shape[2] == 1
+                    else history[:, :count].reshape(batch, 2 * count, -1))
+        return self._combine(z, fz, state, count, solution, info, rows)
+
+    def _combine(self, z: torch.Tensor, fz: torch.Tensor, state: State, count: int,
+                 solution: torch.Tensor, info: torch.Tensor, rows: torch.Tensor
+                 ) -> torch.Tensor:
+        """The mixing from the systems' `solution` (and LAPACK's `info`), with the history's
+        `rows`; the samples whose system failed take the damped Picard step."""
+        batch = z.shape[0]
+        kkt, rhs = state["kkt"], state["rhs"]
         ok = None
         # On CPU a host read is free: one reduction over every coefficient tells whether all
         # samples solved (a NaN or inf anywhere makes the sum non-finite; a singular system,
@@ -228,12 +275,6 @@ class Anderson(FixedPointSolver):
         # Drop mu; [alpha_i, (beta - 1) alpha_i] interleaved as the history's [f_i, g_i] rows.
         columns = solution.shape[2]
         weights = solution[:, 1:].reshape(batch, 1, count * columns)
-        if views is not None:
-            rows = views.rows
-        elif columns == 1:
-            rows = history[:, :count, 0]
-        else:
-            rows = history[:, :count].reshape(batch, 2 * count, -1)
         mixed = torch.bmm(weights, rows).reshape(z.shape)
         if ok is None:
             return mixed

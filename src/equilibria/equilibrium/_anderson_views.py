@@ -23,7 +23,7 @@ import torch
 
 from ._solver import State
 
-__all__ = ["cached_views"]
+__all__ = ["cached_views", "mixing_weights"]
 
 Geometry = tuple[tuple[int, ...], tuple[int, ...], int]  # size, stride, storage offset
 
@@ -46,11 +46,12 @@ class RecordViews(NamedTuple):
 
 class MixViews(NamedTuple):
     """The bordered system, right-hand side and history rows of a mixing over `count`
-    valid slots."""
+    valid slots, and whether they live on the CPU (where a host read costs nothing)."""
 
     system: torch.Tensor
     rhs: torch.Tensor
     rows: torch.Tensor
+    cpu: bool
 
 
 # Each view: (buffer name, indexing expression). The expressions are the ones the step used
@@ -119,9 +120,14 @@ def _make(state: State, bases: tuple[Geometry, ...], kind: str, key: tuple
     return views
 
 
-def cached_views(state: State, key: tuple[str, int, int]) -> RecordViews | MixViews:
+def cached_views(state: State, key: tuple[str, int, int]
+                 ) -> RecordViews | MixViews | tuple[MixViews, RecordViews]:
     """The views one step makes of the state's buffers, made once per (kind, slot, count)
-    and kept on the history tensor while it views the same Gram and norms buffers."""
+    and kept on the history tensor while it views the same Gram and norms buffers.
+
+    Kinds: "record" (writing `slot` with `count` valid slots after it), "mix" (a mixing
+    over `count` slots), "step" (both, for the step that mixes `count` slots and records
+    into `slot`: its record sees min(count + 1, m) valid slots)."""
     history, kkt, norms = state["history"], state["kkt"], state["norms"]
     cache = getattr(history, "_equilibria_views", None)
     if cache is None or cache[0] is not kkt or cache[1] is not norms:
@@ -132,13 +138,18 @@ def cached_views(state: State, key: tuple[str, int, int]) -> RecordViews | MixVi
     views = parts.get(key)
     if views is None:
         kind, slot, count = key
+        if kind == "step":
+            views = parts[key] = (cached_views(state, ("mix", 0, count)), cached_views(
+                state, ("record", slot, min(count + 1, history.shape[1]))))
+            return views
         interleaved = state["rhs"].shape[2] != 1
         by_count = parts.get(("count", count, interleaved))
         if by_count is None:
             by_count = parts[("count", count, interleaved)] = _make(
                 state, bases, "count", (count, interleaved))
         if kind == "mix":
-            views = MixViews(by_count["system"], by_count["rhs"], by_count["rows"])
+            views = MixViews(by_count["system"], by_count["rhs"], by_count["rows"],
+                             history.device.type == "cpu")
         else:
             by_slot = parts.get(("slot", slot))
             if by_slot is None:
@@ -153,3 +164,20 @@ def cached_views(state: State, key: tuple[str, int, int]) -> RecordViews | MixVi
                 by_count["norms_g"], norms_z)
         parts[key] = views
     return views
+
+
+def mixing_weights(state: State, solution: torch.Tensor, count: int) -> torch.Tensor:
+    """``solution[:, 1:].reshape(batch, 1, count * columns)``: the mixing weights (mu
+    dropped), as one `as_strided` of the solution when that reshape is a view (its
+    geometry kept per count while the solution's strides stay those it was found for)."""
+    parts = state["history"]._equilibria_views[2]
+    stride = (solution.stride(), solution.storage_offset())
+    found = parts.get(("weights", count))
+    if found is None or found[0] != stride:
+        weights = solution[:, 1:].reshape(solution.shape[0], 1, count * solution.shape[2])
+        found = parts[("weights", count)] = (
+            stride, _geometry_of(weights) if weights._is_view() else None)
+        return weights
+    if found[1] is None:
+        return solution[:, 1:].reshape(solution.shape[0], 1, count * solution.shape[2])
+    return solution.as_strided(*found[1])
