@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .._checks import check_positive_int, check_unit_interval
-from ._anderson_views import cached_views, mixing_weights
+from ._anderson_views import RecordViews, cached_views, mixing_weights
 from ._solver import (
     FixedPointSolver,
     Fn,
@@ -34,6 +34,19 @@ def _layouts(m: int, regularization: float) -> tuple[NormLayout, ...]:
 
 def _row_norms(flat: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     return torch.linalg.vector_norm(flat, dim=1, out=out)
+
+
+def _write_record(views: RecordViews, f_flat: torch.Tensor, z_flat: torch.Tensor) -> None:
+    """A step's writes into the buffers, in place: f and g into the slot, the new Gram row
+    and column (the regularised diagonal entry written with the row, by one multiply),
+    every valid slot's norm and ||z||."""
+    views.f.copy_(f_flat)
+    torch.sub(f_flat, z_flat, out=views.g)
+    row = torch.bmm(views.g_row, views.g_columns)
+    torch.mul(row, views.scale, out=views.kkt_row)
+    torch.mul(row, views.scale, out=views.kkt_column)
+    torch.sqrt(views.diagonal, out=views.norms_g)
+    _row_norms(z_flat, out=views.norms_z)
 
 
 @dataclass(frozen=True)
@@ -144,15 +157,8 @@ class Anderson(FixedPointSolver):
         z_flat = z if z.dim() == 2 else z.reshape(batch, -1)
         f_flat = fz if fz.dim() == 2 else fz.reshape(batch, -1)
         if mutable(z, fz, history, kkt) and not torch.compiler.is_compiling():
-            v = cached_views(state, ("record", slot, count))
-            v.f.copy_(f_flat)
-            torch.sub(f_flat, z_flat, out=v.g)
-            row = torch.bmm(v.g_row, v.g_columns)
-            # The regularised diagonal entry is written with the row, by one multiply.
-            torch.mul(row, v.scale, out=v.kkt_row)
-            torch.mul(row, v.scale, out=v.kkt_column)
-            torch.sqrt(v.diagonal, out=v.norms_g)
-            _row_norms(z_flat if not z_flat.requires_grad else z_flat.detach(), out=v.norms_z)
+            _write_record(cached_views(state, ("record", slot, count)), f_flat,
+                          z_flat if not z_flat.requires_grad else z_flat.detach())
             return {"z": z, "fz": fz, "history": history, "kkt": kkt, "norms": norms,
                     "rhs": state["rhs"], "row_scale": state["row_scale"]}
         in_place = mutable(z, fz, history, kkt)
@@ -220,13 +226,7 @@ class Anderson(FixedPointSolver):
         batch = z_next.shape[0]
         z_flat = z_next if z_next.dim() == 2 else z_next.reshape(batch, -1)
         f_flat = fz_next if fz_next.dim() == 2 else fz_next.reshape(batch, -1)
-        record.f.copy_(f_flat)
-        torch.sub(f_flat, z_flat, out=record.g)
-        row = torch.bmm(record.g_row, record.g_columns)
-        torch.mul(row, record.scale, out=record.kkt_row)
-        torch.mul(row, record.scale, out=record.kkt_column)
-        torch.sqrt(record.diagonal, out=record.norms_g)
-        _row_norms(z_flat, out=record.norms_z)
+        _write_record(record, f_flat, z_flat)
         state["z"], state["fz"] = z_next, fz_next
         return state
 
