@@ -72,6 +72,10 @@ def add_pending(n_steps: torch.Tensor, nfe: torch.Tensor, rows: torch.Tensor | N
             _put(nfe, rows, _take(nfe, rows) + running * evaluations))
 
 
+# Up to this many rows the fused test runs on the host (see `FusedTest`).
+_HOST_ROWS = 4
+
+
 class FusedTest:
     """The CPU loop's test of a step, from a solver's norms, in one matrix product.
 
@@ -84,6 +88,12 @@ class FusedTest:
     residual is also below the divergence limit (the best is at most the initial residual).
     The margins must clear a few rounding errors (16 eps, relative): a step at the edge of
     either test goes to the exact, masked path, so both paths give the same result.
+
+    With a few rows (batch 1-4) the margins are computed on the host, in float64, from the
+    norms' values (`tolist`, one read): the matrix product, the reduction and their read
+    cost more there. Only the columns with a weight enter (a NaN elsewhere, in a column
+    the test does not use, does not fail it), and their rounding is below the slack's, so
+    the test passes only where the exact test would agree, as the device's does.
     """
 
     def __init__(self, atol: float, rtol: float, inverse_sqrt: float) -> None:
@@ -91,6 +101,11 @@ class FusedTest:
         self.weights: dict[tuple[int, bool, int], torch.Tensor] = {}
         self.columns: dict[int, BestColumn] = {}
         self.bias_previous = self.bias_best = self.base = None
+        # The biases as host lists of (row's margin-0 bias, margin-1 bias), for few rows.
+        self.host_previous: list[list[float]] | None = None
+        self.host_best: list[list[float]] | None = None
+        self.host_coefficients: dict[tuple[int, bool], tuple] = {}
+        self.slack = math.nan
         # The minimum margin of the last test: finite exactly when every running row's
         # residual and tolerance were finite (then the slow path skips its overflow checks).
         self.minimum = math.nan
@@ -99,8 +114,9 @@ class FusedTest:
         """New running rows or best residuals (after a step on which something changed)."""
         rows = best.shape[0]
         if self.base is None or self.base.dtype != best.dtype:
-            slack = 1.0 + 16 * torch.finfo(best.dtype).eps
+            slack = self.slack = 1.0 + 16 * torch.finfo(best.dtype).eps
             self.base = best.new_tensor([[-self.atol * slack, 0.0]])
+            self.host_coefficients = {}
         best = best.detach()
         if running is None:
             self.bias_previous = self.base.expand(rows, 2)
@@ -108,6 +124,11 @@ class FusedTest:
             self.bias_previous = torch.where(running.unsqueeze(1), self.base, math.inf)
             best = best.masked_fill(~running, math.inf)
         self.bias_best = torch.stack((self.bias_previous[:, 0], best), dim=1)
+        if rows <= _HOST_ROWS and best.device.type == "cpu":
+            self.host_previous = self.bias_previous.tolist()
+            self.host_best = self.bias_best.tolist()
+        else:
+            self.host_previous = self.host_best = None
 
     def _weights(self, norms: torch.Tensor, layout: NormLayout, previous: bool) -> torch.Tensor:
         key = (id(layout), previous, norms.shape[1])  # solvers keep their layouts
@@ -138,10 +159,37 @@ class FusedTest:
         return column
 
     def passes(self, norms: torch.Tensor, layout: NormLayout, previous: bool) -> bool:
-        bias = self.bias_previous if previous else self.bias_best
-        margins = torch.addmm(bias, norms, self._weights(norms, layout, previous))
-        self.minimum = float(margins.amin())
+        host = self.host_previous if previous else self.host_best
+        if host is not None:
+            self.minimum = self._host_minimum(norms, layout, previous, host)
+        else:
+            bias = self.bias_previous if previous else self.bias_best
+            margins = torch.addmm(bias, norms, self._weights(norms, layout, previous))
+            self.minimum = float(margins.amin())
         return self.minimum > 0  # NaN compares False
+
+    def _host_minimum(self, norms: torch.Tensor, layout: NormLayout, previous: bool,
+                      bias: list[list[float]]) -> float:
+        """The margins' minimum from the norms' values, in float64 on the host (NaN when
+        a margin is NaN); the same weights as `_weights`, unrounded."""
+        coefficients = self.host_coefficients.get((id(layout), previous))
+        if coefficients is None:
+            scale = layout.residual_scale * self.inverse_sqrt
+            coefficients = self.host_coefficients[(id(layout), previous)] = (
+                layout.residual, layout.z, layout.previous if previous else None, scale,
+                -self.rtol * self.inverse_sqrt * self.slack, -scale * self.slack)
+        residual, z, previous_column, scale, z_weight, residual_weight = coefficients
+        low = math.inf
+        for values, (bias_test, bias_best) in zip(norms.tolist(), bias):
+            r = values[residual]
+            test = bias_test + (scale * r + z_weight * values[z])
+            best = bias_best + residual_weight * r
+            if previous_column is not None:
+                best = best + scale * values[previous_column]
+            if test != test or best != best:
+                return math.nan
+            low = min(low, test, best)
+        return low
 
     def finite(self) -> bool:
         """Whether the last test saw only finite residuals and tolerances on running rows: a
