@@ -32,8 +32,12 @@ from overhead_bench import make_case  # noqa: E402
 M, REG, RTOL = 5, 1e-8, 1e-4
 
 
-def bare_anderson(wt: torch.Tensor, c: torch.Tensor, n_steps: int) -> torch.Tensor:
-    """`n_steps` Anderson(m=5) steps from z0 = 0 by the library's calls, nothing else."""
+def bare_anderson(wt: torch.Tensor, c: torch.Tensor, n_steps: int, host_reads: bool = False
+                  ) -> torch.Tensor:
+    """`n_steps` Anderson(m=5) steps from z0 = 0 by the library's calls, nothing else: with
+    `host_reads` its calls now (batch 1: the finiteness check and the fused test read the
+    values on the host), without them its calls before the step-cost work (a sum and its
+    read; addmm, amin and a read)."""
     batch, width = c.shape
     z = torch.zeros_like(c)
     fz = torch.tanh(torch.addmm(c, z, wt))
@@ -64,6 +68,7 @@ def bare_anderson(wt: torch.Tensor, c: torch.Tensor, n_steps: int) -> torch.Tens
     # the fused test's weights and bias (the values do not matter for the cost)
     weights = z.new_zeros(M + 1, 2)
     bias = z.new_zeros(1, 2).expand(batch, 2)
+    bias_host = bias.tolist()
 
     def record(z, fz, slot, count):
         f_view, g, g_row, g_columns, scale, kkt_row, kkt_column, diagonal, norms_g, norms_z = (
@@ -84,11 +89,23 @@ def bare_anderson(wt: torch.Tensor, c: torch.Tensor, n_steps: int) -> torch.Tens
         else:
             system, right, rows = mix_views[count]
             solution, _ = torch.linalg.solve_ex(system, right, check_errors=False)
-            math.isfinite(float(solution.sum()))
+            if host_reads:
+                math.isfinite(sum(sum(row) for sample in solution.tolist() for row in sample))
+            else:
+                math.isfinite(float(solution.sum()))
             z = torch.bmm(solution[:, 1:].reshape(batch, 1, count), rows).reshape(batch, width)
         fz = torch.tanh(torch.addmm(c, z, wt))
         record(z, fz, (step_index + 1) % M, min(step_index + 2, M))
-        float(torch.addmm(bias, norms, weights).amin())
+        if host_reads:  # the host fused test's arithmetic (columns and weights arbitrary)
+            low = math.inf
+            for values, (bias_test, bias_best) in zip(norms.tolist(), bias_host):
+                test = bias_test + (0.5 * values[1] + -0.5 * values[M])
+                best = bias_best + -0.5 * values[1] + 0.5 * values[0]
+                if test != test or best != best:
+                    break
+                low = min(low, test, best)
+        else:
+            float(torch.addmm(bias, norms, weights).amin())
     return z
 
 
@@ -111,7 +128,8 @@ def main() -> None:
     with torch.no_grad():
         solution = library()
         n_steps, nfe = int(solution.stats["n_steps"].max()), int(solution.stats["nfe"].max())
-        same = torch.equal(bare_anderson(wt, c, n_steps), solution.value)
+        same = all(torch.equal(bare_anderson(wt, c, n_steps, host), solution.value)
+                   for host in (False, True))
         z = torch.randn_like(c)
 
         def f_loop():
@@ -119,6 +137,7 @@ def main() -> None:
                 f(z, c)
 
         runs = {"f x nfe": f_loop, "bare": lambda: bare_anderson(wt, c, n_steps),
+                "bare now": lambda: bare_anderson(wt, c, n_steps, host_reads=True),
                 "library": library}
         times: dict[str, list[float]] = {key: [] for key in runs}
         one_f = []  # one call alone, as step_ab.py times f
@@ -134,14 +153,15 @@ def main() -> None:
     wall = {key: statistics.median(values) for key, values in times.items()}
     t_loop, t_one = wall["f x nfe"], statistics.median(one_f)
     print(f"Anderson {args.batch} x {args.width}: nfe {nfe}, steps {n_steps}; f {t_one * 1e6:.1f}"
-          f" us alone, {t_loop / nfe * 1e6:.1f} us in a loop; wall f x nfe {t_loop * 1e3:.3f} ms,"
-          f" bare {wall['bare'] * 1e3:.3f} ms, library {wall['library'] * 1e3:.3f} ms")
+          f" us alone, {t_loop / nfe * 1e6:.1f} us in a loop; wall (ms): " + ", ".join(
+              f"{key} {value * 1e3:.3f}" for key, value in wall.items()))
     for name, t_f in (("one f alone (step_ab.py)", t_one * nfe), ("f in a loop", t_loop)):
-        print(f"  overhead by {name}: bare {wall['bare'] / t_f:.2f}, library "
-              f"{wall['library'] / t_f:.2f}")
-    print(f"  per step beyond f (loop): bare {(wall['bare'] - t_loop) / n_steps * 1e6:.1f} us, "
-          f"library {(wall['library'] - t_loop) / n_steps * 1e6:.1f} us; library / bare "
-          f"{wall['library'] / wall['bare']:.3f}; bare == library value {same}")
+        print(f"  overhead by {name}: " + ", ".join(
+            f"{key} {wall[key] / t_f:.2f}" for key in ("bare", "bare now", "library")))
+    print("  per step beyond f (in a loop): " + ", ".join(
+        f"{key} {(wall[key] - t_loop) / n_steps * 1e6:.1f} us"
+        for key in ("bare", "bare now", "library"))
+        + f"; library / bare {wall['library'] / wall['bare']:.3f}; bare == library value {same}")
 
 if __name__ == "__main__":
     main()

@@ -11,7 +11,8 @@ import torch
 from .._solution import Status
 from ._solver import NormLayout, expand_as_batch
 
-__all__ = ["BestColumn", "FusedTest", "add_pending", "residual_from", "stop_or_improve"]
+__all__ = ["BestColumn", "FusedTest", "add_pending", "initial_status", "residual_from",
+           "stop_or_improve"]
 
 
 def _put(full: torch.Tensor, rows: torch.Tensor | None, local: torch.Tensor) -> torch.Tensor:
@@ -20,6 +21,18 @@ def _put(full: torch.Tensor, rows: torch.Tensor | None, local: torch.Tensor) -> 
 
 def _take(full: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return full if rows is None else full.index_select(0, rows)
+
+
+# Up to this many rows (on CPU) the first statuses are decided on the host.
+HOST_STATUS_ROWS = 64
+
+
+def initial_status(residual: float, tolerance: float) -> int:
+    """A row's status at z0 from its residual and tolerance, on the host: the rule of the
+    Book's masked start (NaN and inf residuals NONFINITE; NaN compares False)."""
+    if not residual < math.inf:
+        return int(Status.NONFINITE)
+    return int(Status.SUCCESS) if residual <= tolerance else int(Status.MAX_STEPS)
 
 
 def stop_or_improve(running: torch.Tensor, ok: torch.Tensor | None, residual: torch.Tensor,
