@@ -146,16 +146,17 @@ class Anderson(FixedPointSolver):
         # Uninitialised when written in place: slot i is written before anything reads it.
         new = z.new_empty if in_place else z.new_zeros
         history = new(m, 2, batch, width).permute(2, 0, 1, 3)
-        kkt = z.new_zeros(batch, m + 1, m + 1)
-        kkt[:, 0, 1:] = 1
-        kkt[:, 1:, 0] = 1
+        # The small constant buffers are built on the host and sent as one tensor each
+        # (their element writes were a tenth of a batch-1 solve's set-up): the border of
+        # the bordered system, and the right-hand sides [1, 0, ..., 0] and
+        # [-(1 - beta), 0, ..., 0] (the solution's columns are [mu, alpha] and
+        # (beta - 1) [mu, alpha]).
+        border = [[0.0] + [1.0] * m] + [[1.0] + [0.0] * m for _ in range(m)]
+        kkt = torch.tensor([border], dtype=z.dtype, device=z.device).repeat(batch, 1, 1)
         norms = z.new_zeros(m + 1, batch).T
-        # The right-hand sides [1, 0, ..., 0] and [-(1 - beta), 0, ..., 0]: the solution's
-        # columns are [mu, alpha] and (beta - 1) [mu, alpha].
-        rhs = z.new_zeros(1, m + 1, 2 if self.damping != 1.0 else 1)
-        rhs[0, 0, 0] = 1.0
-        if self.damping != 1.0:
-            rhs[0, 0, 1] = self.damping - 1.0
+        first = [1.0] if self.damping == 1.0 else [1.0, self.damping - 1.0]
+        rhs = torch.tensor([[first] + [[0.0] * len(first)] * m], dtype=z.dtype,
+                           device=z.device)
         # Row i of it scales the new Gram row of slot i: 1 + regularization on the diagonal.
         row_scale = torch.eye(m, dtype=z.dtype, device=z.device).mul_(self.regularization)
         row_scale = row_scale.add_(1.0).unsqueeze(0)
