@@ -36,6 +36,29 @@ def _row_norms(flat: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.
     return torch.linalg.vector_norm(flat, dim=1, out=out)
 
 
+@functools.lru_cache(maxsize=64)
+def _constants(m: int, regularization: float, damping: float, dtype: torch.dtype,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The constant buffers of a solve, made once per process (never written: the state
+    holds expanded views of them; the Gram buffer is a copy of the border):
+
+    - the border of the bordered system (1, m + 1, m + 1): row/column 0 ones but (0, 0);
+    - the right-hand sides (1, m + 1, 1 or 2): [1, 0, ..., 0] and [-(1 - beta), 0, ..., 0],
+      so that the solution's columns are [mu, alpha] and (beta - 1) [mu, alpha];
+    - the Gram row scales (1, m, m): row i scales the new Gram row of slot i, 1 +
+      regularization on the diagonal (computed in the state's dtype, as the step did).
+    """
+    border = [[0.0] + [1.0] * m] + [[1.0] + [0.0] * m for _ in range(m)]
+    first = [1.0] if damping == 1.0 else [1.0, damping - 1.0]
+    rhs = [[first] + [[0.0] * len(first)] * m]
+    # Plain tensors even when the first solve runs under inference_mode: a later recorded
+    # (Unrolled) solve saves them for backward.
+    with torch.inference_mode(False), torch.no_grad():
+        row_scale = torch.eye(m, dtype=dtype, device=device).mul_(regularization).add_(1.0)
+        return (torch.tensor([border], dtype=dtype, device=device),
+                torch.tensor(rhs, dtype=dtype, device=device), row_scale.unsqueeze(0))
+
+
 def _all_finite(solution: torch.Tensor) -> bool:
     """Whether every element of a CPU tensor is finite, by one host read: a small one (a
     batch-1 solution) summed on the host from its values (no kernel: half the time of a
@@ -123,8 +146,10 @@ class Anderson(FixedPointSolver):
 
     # Per step, beside f, the solver launches: two writes of the history (f and g), one bmm
     # for the new Gram row and two writes of it (row, with the regularised diagonal entry,
-    # and column), two norms for the loop's test, one batched solve, one finiteness read and
-    # one bmm for the mixing. Every buffer is allocated once, in `init`.
+    # and column), two norms for the loop's test, one batched solve, one finiteness read (on
+    # the host for a small solution: `_all_finite`) and one bmm for the mixing. Every buffer
+    # is allocated once, in `init`, and the views of them once per solve
+    # (`_anderson_views`); with autograd off the step is `_step_in_place`.
     #
     # The history is one (m, 2, batch, n) buffer, slot-major: slot i holds [f_i, g_i], so
     # each write is a contiguous (batch, n) block, and the mixing is one bmm of the solved
@@ -146,20 +171,10 @@ class Anderson(FixedPointSolver):
         # Uninitialised when written in place: slot i is written before anything reads it.
         new = z.new_empty if in_place else z.new_zeros
         history = new(m, 2, batch, width).permute(2, 0, 1, 3)
-        # The small constant buffers are built on the host and sent as one tensor each
-        # (their element writes were a tenth of a batch-1 solve's set-up): the border of
-        # the bordered system, and the right-hand sides [1, 0, ..., 0] and
-        # [-(1 - beta), 0, ..., 0] (the solution's columns are [mu, alpha] and
-        # (beta - 1) [mu, alpha]).
-        border = [[0.0] + [1.0] * m] + [[1.0] + [0.0] * m for _ in range(m)]
-        kkt = torch.tensor([border], dtype=z.dtype, device=z.device).repeat(batch, 1, 1)
+        border, rhs, row_scale = _constants(m, self.regularization, self.damping, z.dtype,
+                                            z.device)
+        kkt = border.repeat(batch, 1, 1)
         norms = z.new_zeros(m + 1, batch).T
-        first = [1.0] if self.damping == 1.0 else [1.0, self.damping - 1.0]
-        rhs = torch.tensor([[first] + [[0.0] * len(first)] * m], dtype=z.dtype,
-                           device=z.device)
-        # Row i of it scales the new Gram row of slot i: 1 + regularization on the diagonal.
-        row_scale = torch.eye(m, dtype=z.dtype, device=z.device).mul_(self.regularization)
-        row_scale = row_scale.add_(1.0).unsqueeze(0)
         state = {"history": history, "kkt": kkt, "norms": norms,
                  "rhs": rhs.expand(batch, -1, -1), "row_scale": row_scale.expand(batch, -1, -1)}
         return self._record(z, fz, state, slot=0, count=1)

@@ -4,7 +4,8 @@ counters, trace, kept values and compaction, one step at a time (`Book.step`).
 `fixed_point` (`_loop.py`) checks its inputs and drives the solver; everything it decides
 about a sample after each step is here. Every decision is made by masks over the batch; on
 CPU the common step (no sample stops, every running one improves) is recognised by the
-solver's norms alone (`FusedTest`) and costs two ops beside them.
+solver's norms alone (`FusedTest`) and costs two ops beside them (none for a few rows,
+whose test runs on the host from one read of the norms).
 """
 
 from __future__ import annotations
