@@ -48,15 +48,19 @@ def _constants(m: int, regularization: float, damping: float, dtype: torch.dtype
     - the Gram row scales (1, m, m): row i scales the new Gram row of slot i, 1 +
       regularization on the diagonal (computed in the state's dtype, as the step did).
     """
-    border = [[0.0] + [1.0] * m] + [[1.0] + [0.0] * m for _ in range(m)]
-    first = [1.0] if damping == 1.0 else [1.0, damping - 1.0]
-    rhs = [[first] + [[0.0] * len(first)] * m]
-    # Plain tensors even when the first solve runs under inference_mode: a later recorded
-    # (Unrolled) solve saves them for backward.
+    # Plain tensors even when the first solve runs under inference_mode (a later recorded,
+    # Unrolled, solve saves them for backward); made by fills on the device, not copied
+    # from the host (a copy to a CUDA device is a host sync, refused inside a solve).
     with torch.inference_mode(False), torch.no_grad():
+        border = torch.ones(1, m + 1, m + 1, dtype=dtype, device=device)
+        border[:, 1:, 1:] = 0
+        border[:, 0, 0] = 0
+        rhs = torch.zeros(1, m + 1, 1 if damping == 1.0 else 2, dtype=dtype, device=device)
+        rhs[0, 0, 0] = 1.0
+        if damping != 1.0:
+            rhs[0, 0, 1] = damping - 1.0
         row_scale = torch.eye(m, dtype=dtype, device=device).mul_(regularization).add_(1.0)
-        return (torch.tensor([border], dtype=dtype, device=device),
-                torch.tensor(rhs, dtype=dtype, device=device), row_scale.unsqueeze(0))
+        return border, rhs, row_scale.unsqueeze(0)
 
 
 def _all_finite(solution: torch.Tensor) -> bool:
