@@ -6,7 +6,11 @@ mixing's batched solve, its finiteness read and bmm; f; the history, Gram-row an
 writes; the fused test's addmm and host read), with the same shapes and out= forms, on
 buffers and views made once, and nothing else: no statuses, no best iterate, no dict, no
 method dispatch. It runs as many steps as the library needed, and its last iterate must
-equal the library's value bit for bit (checked), so it is the same arithmetic. Overheads are
+equal the library's value bit for bit (checked), so it is the same arithmetic: at batch 1,
+where every step but the last is the loop's common step (with more rows, rows that stop
+early keep their frozen value in the library, so the check says False there). "bare now"
+models the calls after the step-cost work at batch 1 (host reads instead of the finiteness
+sum and the fused test's addmm; the library makes those reads only for a few rows). Overheads are
 wall / (nfe x one f), f timed in the same rounds; the floor is what eager PyTorch costs for
 this algorithm, the gap to it what the library adds.
 
