@@ -65,9 +65,18 @@ def row_norm(flat: torch.Tensor) -> torch.Tensor:
 
 
 def out_of_range(norm: torch.Tensor) -> bool:
-    """Whether a (batch,) norm may have over- or underflowed (one host read)."""
+    """Whether a (batch,) norm may have over- or underflowed (one host read). A few CPU
+    values (batch <= 64) are read as they are and tested on the host (no aminmax kernel);
+    NaN is out of range either way."""
+    if norm.device.type == "cpu" and norm.numel() <= _HOST_VALUES:
+        small = _SMALL[norm.dtype]
+        return any(not small <= value < math.inf for value in norm.detach().tolist())
     low, high = torch.aminmax(norm.detach())
     return not float(high) < math.inf or float(low) < _SMALL[norm.dtype]
+
+
+# Up to this many values a host read of all of them beats a reduction kernel and its read.
+_HOST_VALUES = 64
 
 
 def _rescaled(flat: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 
 from .._checks import check_positive_int, check_unit_interval
+from ._anderson_views import RecordViews, cached_views, mixing_weights
 from ._solver import (
     FixedPointSolver,
     Fn,
@@ -36,66 +36,62 @@ def _row_norms(flat: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.
     return torch.linalg.vector_norm(flat, dim=1, out=out)
 
 
-class _RecordViews(NamedTuple):
-    """The views of the state's buffers that recording a step into `slot` (with `count`
-    valid slots after it) writes and reads."""
+@functools.lru_cache(maxsize=64)
+def _constants(m: int, regularization: float, damping: float, dtype: torch.dtype,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The constant buffers of a solve, made once per process (never written: the state
+    holds expanded views of them; the Gram buffer is a copy of the border):
 
-    f: torch.Tensor  # the slot's f and g, (batch, n)
-    g: torch.Tensor
-    g_row: torch.Tensor  # g as (batch, 1, n)
-    g_columns: torch.Tensor  # the valid slots' g, (batch, n, count)
-    scale: torch.Tensor  # the Gram row's scale, (batch, 1, count)
-    kkt_row: torch.Tensor  # the slot's Gram row and column, both (batch, 1, count)
-    kkt_column: torch.Tensor
-    diagonal: torch.Tensor  # the valid slots' Gram diagonal, (batch, count)
-    norms_g: torch.Tensor  # norms[:, :count] and norms[:, m]
-    norms_z: torch.Tensor
-
-
-class _MixViews(NamedTuple):
-    """The bordered system, right-hand side and history rows of a mixing over `count`
-    valid slots."""
-
-    system: torch.Tensor
-    rhs: torch.Tensor
-    rows: torch.Tensor
-
-
-def _cached_views(state: State, key: tuple[str, int, int]) -> _RecordViews | _MixViews:
-    """The views one step makes of the state's buffers, made once per (kind, slot, count).
-
-    At batch 1 a step's arithmetic costs about as much as making its ~20 views (1-3 us
-    each, mostly Python indexing), so they are kept on the history tensor, with the
-    buffers they view: a new history (after compaction) or a new Gram buffer gets new ones.
+    - the border of the bordered system (1, m + 1, m + 1): row/column 0 ones but (0, 0);
+    - the right-hand sides (1, m + 1, 1 or 2): [1, 0, ..., 0] and [-(1 - beta), 0, ..., 0],
+      so that the solution's columns are [mu, alpha] and (beta - 1) [mu, alpha];
+    - the Gram row scales (1, m, m): row i scales the new Gram row of slot i, 1 +
+      regularization on the diagonal (computed in the state's dtype, as the step did).
     """
-    history, kkt, norms = state["history"], state["kkt"], state["norms"]
-    cache = getattr(history, "_equilibria_views", None)
-    if cache is None or cache[0] is not kkt or cache[1] is not norms:
-        cache = (kkt, norms, {})
-        history._equilibria_views = cache  # type: ignore[attr-defined]
-    views = cache[2].get(key)
-    if views is None:
-        kind, slot, count = key
-        batch, m = history.shape[0], history.shape[1]
-        if kind == "mix":
-            # [alpha_i, (beta - 1) alpha_i] weigh the interleaved [f_i, g_i] rows; with
-            # beta = 1 the f_i alone.
-            rows = (history[:, :count, 0] if state["rhs"].shape[2] == 1
-                    else history[:, :count].reshape(batch, 2 * count, -1))
-            views = _MixViews(kkt[:, : count + 1, : count + 1],
-                              state["rhs"][:, : count + 1], rows)
-        else:
-            g = history[:, slot, 1]
-            views = _RecordViews(
-                f=history[:, slot, 0], g=g, g_row=g.unsqueeze(1),
-                g_columns=history[:, :count, 1].transpose(1, 2),
-                scale=state["row_scale"][:, slot : slot + 1, :count],
-                kkt_row=kkt[:, slot + 1 : slot + 2, 1 : count + 1],
-                kkt_column=kkt[:, 1 : count + 1, slot + 1].unsqueeze(1),
-                diagonal=kkt.diagonal(dim1=1, dim2=2)[:, 1 : count + 1],
-                norms_g=norms[:, :count], norms_z=norms[:, m])
-        cache[2][key] = views
-    return views
+    # Plain tensors even when the first solve runs under inference_mode (a later recorded,
+    # Unrolled, solve saves them for backward); made by fills on the device, not copied
+    # from the host (a copy to a CUDA device is a host sync, refused inside a solve).
+    with torch.inference_mode(False), torch.no_grad():
+        border = torch.ones(1, m + 1, m + 1, dtype=dtype, device=device)
+        border[:, 1:, 1:] = 0
+        border[:, 0, 0] = 0
+        rhs = torch.zeros(1, m + 1, 1 if damping == 1.0 else 2, dtype=dtype, device=device)
+        rhs[0, 0, 0] = 1.0
+        if damping != 1.0:
+            rhs[0, 0, 1] = damping - 1.0
+        row_scale = torch.eye(m, dtype=dtype, device=device).mul_(regularization).add_(1.0)
+        return border, rhs, row_scale.unsqueeze(0)
+
+
+def _all_finite(solution: torch.Tensor) -> bool:
+    """Whether every element of a CPU tensor is finite, by one host read: a small one (a
+    batch-1 solution) summed on the host from its values (no kernel: half the time of a
+    sum and its read), a larger one by its sum. A sum that overflows says False, which
+    only sends the caller to its exact per-sample check."""
+    if solution.numel() <= _HOST_SUM_LIMIT:
+        total = 0.0
+        for sample in solution.tolist():
+            for row in sample:
+                total += sum(row)
+        return math.isfinite(total)
+    return math.isfinite(float(solution.sum()))
+
+
+# Up to this many elements a host-side sum of `tolist()` beats a sum kernel and its read.
+_HOST_SUM_LIMIT = 64
+
+
+def _write_record(views: RecordViews, f_flat: torch.Tensor, z_flat: torch.Tensor) -> None:
+    """A step's writes into the buffers, in place: f and g into the slot, the new Gram row
+    and column (the regularised diagonal entry written with the row, by one multiply),
+    every valid slot's norm and ||z||."""
+    views.f.copy_(f_flat)
+    torch.sub(f_flat, z_flat, out=views.g)
+    row = torch.bmm(views.g_row, views.g_columns)
+    torch.mul(row, views.scale, out=views.kkt_row)
+    torch.mul(row, views.scale, out=views.kkt_column)
+    torch.sqrt(views.diagonal, out=views.norms_g)
+    _row_norms(z_flat, out=views.norms_z)
 
 
 @dataclass(frozen=True)
@@ -154,8 +150,10 @@ class Anderson(FixedPointSolver):
 
     # Per step, beside f, the solver launches: two writes of the history (f and g), one bmm
     # for the new Gram row and two writes of it (row, with the regularised diagonal entry,
-    # and column), two norms for the loop's test, one batched solve, one finiteness read and
-    # one bmm for the mixing. Every buffer is allocated once, in `init`.
+    # and column), two norms for the loop's test, one batched solve, one finiteness read (on
+    # the host for a small solution: `_all_finite`) and one bmm for the mixing. Every buffer
+    # is allocated once, in `init`, and the views of them once per solve
+    # (`_anderson_views`); with autograd off the step is `_step_in_place`.
     #
     # The history is one (m, 2, batch, n) buffer, slot-major: slot i holds [f_i, g_i], so
     # each write is a contiguous (batch, n) block, and the mixing is one bmm of the solved
@@ -177,19 +175,10 @@ class Anderson(FixedPointSolver):
         # Uninitialised when written in place: slot i is written before anything reads it.
         new = z.new_empty if in_place else z.new_zeros
         history = new(m, 2, batch, width).permute(2, 0, 1, 3)
-        kkt = z.new_zeros(batch, m + 1, m + 1)
-        kkt[:, 0, 1:] = 1
-        kkt[:, 1:, 0] = 1
+        border, rhs, row_scale = _constants(m, self.regularization, self.damping, z.dtype,
+                                            z.device)
+        kkt = border.repeat(batch, 1, 1)
         norms = z.new_zeros(m + 1, batch).T
-        # The right-hand sides [1, 0, ..., 0] and [-(1 - beta), 0, ..., 0]: the solution's
-        # columns are [mu, alpha] and (beta - 1) [mu, alpha].
-        rhs = z.new_zeros(1, m + 1, 2 if self.damping != 1.0 else 1)
-        rhs[0, 0, 0] = 1.0
-        if self.damping != 1.0:
-            rhs[0, 0, 1] = self.damping - 1.0
-        # Row i of it scales the new Gram row of slot i: 1 + regularization on the diagonal.
-        row_scale = torch.eye(m, dtype=z.dtype, device=z.device).mul_(self.regularization)
-        row_scale = row_scale.add_(1.0).unsqueeze(0)
         state = {"history": history, "kkt": kkt, "norms": norms,
                  "rhs": rhs.expand(batch, -1, -1), "row_scale": row_scale.expand(batch, -1, -1)}
         return self._record(z, fz, state, slot=0, count=1)
@@ -206,15 +195,8 @@ class Anderson(FixedPointSolver):
         z_flat = z if z.dim() == 2 else z.reshape(batch, -1)
         f_flat = fz if fz.dim() == 2 else fz.reshape(batch, -1)
         if mutable(z, fz, history, kkt) and not torch.compiler.is_compiling():
-            v = _cached_views(state, ("record", slot, count))
-            v.f.copy_(f_flat)
-            torch.sub(f_flat, z_flat, out=v.g)
-            row = torch.bmm(v.g_row, v.g_columns)
-            # The regularised diagonal entry is written with the row, by one multiply.
-            torch.mul(row, v.scale, out=v.kkt_row)
-            torch.mul(row, v.scale, out=v.kkt_column)
-            torch.sqrt(v.diagonal, out=v.norms_g)
-            _row_norms(z_flat if not z_flat.requires_grad else z_flat.detach(), out=v.norms_z)
+            _write_record(cached_views(state, ("record", slot, count)), f_flat,
+                          z_flat if not z_flat.requires_grad else z_flat.detach())
             return {"z": z, "fz": fz, "history": history, "kkt": kkt, "norms": norms,
                     "rhs": state["rhs"], "row_scale": state["row_scale"]}
         in_place = mutable(z, fz, history, kkt)
@@ -247,6 +229,8 @@ class Anderson(FixedPointSolver):
                 "rhs": state["rhs"], "row_scale": state["row_scale"]}
 
     def step(self, fn: Fn, state: State, step_index: int) -> tuple[State, int]:
+        if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return self._step_in_place(fn, state, step_index), 1
         z, fz = state["z"], state["fz"]
         count = min(step_index + 1, self.m)
         beta = self.damping
@@ -257,18 +241,57 @@ class Anderson(FixedPointSolver):
         slot, count = (step_index + 1) % self.m, min(step_index + 2, self.m)
         return self._record(z_next, fn(z_next), state, slot, count), 1
 
+    def _step_in_place(self, fn: Fn, state: State, step_index: int) -> State:
+        """`step` when autograd records nothing (the DEQ forward), eagerly: the same calls on
+        the buffers' cached views, without the per-call checks of `_mix` and `_record`, the
+        state updated in place. At batch 1 the Python around a step's dozen calls cost about
+        as much as the calls."""
+        m, z, fz = self.m, state["z"], state["fz"]
+        count = step_index + 1 if step_index < m else m
+        mix, record = cached_views(state, ("step", (step_index + 1) % m, count))
+        if count == 1:
+            z_next = torch.lerp(z, fz, self.damping) if self.damping != 1.0 else fz
+        else:
+            solution, info = torch.linalg.solve_ex(mix.system, mix.rhs, check_errors=False)
+            # The finiteness read of `_combine`, first: on CPU, when every coefficient is
+            # finite (every sample solved), the weights are a cached view of the solution.
+            if mix.cpu and _all_finite(solution):
+                weights = mixing_weights(state, solution, count)
+                z_next = torch.bmm(weights, mix.rows).reshape(z.shape)
+            else:
+                z_next = self._combine(z, fz, state, count, solution, info, mix.rows)
+        fz_next = fn(z_next)
+        batch = z_next.shape[0]
+        z_flat = z_next if z_next.dim() == 2 else z_next.reshape(batch, -1)
+        f_flat = fz_next if fz_next.dim() == 2 else fz_next.reshape(batch, -1)
+        _write_record(record, f_flat, z_flat)
+        state["z"], state["fz"] = z_next, fz_next
+        return state
+
     def _mix(self, z: torch.Tensor, fz: torch.Tensor, state: State, count: int) -> torch.Tensor:
         """sum_i alpha_i (f_i - (1 - beta) g_i) over the `count` valid slots; a sample whose
         system failed takes the damped Picard step instead."""
         batch = z.shape[0]
         kkt, rhs, history = state["kkt"], state["rhs"], state["history"]
         fast = not torch.compiler.is_compiling() and mutable(history, kkt)
-        views = _cached_views(state, ("mix", 0, count)) if fast else None
+        views = cached_views(state, ("mix", 0, count)) if fast else None
         if views is not None:
             solution, info = torch.linalg.solve_ex(views.system, views.rhs, check_errors=False)
+            rows = views.rows
         else:
             solution, info = torch.linalg.solve_ex(kkt[:, : count + 1, : count + 1],
                                                    rhs[:, : count + 1], check_errors=False)
+            rows = (history[:, :count, 0] if solution.shape[2] == 1
+                    else history[:, :count].reshape(batch, 2 * count, -1))
+        return self._combine(z, fz, state, count, solution, info, rows)
+
+    def _combine(self, z: torch.Tensor, fz: torch.Tensor, state: State, count: int,
+                 solution: torch.Tensor, info: torch.Tensor, rows: torch.Tensor
+                 ) -> torch.Tensor:
+        """The mixing from the systems' `solution` (and LAPACK's `info`), with the history's
+        `rows`; the samples whose system failed take the damped Picard step."""
+        batch = z.shape[0]
+        kkt, rhs = state["kkt"], state["rhs"]
         ok = None
         # On CPU a host read is free: one reduction over every coefficient tells whether all
         # samples solved (a NaN or inf anywhere makes the sum non-finite; a singular system,
@@ -290,12 +313,6 @@ class Anderson(FixedPointSolver):
         # Drop mu; [alpha_i, (beta - 1) alpha_i] interleaved as the history's [f_i, g_i] rows.
         columns = solution.shape[2]
         weights = solution[:, 1:].reshape(batch, 1, count * columns)
-        if views is not None:
-            rows = views.rows
-        elif columns == 1:
-            rows = history[:, :count, 0]
-        else:
-            rows = history[:, :count].reshape(batch, 2 * count, -1)
         mixed = torch.bmm(weights, rows).reshape(z.shape)
         if ok is None:
             return mixed

@@ -4,7 +4,8 @@ counters, trace, kept values and compaction, one step at a time (`Book.step`).
 `fixed_point` (`_loop.py`) checks its inputs and drives the solver; everything it decides
 about a sample after each step is here. Every decision is made by masks over the batch; on
 CPU the common step (no sample stops, every running one improves) is recognised by the
-solver's norms alone (`FusedTest`) and costs two ops beside them.
+solver's norms alone (`FusedTest`) and costs two ops beside them (none for a few rows,
+whose test runs on the host from one read of the norms).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from .._checks import deliberate_sync, out_of_range, rms_norm, row_norm
 from .._solution import Solution, Status
+from . import _fused
 from ._fused import BestColumn, FusedTest, _put, _take, add_pending, residual_from, stop_or_improve
 from ._inputs import _bind, _select_rows
 from ._solver import FixedPointSolver, State, expand_as_batch
@@ -68,18 +70,29 @@ class Book:
         with torch.no_grad():
             residual0 = rms_norm(fz0 - z0)
             self.tolerance0 = rms_norm(z0).mul_(rtol).add_(atol)
-            # A residual is a norm: >= 0, or +inf / NaN when f overflowed; NaN compares False.
-            finite0 = residual0 < math.inf
-            status = torch.full((batch,), int(Status.NONFINITE), dtype=torch.int64,
-                                device=device)
-            status.masked_fill_(finite0, int(Status.MAX_STEPS))
-            status.masked_fill_(finite0 & (residual0 <= self.tolerance0), int(Status.SUCCESS))
+            if device.type == "cpu" and batch <= _fused.HOST_STATUS_ROWS:
+                # A few rows: the statuses from the values (one read, one tensor sent).
+                codes = [_fused.initial_status(r, t) for r, t in zip(residual0.tolist(),
+                                                                self.tolerance0.tolist())]
+                status = torch.tensor(codes, dtype=torch.int64, device=device)
+                n_active = codes.count(int(Status.MAX_STEPS))
+            else:
+                # A residual is >= 0, or +inf / NaN when f overflowed; NaN compares False.
+                finite0 = residual0 < math.inf
+                status = torch.full((batch,), int(Status.NONFINITE), dtype=torch.int64,
+                                    device=device)
+                status.masked_fill_(finite0, int(Status.MAX_STEPS))
+                status.masked_fill_(finite0 & (residual0 <= self.tolerance0),
+                                    int(Status.SUCCESS))
+                n_active = None
         self.residual0, self.status = residual0, status
         # A row is running exactly while its status is MAX_STEPS: the loop gives a row one
         # of the three other statuses when it stops it.
         self.active = status == int(Status.MAX_STEPS)
-        with deliberate_sync(device):
-            self.n_active = int(self.active.sum())
+        if n_active is None:
+            with deliberate_sync(device):
+                n_active = int(self.active.sum())
+        self.n_active = n_active
         self.z0, self.fz0 = z0, fz0
         self.best_value = z0
         self.best_residual = residual0

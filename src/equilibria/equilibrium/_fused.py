@@ -11,7 +11,8 @@ import torch
 from .._solution import Status
 from ._solver import NormLayout, expand_as_batch
 
-__all__ = ["BestColumn", "FusedTest", "add_pending", "residual_from", "stop_or_improve"]
+__all__ = ["BestColumn", "FusedTest", "add_pending", "initial_status", "residual_from",
+           "stop_or_improve"]
 
 
 def _put(full: torch.Tensor, rows: torch.Tensor | None, local: torch.Tensor) -> torch.Tensor:
@@ -20,6 +21,18 @@ def _put(full: torch.Tensor, rows: torch.Tensor | None, local: torch.Tensor) -> 
 
 def _take(full: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return full if rows is None else full.index_select(0, rows)
+
+
+# Up to this many rows (on CPU) the first statuses are decided on the host.
+HOST_STATUS_ROWS = 64
+
+
+def initial_status(residual: float, tolerance: float) -> int:
+    """A row's status at z0 from its residual and tolerance, on the host: the rule of the
+    Book's masked start (NaN and inf residuals NONFINITE; NaN compares False)."""
+    if not residual < math.inf:
+        return int(Status.NONFINITE)
+    return int(Status.SUCCESS) if residual <= tolerance else int(Status.MAX_STEPS)
 
 
 def stop_or_improve(running: torch.Tensor, ok: torch.Tensor | None, residual: torch.Tensor,
@@ -72,6 +85,10 @@ def add_pending(n_steps: torch.Tensor, nfe: torch.Tensor, rows: torch.Tensor | N
             _put(nfe, rows, _take(nfe, rows) + running * evaluations))
 
 
+# Up to this many rows the fused test runs on the host (see `FusedTest`).
+_HOST_ROWS = 4
+
+
 class FusedTest:
     """The CPU loop's test of a step, from a solver's norms, in one matrix product.
 
@@ -84,6 +101,12 @@ class FusedTest:
     residual is also below the divergence limit (the best is at most the initial residual).
     The margins must clear a few rounding errors (16 eps, relative): a step at the edge of
     either test goes to the exact, masked path, so both paths give the same result.
+
+    With a few rows (batch 1-4) the margins are computed on the host, in float64, from the
+    norms' values (`tolist`, one read): the matrix product, the reduction and their read
+    cost more there. Only the columns with a weight enter (a NaN elsewhere, in a column
+    the test does not use, does not fail it), and their rounding is below the slack's, so
+    the test passes only where the exact test would agree, as the device's does.
     """
 
     def __init__(self, atol: float, rtol: float, inverse_sqrt: float) -> None:
@@ -91,6 +114,11 @@ class FusedTest:
         self.weights: dict[tuple[int, bool, int], torch.Tensor] = {}
         self.columns: dict[int, BestColumn] = {}
         self.bias_previous = self.bias_best = self.base = None
+        # The biases as host lists of (row's margin-0 bias, margin-1 bias), for few rows.
+        self.host_previous: list[list[float]] | None = None
+        self.host_best: list[list[float]] | None = None
+        self.host_coefficients: dict[tuple[int, bool], tuple] = {}
+        self.slack = math.nan
         # The minimum margin of the last test: finite exactly when every running row's
         # residual and tolerance were finite (then the slow path skips its overflow checks).
         self.minimum = math.nan
@@ -99,8 +127,9 @@ class FusedTest:
         """New running rows or best residuals (after a step on which something changed)."""
         rows = best.shape[0]
         if self.base is None or self.base.dtype != best.dtype:
-            slack = 1.0 + 16 * torch.finfo(best.dtype).eps
+            slack = self.slack = 1.0 + 16 * torch.finfo(best.dtype).eps
             self.base = best.new_tensor([[-self.atol * slack, 0.0]])
+            self.host_coefficients = {}
         best = best.detach()
         if running is None:
             self.bias_previous = self.base.expand(rows, 2)
@@ -108,19 +137,28 @@ class FusedTest:
             self.bias_previous = torch.where(running.unsqueeze(1), self.base, math.inf)
             best = best.masked_fill(~running, math.inf)
         self.bias_best = torch.stack((self.bias_previous[:, 0], best), dim=1)
+        if rows <= _HOST_ROWS and best.device.type == "cpu":
+            self.host_previous = self.bias_previous.tolist()
+            self.host_best = self.bias_best.tolist()
+        else:
+            self.host_previous = self.host_best = None
 
     def _weights(self, norms: torch.Tensor, layout: NormLayout, previous: bool) -> torch.Tensor:
         key = (id(layout), previous, norms.shape[1])  # solvers keep their layouts
         weights = self.weights.get(key)
         if weights is None or weights.dtype != norms.dtype:
+            # Built on the host and sent as one tensor: element by element it was ~20 small
+            # ops per layout, a tenth of a batch-1 solve's set-up. The same float64 values
+            # rounded once to the norms' dtype, as the element writes did.
             slack = 1.0 + 16 * torch.finfo(norms.dtype).eps
             scale = layout.residual_scale * self.inverse_sqrt
-            weights = torch.zeros(norms.shape[1], 2, dtype=norms.dtype, device=norms.device)
-            weights[layout.residual, 0] = scale
-            weights[layout.z, 0] = -self.rtol * self.inverse_sqrt * slack
-            weights[layout.residual, 1] = -scale * slack
+            values = [[0.0, 0.0] for _ in range(norms.shape[1])]
+            values[layout.residual][0] = scale
+            values[layout.z][0] = -self.rtol * self.inverse_sqrt * slack
+            values[layout.residual][1] = -scale * slack
             if previous:
-                weights[layout.previous, 1] = scale
+                values[layout.previous][1] = scale
+            weights = torch.tensor(values, dtype=norms.dtype, device=norms.device)
             self.weights[key] = weights
         return weights
 
@@ -134,10 +172,37 @@ class FusedTest:
         return column
 
     def passes(self, norms: torch.Tensor, layout: NormLayout, previous: bool) -> bool:
-        bias = self.bias_previous if previous else self.bias_best
-        margins = torch.addmm(bias, norms, self._weights(norms, layout, previous))
-        self.minimum = float(margins.amin())
+        host = self.host_previous if previous else self.host_best
+        if host is not None:
+            self.minimum = self._host_minimum(norms, layout, previous, host)
+        else:
+            bias = self.bias_previous if previous else self.bias_best
+            margins = torch.addmm(bias, norms, self._weights(norms, layout, previous))
+            self.minimum = float(margins.amin())
         return self.minimum > 0  # NaN compares False
+
+    def _host_minimum(self, norms: torch.Tensor, layout: NormLayout, previous: bool,
+                      bias: list[list[float]]) -> float:
+        """The margins' minimum from the norms' values, in float64 on the host (NaN when
+        a margin is NaN); the same weights as `_weights`, unrounded."""
+        coefficients = self.host_coefficients.get((id(layout), previous))
+        if coefficients is None:
+            scale = layout.residual_scale * self.inverse_sqrt
+            coefficients = self.host_coefficients[(id(layout), previous)] = (
+                layout.residual, layout.z, layout.previous if previous else None, scale,
+                -self.rtol * self.inverse_sqrt * self.slack, -scale * self.slack)
+        residual, z, previous_column, scale, z_weight, residual_weight = coefficients
+        low = math.inf
+        for values, (bias_test, bias_best) in zip(norms.tolist(), bias):
+            r = values[residual]
+            test = bias_test + (scale * r + z_weight * values[z])
+            best = bias_best + residual_weight * r
+            if previous_column is not None:
+                best = best + scale * values[previous_column]
+            if test != test or best != best:
+                return math.nan
+            low = min(low, test, best)
+        return low
 
     def finite(self) -> bool:
         """Whether the last test saw only finite residuals and tolerances on running rows: a
