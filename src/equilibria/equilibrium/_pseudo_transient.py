@@ -14,6 +14,31 @@ from ._solver import Fn, State, expand_as_batch
 __all__ = ["ImplicitEuler"]
 
 
+def residual_driven_step(state: State, z_new: torch.Tensor, fz_new: torch.Tensor,
+                         residual: torch.Tensor, residual_new: torch.Tensor, eta: torch.Tensor,
+                         reject_factor: float, dt_max: float) -> State:
+    """Accept or reject a pseudo-time step by the residual alone, and the next dt by switched
+    evolution relaxation (dt <- min(dt ||r_old|| / ||r_new||, dt_max); a step whose residual
+    is non-finite or grew more than `reject_factor`-fold is retried at dt / 4). Shared by
+    ImplicitEuler and SteadyState's implicit RK steps: when only the steady state matters."""
+    z, fz, t, dt = state["z"], state["fz"], state["t"], state["dt"]
+    accept = torch.isfinite(residual_new) & (residual_new <= reject_factor * residual)
+    keep = expand_as_batch(accept, z)
+    ratio = torch.where(
+        residual_new > 0, residual / residual_new, torch.full_like(residual, float("inf"))
+    )
+    grown = torch.minimum(dt * ratio.to(dt.dtype), torch.full_like(dt, dt_max))
+    return {
+        "z": torch.where(keep, z_new, z),
+        "fz": torch.where(keep, fz_new, fz),
+        "t": torch.where(accept, t + dt, t),
+        "dt": torch.where(accept, grown, dt / 4),
+        "eta": eta,
+        "previous": torch.where(accept, residual, state["previous"]),
+        "nonfinite_trial": ~torch.isfinite(residual_new),
+    }
+
+
 @dataclass(frozen=True)
 class ImplicitEuler:
     """Pseudo-transient continuation: implicit Euler on dz/dt = f(z) - z with growing dt.
@@ -95,7 +120,7 @@ class ImplicitEuler:
         }
 
     def step(self, fn: Fn, state: State, step_index: int) -> tuple[State, torch.Tensor]:
-        z, fz, t, dt = state["z"], state["fz"], state["t"], state["dt"]
+        z, fz, dt = state["z"], state["fz"], state["dt"]
         g = fz - z
         residual = rms_norm(g).detach()
         eta = state["eta"]
@@ -112,19 +137,6 @@ class ImplicitEuler:
         z_new = z + linear.value
         fz_new = fn(z_new)
         residual_new = rms_norm(fz_new - z_new).detach()
-        accept = torch.isfinite(residual_new) & (residual_new <= self.reject_factor * residual)
-        keep = expand_as_batch(accept, z)
-        ratio = torch.where(
-            residual_new > 0, residual / residual_new, torch.full_like(residual, float("inf"))
-        )
-        grown = torch.minimum(dt * ratio, torch.full_like(dt, self.dt_max))
-        new_state = {
-            "z": torch.where(keep, z_new, z),
-            "fz": torch.where(keep, fz_new, fz),
-            "t": torch.where(accept, t + dt, t),
-            "dt": torch.where(accept, grown, dt / 4),
-            "eta": eta,
-            "previous": torch.where(accept, residual, state["previous"]),
-            "nonfinite_trial": ~torch.isfinite(residual_new),
-        }
+        new_state = residual_driven_step(state, z_new, fz_new, residual, residual_new, eta,
+                                         self.reject_factor, self.dt_max)
         return new_state, linear.stats["nmatvec"] + 1 + setup

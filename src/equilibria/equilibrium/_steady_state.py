@@ -10,7 +10,7 @@ from .._checks import check_positive, rms_norm
 from ..ode import ImplicitRK, RungeKutta, rk_step
 from ._krylov_esdirk import krylov_esdirk_step
 from ._newton_krylov import forcing_term
-from ._pseudo_transient import ImplicitEuler
+from ._pseudo_transient import ImplicitEuler, residual_driven_step
 from ._solver import FixedPointSolver, Fn, State, expand_as_batch
 
 __all__ = ["SteadyState"]
@@ -152,7 +152,7 @@ class SteadyState(FixedPointSolver):
 
     def _esdirk_step(self, fn: Fn, state: State, step_index: int
                      ) -> tuple[State, torch.Tensor]:
-        z, fz, t, dt = state["z"], state["fz"], state["t"], state["dt"]
+        z, fz, dt = state["z"], state["fz"], state["dt"]
         g = fz - z
         residual = rms_norm(g).detach()
         eta = state["eta"]
@@ -169,20 +169,8 @@ class SteadyState(FixedPointSolver):
         # the residual did not grow more than 2-fold, and dt follows the residual's fall
         # (switched evolution relaxation, as ImplicitEuler), which an L-stable method can
         # afford at any size.
-        accept = torch.isfinite(residual_new) & (residual_new <= 2 * residual)
-        fall = torch.where(residual_new > 0, residual / residual_new,
-                           torch.full_like(residual, float("inf")))
-        grown = torch.minimum(dt * fall.to(dt.dtype), torch.full_like(dt, _DT_MAX))
-        keep = expand_as_batch(accept, z)
-        new_state = {
-            "z": torch.where(keep, z_new, z),
-            "fz": torch.where(keep, fz_new, fz),
-            "t": torch.where(accept, t + dt, t),
-            "dt": torch.where(accept, grown, dt / 4),
-            "eta": eta,
-            "previous": torch.where(accept, residual, state["previous"]),
-            "nonfinite_trial": ~torch.isfinite(residual_new),
-        }
+        new_state = residual_driven_step(state, z_new, fz_new, residual, residual_new, eta,
+                                         2.0, _DT_MAX)
         return new_state, nfe
 
     def _rk_step(self, fn: Fn, state: State) -> tuple[State, int | torch.Tensor]:
