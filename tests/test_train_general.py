@@ -36,7 +36,8 @@ def test_multiscale_deq_learns_fashion_mnist_on_a_subset(tmp_path, solver):
 
 @needs_fashion
 def test_multiscale_resume_equals_uninterrupted(tmp_path):
-    small = dict(subset=256, test_subset=100, reuse_fixed_points=True, dropout=0.1)
+    small = dict(subset=256, test_subset=100, reuse_fixed_points=True, dropout=0.1,
+                 augment="shift-flip")
     whole = train_classifier(_config(tmp_path, "whole", **small), log=lambda _: None)
     train_classifier(_config(tmp_path, "split", epochs=1, **small), log=lambda _: None)
     resumed = train_classifier(_config(tmp_path, "split", **small), resume=True,

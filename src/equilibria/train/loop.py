@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
 from .._autocast import autocast_context
+from .augment import augment_plan
 from .checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
@@ -48,7 +49,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import AMP_DTYPES, IDENTITY_FIELDS, TrainConfig
-from .data import prepare_data, seed_everything
+from .data import DATASETS, prepare_data, seed_everything
 from .distributed import DistContext, all_reduce_sum, setup_distributed, teardown_distributed
 from .epoch_parts import final_plots, probe_cold_nfe, rank_state, sync_buffer, test_row
 from .evaluation import evaluate
@@ -228,6 +229,8 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
         seed=config.seed,
     )
     batches_per_epoch = math.ceil(len(sampler) / config.batch_size)
+    _, mean, std = DATASETS[config.dataset]
+    background = -mean / std  # a black pixel, normalised: what shifted-in borders hold
     penalty_fn = None
     if config.jac_penalty > 0:
         import equilibria as eq
@@ -277,6 +280,7 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
         for epoch in range(start_epoch, config.epochs):
             sampler.set_epoch(epoch)
             order = torch.tensor(list(iter(sampler)), dtype=torch.long)
+            plan = augment_plan(config.augment, config.seed, epoch, n_train, background)
             accumulator = EpochAccumulator.from_state(partial)
             partial = None
             first_batch = start_batch if epoch == start_epoch else 0
@@ -290,10 +294,12 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
             )
             model.train()
 
-            def run_batch(batch: int, epoch: int, order: torch.Tensor, accumulator) -> None:
+            def run_batch(batch: int, epoch: int, order: torch.Tensor, accumulator, plan) -> None:
                 index = order[batch * config.batch_size : (batch + 1) * config.batch_size]
                 index = index.to(device)
                 images, labels = data["train_x"][index], data["train_y"][index]
+                if plan is not None:
+                    images = plan.apply(images, index)
                 z0 = None
                 if buffer is not None:
                     z0 = torch.where(
@@ -356,7 +362,7 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
             try:
                 for batch in range(first_batch, batches_per_epoch):
                     at_boundary = False
-                    run_batch(batch, epoch, order, accumulator)
+                    run_batch(batch, epoch, order, accumulator, plan)
                     completed, at_boundary = batch + 1, True
                     bar.update(1)
                     if show_bar:
