@@ -329,6 +329,8 @@ def _train_mnist(args: argparse.Namespace) -> int:
                 f"{config.epochs} epoch(s), batch {config.batch_size}, lr {config.lr:g}"
                 + (f", subset {config.subset}" if config.subset else "")
                 + (f", amp {config.amp}" if config.amp != "off" else "")
+                + (", compact" if config.compact else "")
+                + (f", augment {config.augment}" if config.augment != "off" else "")
             )
         started = time.perf_counter()
         result = train_classifier(config, resume=resume)
