@@ -110,11 +110,11 @@ def _recipe_geometries(kind: str, key: tuple, bases: tuple[Geometry, ...]
     return tuple(found)
 
 
-def _make(state: State, bases: tuple[Geometry, ...], kind: str, key: tuple
-          ) -> dict[str, torch.Tensor]:
+def _make(aliases: tuple[torch.Tensor, ...], bases: tuple[Geometry, ...], kind: str,
+          key: tuple) -> dict[str, torch.Tensor]:
     views = {}
     for name, index, geometry in _recipe_geometries(kind, key, bases):
-        buffer = state[_BUFFERS[index]]
+        buffer = aliases[index]
         views[name] = (_RECIPES[kind](*key)[name][1](buffer) if geometry is None
                        else buffer.as_strided(*geometry))
     return views
@@ -131,10 +131,15 @@ def cached_views(state: State, key: tuple[str, int, int]
     history, kkt, norms = state["history"], state["kkt"], state["norms"]
     cache = getattr(history, "_equilibria_views", None)
     if cache is None or cache[0] is not kkt or cache[1] is not norms:
-        cache = (kkt, norms, {"bases": tuple(_geometry_of(state[name]) for name in _BUFFERS)})
+        # The views are taken of detached aliases of the buffers, never of `history` itself:
+        # a view keeps its base alive from C++, so views of `history` cached in its own
+        # __dict__ would form a cycle Python's collector cannot see, and every history made
+        # by compaction (a fresh tensor, not a view) would leak with its views.
+        cache = (kkt, norms, {"bases": tuple(_geometry_of(state[name]) for name in _BUFFERS),
+                              "aliases": tuple(state[name].detach() for name in _BUFFERS)})
         history._equilibria_views = cache  # type: ignore[attr-defined]
     parts = cache[2]
-    bases = parts["bases"]
+    bases, aliases = parts["bases"], parts["aliases"]
     views = parts.get(key)
     if views is None:
         kind, slot, count = key
@@ -146,18 +151,18 @@ def cached_views(state: State, key: tuple[str, int, int]
         by_count = parts.get(("count", count, interleaved))
         if by_count is None:
             by_count = parts[("count", count, interleaved)] = _make(
-                state, bases, "count", (count, interleaved))
+                aliases, bases, "count", (count, interleaved))
         if kind == "mix":
             views = MixViews(by_count["system"], by_count["rhs"], by_count["rows"],
                              history.device.type == "cpu")
         else:
             by_slot = parts.get(("slot", slot))
             if by_slot is None:
-                by_slot = parts[("slot", slot)] = _make(state, bases, "slot", (slot,))
-            pair = _make(state, bases, "pair", (slot, count))
+                by_slot = parts[("slot", slot)] = _make(aliases, bases, "slot", (slot,))
+            pair = _make(aliases, bases, "pair", (slot, count))
             norms_z = parts.get("norms_z")
             if norms_z is None:
-                norms_z = parts["norms_z"] = norms[:, history.shape[1]]
+                norms_z = parts["norms_z"] = aliases[2][:, history.shape[1]]
             views = RecordViews(
                 by_slot["f"], by_slot["g"], by_slot["g_row"], by_count["g_columns"],
                 pair["scale"], pair["kkt_row"], pair["kkt_column"], by_count["diagonal"],

@@ -61,7 +61,9 @@ class Picard(FixedPointSolver):
             # step) and kept on the buffer; compaction makes a new buffer, and new views.
             columns = getattr(norms, "_equilibria_columns", None)
             if columns is None:
-                columns = norms.unbind(1)
+                # views of a detached alias: views of `norms` itself kept in its __dict__
+                # would keep it alive from C++ (a cycle the collector cannot see)
+                columns = norms.detach().unbind(1)
                 norms._equilibria_columns = columns  # type: ignore[attr-defined]
             flat = z if z.dim() == 2 else z.reshape(z.shape[0], -1)
             f_flat = fz if fz.dim() == 2 else fz.reshape(flat.shape)
