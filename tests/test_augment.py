@@ -85,3 +85,18 @@ def test_zero_shift_without_flip_is_the_identity():
     images = torch.randn(3, 1, 5, 5)
     plan = AugmentPlan(torch.zeros(3, 2, dtype=torch.long), torch.zeros(3, dtype=torch.bool), 9.0)
     torch.testing.assert_close(plan.apply(images, torch.arange(3)), images, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+def test_a_plan_on_cuda_augments_as_on_cpu_without_syncs():
+    cpu = augment_plan("shift-flip", seed=1, epoch=0, n_train=100, background=-0.4)
+    gpu = augment_plan("shift-flip", seed=1, epoch=0, n_train=100, background=-0.4,
+                       device="cuda")
+    images, index = torch.randn(100, 1, 28, 28), torch.randperm(100)[:32]
+    expected = cpu.apply(images[index], index)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = gpu.apply(images.cuda()[index.cuda()], index.cuda())
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.testing.assert_close(out.cpu(), expected, rtol=0, atol=0)

@@ -162,7 +162,7 @@ def cached_views(state: State, key: tuple[str, int, int]
             pair = _make(aliases, bases, "pair", (slot, count))
             norms_z = parts.get("norms_z")
             if norms_z is None:
-                norms_z = parts["norms_z"] = aliases[2][:, history.shape[1]]
+                norms_z = parts["norms_z"] = aliases[_BUFFERS.index("norms")][:, history.shape[1]]
             views = RecordViews(
                 by_slot["f"], by_slot["g"], by_slot["g_row"], by_count["g_columns"],
                 pair["scale"], pair["kkt_row"], pair["kkt_column"], by_count["diagonal"],

@@ -35,16 +35,16 @@ class AugmentPlan:
     background: float
 
     def apply(self, images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """Augment `images` (b, 1, H, W), the training samples `index` (b,) of the epoch."""
-        index = index.to(self.shifts.device)
+        """Augment `images` (b, 1, H, W), the training samples `index` (b,) of the epoch
+        (the plan, the images and the index on one device: no transfer per batch)."""
         count, _, height, width = images.shape
         pad = MAX_SHIFT
         padded = F.pad(images, (pad, pad, pad, pad), value=self.background)
-        dy = (pad + self.shifts[index, 0]).to(images.device)
-        dx = (pad + self.shifts[index, 1]).to(images.device)
+        dy = pad + self.shifts[index, 0]
+        dx = pad + self.shifts[index, 1]
         rows = dy.view(count, 1, 1) + torch.arange(height, device=images.device).view(1, -1, 1)
         cols = dx.view(count, 1, 1) + torch.arange(width, device=images.device).view(1, 1, -1)
-        flip = self.flips[index].to(images.device).view(count, 1, 1)
+        flip = self.flips[index].view(count, 1, 1)
         # a mirrored crop reads its columns right to left
         cols = torch.where(flip, cols.flip(-1), cols)
         batch = torch.arange(count, device=images.device).view(count, 1, 1)
@@ -52,9 +52,11 @@ class AugmentPlan:
 
 
 def augment_plan(
-    mode: str, seed: int, epoch: int, n_train: int, background: float
+    mode: str, seed: int, epoch: int, n_train: int, background: float,
+    device: torch.device | str = "cpu",
 ) -> AugmentPlan | None:
-    """The epoch's plan for `mode` (None when "off")."""
+    """The epoch's plan for `mode` (None when "off"), drawn on the CPU (the same on every
+    device) and moved to `device` once."""
     if mode not in AUGMENT_CHOICES:
         raise ValueError(f"unknown augment {mode!r}; choose one of {AUGMENT_CHOICES}.")
     if mode == "off":
@@ -64,4 +66,4 @@ def augment_plan(
     flips = torch.rand(n_train, generator=generator) < 0.5
     if mode == "shift":
         flips = torch.zeros_like(flips)
-    return AugmentPlan(shifts, flips, background)
+    return AugmentPlan(shifts.to(device), flips.to(device), background)

@@ -280,7 +280,8 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
         for epoch in range(start_epoch, config.epochs):
             sampler.set_epoch(epoch)
             order = torch.tensor(list(iter(sampler)), dtype=torch.long)
-            plan = augment_plan(config.augment, config.seed, epoch, n_train, background)
+            plan = augment_plan(config.augment, config.seed, epoch, n_train, background,
+                                device)
             accumulator = EpochAccumulator.from_state(partial)
             partial = None
             first_batch = start_batch if epoch == start_epoch else 0
