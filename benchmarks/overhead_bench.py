@@ -122,12 +122,26 @@ def step_ops(solver: eq.FixedPointSolver, batch: int = 1, width: int = 512) -> f
     return (calls_beside_f(solver, batch, width, 20) - calls_beside_f(solver, batch, width, 8)) / 12
 
 
+def points(args: argparse.Namespace) -> list[tuple[int, int]]:
+    """(batch, width) pairs: --points if given, else the --widths x --batches grid."""
+    if args.points:
+        try:
+            return [(int(b), int(w)) for b, w in (p.split("x") for p in args.points.split(","))]
+        except ValueError:
+            raise SystemExit(f"--points: expected BATCHxWIDTH,..., e.g. 8x128,1x2048; got "
+                             f"{args.points!r}") from None
+    return [(int(b), int(w)) for w in args.widths.split(",") for b in args.batches.split(",")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batches", default="1,8,64,256,1024")
     parser.add_argument("--widths", default="128,512,2048")
+    parser.add_argument("--points", default=None,
+                        help="explicit BATCHxWIDTH points, e.g. 8x128,1x2048 (instead of the "
+                        "--batches x --widths grid)")
     parser.add_argument("--capture", action="store_true",
                         help="also run Anderson and Picard under eq.Captured (torch.compile)")
     parser.add_argument("--output", default=None, help=f"results file (default {RESULTS})")
@@ -153,8 +167,10 @@ def main() -> None:
         f"{torch.__version__}, CPU, {args.threads} thread(s); load average at start: "
         f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs)",
         f"- command: `.venv/bin/python benchmarks/overhead_bench.py --threads {args.threads} "
-        f"--repeats {args.repeats} --batches {args.batches} --widths {args.widths}"
-        f"{' --capture' if args.capture else ''}"
+        f"--repeats {args.repeats} "
+        + (f"--points {args.points}" if args.points
+           else f"--batches {args.batches} --widths {args.widths}")
+        + f"{' --capture' if args.capture else ''}"
         f"{f' --output {args.output}' if args.output else ''}`",
         "- hard spectrum, rel. residual 1e-4; overhead = wall / (evaluations x f); "
         "medians of round-robin rounds",
@@ -176,41 +192,40 @@ def main() -> None:
         + " | ours / TorchDEQ best | max rel. residual (ours best) |",
         "|---|---|" + "---|" * len(names) + "---|---|",
     ]
-    for width in (int(w) for w in args.widths.split(",")):
-        for batch in (int(b) for b in args.batches.split(",")):
-            wt, c = make_case(batch, width)
+    for batch, width in points(args):
+        wt, c = make_case(batch, width)
 
-            def plain(z: torch.Tensor, x: torch.Tensor, wt: torch.Tensor = wt) -> torch.Tensor:
-                return torch.tanh(torch.addmm(x, z, wt))
+        def plain(z: torch.Tensor, x: torch.Tensor, wt: torch.Tensor = wt) -> torch.Tensor:
+            return torch.tanh(torch.addmm(x, z, wt))
 
-            if captures:  # compile outside the timed rounds; the time is reported below
-                for name, run in contenders:
-                    if "Captured" in name:
-                        with torch.no_grad():
-                            run(Map(wt, c, plain))
-            times: dict[str, list[float]] = {name: [] for name in names}
-            evaluations, values, f_times = {}, {}, []
-            for _ in range(args.repeats):
-                f_times.append(time_f(wt, c))
-                for name, run in contenders:
-                    f = Map(wt, c, plain)
-                    start = time.perf_counter()
+        if captures:  # compile outside the timed rounds; the time is reported below
+            for name, run in contenders:
+                if "Captured" in name:
                     with torch.no_grad():
-                        z, evals = run(f)
-                    times[name].append(time.perf_counter() - start)
-                    evaluations[name], values[name] = evals, z
-            t_f = statistics.median(f_times)
-            wall = {name: statistics.median(times[name]) for name in names}
-            cells = [f"{evaluations[n]}, {wall[n] * 1e3:.1f}, "
-                     f"{wall[n] / (evaluations[n] * t_f):.2f}" for n in names]
-            best_ours = min((n for n in names if n.startswith("ours")), key=wall.get)
-            best_peer = min((n for n in names if n.startswith("TorchDEQ")), key=wall.get)
-            lines.append(
-                f"| {batch} x {width} | {t_f * 1e3:.3f} | " + " | ".join(cells)
-                + f" | {wall[best_ours] / wall[best_peer]:.2f} ({best_ours} / {best_peer}) | "
-                f"{relative_residual(wt, c, values[best_ours]):.1e} |"
-            )
-            print(lines[-1], flush=True)
+                        run(Map(wt, c, plain))
+        times: dict[str, list[float]] = {name: [] for name in names}
+        evaluations, values, f_times = {}, {}, []
+        for _ in range(args.repeats):
+            f_times.append(time_f(wt, c))
+            for name, run in contenders:
+                f = Map(wt, c, plain)
+                start = time.perf_counter()
+                with torch.no_grad():
+                    z, evals = run(f)
+                times[name].append(time.perf_counter() - start)
+                evaluations[name], values[name] = evals, z
+        t_f = statistics.median(f_times)
+        wall = {name: statistics.median(times[name]) for name in names}
+        cells = [f"{evaluations[n]}, {wall[n] * 1e3:.1f}, "
+                 f"{wall[n] / (evaluations[n] * t_f):.2f}" for n in names]
+        best_ours = min((n for n in names if n.startswith("ours")), key=wall.get)
+        best_peer = min((n for n in names if n.startswith("TorchDEQ")), key=wall.get)
+        lines.append(
+            f"| {batch} x {width} | {t_f * 1e3:.3f} | " + " | ".join(cells)
+            + f" | {wall[best_ours] / wall[best_peer]:.2f} ({best_ours} / {best_peer}) | "
+            f"{relative_residual(wt, c, values[best_ours]):.1e} |"
+        )
+        print(lines[-1], flush=True)
     for solver in captures:
         lines.append(f"\n- {solver!r}: compile time {solver.compile_seconds:.0f} s in all "
                      "(first calls, one compilation per shape, outside the timed rounds)")
