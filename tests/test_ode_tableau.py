@@ -8,6 +8,7 @@ import torch
 
 import equilibria as eq
 from equilibria.ode import ButcherTableau, rk_step
+from equilibria.ode._rk import rk_stages
 from equilibria.ode._trees import density, elementary_weights, size, trees
 
 ALL = [eq.Euler(), eq.Midpoint(), eq.Heun(), eq.RK4(), eq.Bosh3(), eq.Dopri5(), eq.Tsit5()]
@@ -196,3 +197,58 @@ def test_tree_count_and_dopri8_order_conditions():
         worst = _tree_residuals(np.array(solver.tableau.b), _matrix(solver.tableau),
                                 solver.order)
         assert max(worst.values()) < 1e-13
+
+
+def _textbook_stages(f, t, y, dt, tab):
+    """One step written out weight by weight: k_i = f(t + c_i dt, y + dt sum_j a_ij k_j)."""
+    dt_b = dt.to(y.dtype).reshape((-1,) + (1,) * (y.dim() - 1))
+    t_f = t.to(y.dtype).reshape(dt_b.shape)
+
+    def weighted(ks, weights):
+        out = None
+        for k, w in zip(ks, weights):
+            if w != 0.0:
+                out = k * w if out is None else out.add(k, alpha=w)
+        return out
+
+    ks = [f(t_f, y)]
+    for i in range(1, tab.n_stages):
+        incr = weighted(ks, tab.a[i])
+        y_i = y if incr is None else torch.addcmul(y, dt_b, incr)
+        ks.append(f(torch.add(t_f, dt_b, alpha=tab.c[i]), y_i))
+    y_new = y_i if tab.fsal else torch.addcmul(y, dt_b, weighted(ks, tab.b))
+    y_err = None if tab.b_err is None else dt_b * weighted(ks, tab.b_err)
+    return y_new, y_err, ks
+
+
+# a user tableau whose second stage has no weight anywhere after it (an all-zero column)
+_ZERO_COLUMN = ButcherTableau(
+    "ZeroColumn", c=(0.0, 0.5, 1.0), a=((), (0.5,), (1.0, 0.0)), b=(0.5, 0.0, 0.5), order=2,
+    b_err=(0.5, 0.0, -0.5), error_order=1,
+)
+
+
+@pytest.mark.parametrize("tab", [s.tableau for s in ALL] + [eq.Dopri8().tableau, _ZERO_COLUMN],
+                         ids=lambda t: t.name)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_stacked_stage_sums_equal_the_textbook_step_bit_for_bit(tab, dtype):
+    # rk_stages advances every open weighted sum of stages with one addcmul per stage; each
+    # sum must still round exactly as the weight-by-weight chain (what keeps a sample's bits
+    # independent of its batch-mates), on a (batch, c, n) state with per-sample t and dt
+    gen = torch.Generator().manual_seed(7)
+    weight = torch.randn(4, 4, generator=gen, dtype=torch.float64).to(dtype)
+    y = torch.randn(5, 3, 4, generator=gen, dtype=torch.float64).to(dtype)
+    t = torch.rand(5, generator=gen, dtype=torch.float64)
+    dt = 0.2 * torch.rand(5, generator=gen, dtype=torch.float64) - 0.05
+
+    def f(t_, y_):
+        return torch.tanh(y_ @ weight) * torch.cos(t_)
+
+    y_new, y_err, ks, nfe = rk_stages(f, t, y, dt, tab)
+    ref_new, ref_err, ref_ks = _textbook_stages(f, t, y, dt, tab)
+    assert nfe == tab.n_stages and len(ks) == len(ref_ks)
+    assert torch.equal(y_new, ref_new)
+    assert all(torch.equal(a, b) for a, b in zip(ks, ref_ks))
+    assert (y_err is None) == (ref_err is None)
+    if y_err is not None:
+        assert torch.equal(y_err, ref_err)

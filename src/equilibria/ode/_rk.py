@@ -50,6 +50,39 @@ def _weighted_sum(ks: Sequence[torch.Tensor], weights: Sequence[float]) -> torch
     return out
 
 
+def _columns(tableau: ButcherTableau, dtype: torch.dtype, device: torch.device, ndim: int
+             ) -> list[torch.Tensor | None]:
+    """Per stage j, the weights of k_j in every sum still open when k_j is known, as an
+    (open sums, 1, ..., 1) tensor (None when they are all zero); cached on the tableau.
+
+    The open sums, in order: the increments sum_{l<i} a_il k_l of the stages i > j, then
+    sum_l b_l k_l (unless FSAL, whose last stage is y_new) and sum_l b_err_l k_l."""
+    key = ("columns", dtype, torch.device(device), ndim)
+    cached = tableau._cache.get(key)
+    if cached is not None:
+        return cached
+    sums = list(tableau.a[1:]) + ([] if tableau.fsal else [tableau.b])
+    sums += [] if tableau.b_err is None else [tableau.b_err]
+    columns: list[torch.Tensor | None] = []
+    for j in range(tableau.n_stages):
+        # once k_j is in, stage j + 1's increment (row j) is complete: rows j... are open
+        weights = [row[j] for row in sums[j:]]
+        columns.append(None if not any(weights) else torch.tensor(
+            weights, dtype=dtype, device=device).reshape((-1,) + (1,) * ndim))
+    tableau._cache[key] = columns
+    return columns
+
+
+def _advance(open_sums: torch.Tensor | None, column: torch.Tensor | None, k: torch.Tensor
+             ) -> torch.Tensor | None:
+    """The open sums once stage k is in: the row the previous stage consumed dropped, k
+    times its column of weights added (None: every weight so far zero)."""
+    if open_sums is None:
+        return None if column is None else column * k
+    rest = open_sums[1:]
+    return rest if column is None else torch.addcmul(rest, column, k)
+
+
 def rk_stages(
     f: VectorField,
     t: torch.Tensor,
@@ -61,34 +94,46 @@ def rk_stages(
     """All stages of one step; see `rk_step`. Returns (y_new, y_err, stages, nfe).
 
     ``stages`` is the list of the s stage derivatives k_i (what dense output needs).
+
+    Every weighted sum of stages still open is advanced at once when a stage arrives: one
+    ``addcmul`` of the stage times its column of weights into the stacked open sums (one
+    call per stage instead of one per nonzero weight). Each sum still accumulates its terms
+    in stage order, elementwise, so it rounds exactly as the weight-by-weight chain
+    (`_weighted_sum`) whatever the batch size, and dropping finished samples from the batch
+    cannot change a sample's result (a BLAS reduction over stacked stages would pick
+    size-dependent kernels).
     """
     dt_y = dt.to(y.dtype)
     dt_b = _batch_view(dt_y, y)
     t_f = time_like(t, y)
     s = tableau.n_stages
+    columns = _columns(tableau, y.dtype, y.device, y.dim())
     nfe = 0
     if k1 is None:
         k1 = f(t_f, y)
         nfe += 1
     ks = [k1]
     y_last = y
+    open_sums = None  # (sums still open, batch, ...): row 0 is the next stage's increment
     for i in range(1, s):
-        incr = _weighted_sum(ks, tableau.a[i])
-        y_i = y if incr is None else torch.addcmul(y, dt_b, incr)
+        open_sums = _advance(open_sums, columns[i - 1], ks[-1])
+        y_i = y if open_sums is None else torch.addcmul(y, dt_b, open_sums[0])
         k_i = f(torch.add(t_f, dt_b, alpha=tableau.c[i]), y_i)
         nfe += 1
         ks.append(k_i)
         y_last = y_i
+    # what is left once the last stage is in: sum b_l k_l (unless FSAL) and sum b_err_l k_l
+    open_sums = _advance(open_sums, columns[s - 1], ks[-1])
+    if open_sums is None:  # every weight zero
+        open_sums = torch.zeros_like(y).unsqueeze(0)
     if tableau.fsal:
         # The last stage was evaluated at y + dt * sum b_j k_j: that *is* y_new, bit for bit.
         y_new = y_last
     else:
-        incr = _weighted_sum(ks, tableau.b)
-        y_new = torch.addcmul(y, dt_b, incr)
+        y_new = torch.addcmul(y, dt_b, open_sums[0])
     y_err = None
     if tableau.b_err is not None:
-        err_incr = _weighted_sum(ks, tableau.b_err)
-        y_err = dt_b * err_incr
+        y_err = dt_b * open_sums[-1]
     return y_new, y_err, ks, nfe
 
 
