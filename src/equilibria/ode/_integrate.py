@@ -39,6 +39,18 @@ def _rows(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return x.reshape((-1,) + (1,) * (like.dim() - 1))
 
 
+def _among(active: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
+    """mask & active, where active None means every row runs."""
+    return mask if active is None else active & mask
+
+
+def _where_active(active: torch.Tensor | None, new: torch.Tensor, old: torch.Tensor
+                  ) -> torch.Tensor:
+    """torch.where(active, new, old), where active None means every row runs (new as is:
+    the same values, without the masked copy)."""
+    return new if active is None else torch.where(active, new, old)
+
+
 def _row_finite(x: torch.Tensor) -> torch.Tensor:
     # A sum is non-finite iff some element is (barring overflow of huge finite values).
     return torch.isfinite(x.reshape(x.shape[0], -1).sum(dim=1))
@@ -252,10 +264,14 @@ def odeint(
     # only every few steps (the rows already done are masked no-ops in between). On CPU the
     # read is free, so look every step.
     sync_every = 1 if device.type == "cpu" else 4
+    # Whether the host knows that every row still runs (it reads so at each sync; a row that
+    # stopped is dropped at once on CPU, where the read comes every step): then the step's
+    # masks by `active` are skipped (active None), the same values without the masked copies.
+    all_running = False
     for iteration in range(max_steps):
-        active = status == RUNNING
+        active = None if all_running else status == RUNNING
         with torch.no_grad():
-            remaining = (t1 - t) * direction
+            remaining = (t1 - t) if direction > 0 else (t - t1)
             if n_steps is not None:
                 # exactly n_steps steps; times t0 + k dt computed, not accumulated
                 last = n_accepted + 1 >= n_steps
@@ -263,13 +279,16 @@ def odeint(
                 # a remainder longer than dt only by rounding is taken as the last step,
                 # not followed by a spurious ~1e-16 step
                 last = remaining <= dt.abs() * (1.0 + 1e-9)
-            dt_step = torch.where(active, torch.where(last, remaining, dt.abs()) * direction,
-                                  torch.zeros_like(dt))
+            dt_step = torch.where(last, remaining, dt.abs())
+            if direction < 0:
+                dt_step = -dt_step
+            if active is not None:
+                dt_step = torch.where(active, dt_step, 0.0)
         if implicit:
             y_new, y_err, stages, step_nfe, newton_ok, jacobian, theta, eta_new = esdirk_stages(
                 field, t, y, dt_step, solver, k1, rtol, atol, jacobian, refresh, eta
             )
-            eta = torch.where(active, eta_new, eta)
+            eta = _where_active(active, eta_new, eta)
         else:
             y_new, y_err, stages, _ = rk_stages(field, t, y, dt_step, tab, k1)
         if n_steps is not None:
@@ -286,25 +305,26 @@ def odeint(
                 )
                 err = err.double()
                 finite &= torch.isfinite(err)
-                accept = active & finite & (err <= 1.0)
+                accept = _among(active, finite & (err <= 1.0))
             else:
-                accept = active & finite
+                accept = _among(active, finite)
             if implicit:
-                accept &= newton_ok
+                accept = accept & newton_ok  # not in place: accept may be `finite` itself
                 nfe += step_nfe
-                failed = active & finite & ~newton_ok
+                failed = _among(active, finite & ~newton_ok)
                 n_newton_bad = torch.where(failed, n_newton_bad + 1,
-                                           torch.where(active, 0, n_newton_bad))
-                newton_recent = torch.where(active & ~accept, failed, newton_recent)
+                                           _where_active(active, 0, n_newton_bad))
+                newton_recent = torch.where(_among(active, ~accept), failed, newton_recent)
                 # a slow or failed Newton gets a fresh Jacobian (at the state it retries from)
-                refresh = torch.where(active, ~newton_ok | (theta > solver.newton.refresh),
-                                      refresh)
+                refresh = _where_active(active, ~newton_ok | (theta > solver.newton.refresh),
+                                        refresh)
             else:
-                nfe += active.long() * stage_nfe
+                nfe += stage_nfe if active is None else active.long() * stage_nfe
             n_accepted += accept
-            n_rejected += active & ~accept
-            n_bad = torch.where(active & ~finite, n_bad + 1, torch.zeros_like(n_bad))
-            bad_recent = torch.where(active & ~accept, ~finite, bad_recent)
+            rejected = _among(active, ~accept)
+            n_rejected += rejected
+            n_bad = torch.where(_among(active, ~finite), n_bad + 1, 0)
+            bad_recent = torch.where(rejected, ~finite, bad_recent)
 
         stop = None  # rows whose terminal event lies inside this accepted step
         t_end, y_end = t_new, y_new
@@ -366,7 +386,7 @@ def odeint(
                     # Newton failed: the step was too long for the stage solves to converge
                     factor = torch.where(finite & ~newton_ok, torch.full_like(factor, 0.3),
                                          factor)
-                dt = torch.where(active, dt_step * factor, dt)
+                dt = _where_active(active, dt_step * factor, dt)
                 err_prev = torch.where(accept, err.clamp_min(1e-4), err_prev)
             # --- who stops here, and why ---
             hit = None if terminate is None else call_terminate(terminate, t, y, k1, dtype)
@@ -376,6 +396,7 @@ def odeint(
                 n_attempts=n_accepted + n_rejected, max_steps=max_steps, adaptive=adaptive,
                 implicit=implicit)
 
+        all_running = False
         if (iteration + 1) % sync_every:
             continue
         with torch.no_grad():
@@ -383,7 +404,9 @@ def odeint(
             n_running = int(still.sum())  # the host sync
         if n_running == 0:
             break
+        all_running = n_running == still.numel()
         if compact and n_running <= _COMPACT_FRACTION * still.numel():
+            all_running = True  # the rows kept are the running ones
             flush()
             keep = still.nonzero().flatten()
             (idx, t, dt, y, k1, status, nfe, n_accepted, n_rejected, n_bad, bad_recent,
