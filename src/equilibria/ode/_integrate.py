@@ -264,9 +264,10 @@ def odeint(
     # only every few steps (the rows already done are masked no-ops in between). On CPU the
     # read is free, so look every step.
     sync_every = 1 if device.type == "cpu" else 4
-    # Whether the host knows that every row still runs (it reads so at each sync; a row that
-    # stopped is dropped at once on CPU, where the read comes every step): then the step's
-    # masks by `active` are skipped (active None), the same values without the masked copies.
+    # Whether the host knows that every row still runs (from the read at the end of the
+    # previous step, or because compaction just kept only running rows; False after a step
+    # without a read): then the step's masks by `active` are skipped (active None), the same
+    # values without the masked copies.
     all_running = False
     for iteration in range(max_steps):
         active = None if all_running else status == RUNNING
