@@ -11,8 +11,8 @@ robin, `--repeats` rounds, each round with its own timing of f; the table gives 
 - ours / TorchDEQ = our best solver's wall time over TorchDEQ's best at that point.
 
 It also counts, with torch.profiler, the aten calls one solver step launches beside f on
-CPU (views, allocations and host reads excluded; the difference between a solve stopped at
-`max_steps` = 20 and = 8, divided by 12: deterministic).
+CPU (views, allocations and host reads excluded; the median over steps 8-16 of the
+difference between solves stopped one step apart: deterministic).
 
 Run:  .venv/bin/python benchmarks/overhead_bench.py --threads 1 [--repeats 3]
       [--batches 1,8,64,256,1024] [--widths 128,512,2048] [--capture]
@@ -114,12 +114,13 @@ def relative_residual(wt: torch.Tensor, c: torch.Tensor, z: torch.Tensor) -> flo
 
 
 def step_ops(solver: eq.FixedPointSolver, batch: int = 1, width: int = 512) -> float:
-    """Aten calls launching compute per solver step beside f (the marginal count between
-    solves stopped at 20 and 8 steps), as tests/test_step_ops.py counts them."""
+    """Aten calls launching compute per common solver step beside f, as
+    tests/test_step_ops.py counts them (the median over steps 8-16 of the difference between
+    solves stopped one step apart)."""
     sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-    from test_step_ops import calls_beside_f
+    from test_step_ops import calls_per_step
 
-    return (calls_beside_f(solver, batch, width, 20) - calls_beside_f(solver, batch, width, 8)) / 12
+    return calls_per_step(solver, batch, width)
 
 
 def points(args: argparse.Namespace) -> list[tuple[int, int]]:
@@ -151,6 +152,7 @@ def main() -> None:
     contenders: list[tuple[str, Callable]] = [
         ("ours Anderson", ours(eq.Anderson())),
         ("ours Picard", ours(eq.Picard())),
+        ("ours Broyden", ours(eq.Broyden())),
         ("TorchDEQ anderson", torchdeq("anderson")),
         ("TorchDEQ fixed_point_iter", torchdeq("fixed_point_iter")),
         ("TorchDEQ broyden", torchdeq("broyden")),
@@ -180,7 +182,8 @@ def main() -> None:
         "| solver | aten calls per step |",
         "|---|---|",
     ]
-    for name, solver in (("Anderson(m=5)", eq.Anderson()), ("Picard", eq.Picard())):
+    for name, solver in (("Anderson(m=5)", eq.Anderson()), ("Picard", eq.Picard()),
+                         ("Broyden(memory=10)", eq.Broyden())):
         lines.append(f"| {name} | {step_ops(solver):.1f} |")
         print(lines[-1], flush=True)
     names = [name for name, _ in contenders]

@@ -59,6 +59,7 @@ FIXED_POINT_SOLVERS = {
     "anderson": eq.Anderson(),
     "anderson-m2": eq.Anderson(m=2, damping=0.8),
     "broyden": eq.Broyden(),
+    "broyden-retry": eq.Broyden(memory=3, alphas=(1.0, 0.5), growth=1.0),
     "newton-krylov": eq.NewtonKrylov(),
     "steady-implicit": eq.SteadyState(),
     "steady-tsit5": eq.SteadyState(eq.Tsit5()),

@@ -4,6 +4,8 @@ CUDA solve except the every-k-steps check."""
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 import torch
 from torch.profiler import profile
@@ -47,14 +49,25 @@ def calls_beside_f(solver, batch: int, width: int, max_steps: int) -> int:
     return sum(e.name not in NOT_KERNELS for e in top) - 2 * evaluations
 
 
-@pytest.mark.parametrize(("solver", "bound"), [(eq.Anderson(), 9), (eq.Picard(), 3)],
-                         ids=["anderson", "picard"])
+def calls_per_step(solver, batch: int = 1, width: int = 512) -> float:
+    """The common step's compute calls beside f: the median over steps 8-16 of the
+    difference between solves stopped one step apart (the set-up and the final step's
+    bookkeeping cancel; a step that leaves the fused test is the exception the median
+    ignores). Deterministic; a mean over a span would move with how the last step ends,
+    which depends on BLAS rounding and so on the thread count."""
+    counts = [calls_beside_f(solver, batch, width, k) for k in range(8, 17)]
+    return statistics.median(b - a for a, b in zip(counts, counts[1:]))
+
+
+@pytest.mark.parametrize(("solver", "bound"),
+                         [(eq.Anderson(), 9), (eq.Picard(), 3), (eq.Broyden(), 17)],
+                         ids=["anderson", "picard", "broyden"])
 def test_compute_calls_per_step(solver, bound):
-    # Batch 1, width 512: every step of this solve improves the residual (the fused test's
-    # common step). The marginal count between two step bounds leaves out the set-up.
-    # Anderson's finiteness read and the fused test run on the host at this batch (were
-    # 12 and 5 calls with them as kernels).
-    per_step = (calls_beside_f(solver, 1, 512, 20) - calls_beside_f(solver, 1, 512, 8)) / 12
+    # Batch 1, width 512, the hard case. Anderson's finiteness read and the fused test run
+    # on the host at this batch (were 12 and 5 calls with them as kernels). Broyden (was
+    # 70): its carried direction takes two products over the memory for -H g and two for
+    # H^T s; steps whose residual grows take the loop's masked step (~47 calls).
+    per_step = calls_per_step(solver)
     assert per_step <= bound, per_step
 
 

@@ -109,6 +109,8 @@ class Book:
         self.limit = divergence_factor * residual0  # a residual above it is DIVERGED
         self.kept: list[torch.Tensor] = []
         self.streak: torch.Tensor | None = None
+        # Whether a state row's streak may be non-zero (else a step need not clear it).
+        self.streak_dirty = False
         self.fused: FusedTest | None = None
         self.pending_steps = self.pending_nfe = 0
         self.best_in_norms: BestColumn | None = None
@@ -149,7 +151,9 @@ class Book:
         # and every running one improves add to n_steps and nfe in bulk later (`pending`),
         # and leave the running rows' best residual in the solver's norms (`best_in_norms`)
         # until a step needs it: such a step costs the loop two ops beside the solver's norms.
-        if (self.fast and state is not None and not solver.stat_keys and self.streak is None
+        # (A solver that may reject non-finite trials leaves "nonfinite_trial" out of the
+        # state on a step on which it rejected none: only such steps take the fused test.)
+        if (self.fast and state is not None and not solver.stat_keys
                 and solver.norm_layout(0) is not None):
             self.fused = FusedTest(self.atol, self.rtol, self.inverse_sqrt)
             self.fused.reset(self.running_local, _take(self.best_residual, rows))
@@ -164,7 +168,7 @@ class Book:
         fused = self.fused
         layout = self.solver.norm_layout(step_index) if fused is not None else None
         checked = False  # whether the fused test ran on this step's norms
-        if layout is not None and step_nfe.__class__ is int:
+        if layout is not None and step_nfe.__class__ is int and "nonfinite_trial" not in state:
             checked = True
             norms = state["norms"]
             use_previous = self.best_in_norms is not None and layout.previous is not None
@@ -201,6 +205,8 @@ class Book:
             # no column of the norms does): without this it kept the best of the last slow
             # step, and a worse iterate could replace the best one
             fused.reset(running_local, best)
+        if self.streak_dirty:  # every running row's trial was finite
+            self._clear_streak()
         self.pending_steps += 1
         self.pending_nfe += step_nfe
         if self.residual_trace is not None:
@@ -292,6 +298,7 @@ class Book:
                 if self.streak is not None:
                     self.streak = _put(self.streak, rows,
                                        torch.zeros_like(residual, dtype=torch.int64))
+                    self.streak_dirty = False
                 for key in solver.stat_keys:
                     self.extra[key] = _put(self.extra[key], rows,
                                            state[key].detach().to(dtype))
@@ -314,7 +321,10 @@ class Book:
         if bad_trial is not None:
             streak_rows = torch.where(bad_trial, _take(self.streak, rows) + 1, 0)
             self.streak = _put(self.streak, rows, streak_rows)
+            self.streak_dirty = True
             ok = (running if ok is None else ok) & (streak_rows < _NONFINITE_STREAK)
+        elif self.streak_dirty:
+            self._clear_streak()
         best_local, best_residual_local, step_status = stop_or_improve(
             running, ok, residual, tolerance, _take(self.limit, rows), z,
             _take(self.best_value, rows), _take(self.best_residual, rows),
@@ -334,6 +344,12 @@ class Book:
         self.active = _put(self.active, rows, still_running)
         self._after_step(residual, running, step_index)
         return still_running
+
+    def _clear_streak(self) -> None:
+        """A step without a non-finite trial: the state rows' streaks end."""
+        self.streak = _put(self.streak, self.rows,
+                           torch.zeros_like(_take(self.streak, self.rows)))
+        self.streak_dirty = False
 
     def _after_step(self, residual: torch.Tensor, running: torch.Tensor | None,
                     step_index: int) -> None:

@@ -17,7 +17,9 @@ def backtrack(
     residual: torch.Tensor,
     alphas: tuple[float, ...],
     sufficient: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    first: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
     """Try z + alpha * direction for alpha in `alphas` until the residual falls enough.
 
     A sample accepts the first alpha with ||g(z + alpha d)|| <= (1 - sufficient * alpha) ||g(z)||
@@ -29,18 +31,27 @@ def backtrack(
         residual: (batch,) ||g(z)||.
         alphas: decreasing step lengths, the first usually 1.
         sufficient: the decrease constant (e.g. 1e-4; 0 asks only for no increase).
+        first: (z + alphas[0] direction, f of it, which samples accept it) when the caller
+            evaluated and tested the first trial already.
 
     Returns:
-        (z_new, fz_new, residual_new, accepted, nfe): for samples that found no acceptable
-        alpha, the finite trial with the lowest residual (or the last trial when none is
-        finite), with accepted False; nfe (batch,) int64 evaluations made per sample.
+        (z_new, fz_new, residual_new, accepted, nfe, alpha): for samples that found no
+        acceptable alpha, the finite trial with the lowest residual (or the last trial when
+        none is finite), with accepted False; nfe (batch,) int64 evaluations made per
+        sample; alpha (batch,) the step length of the trial returned, in z's dtype.
     """
     alpha = alphas[0]
-    z_new = z + alpha * direction
-    fz_new = fn(z_new)
-    residual_new = rms_norm(fz_new - z_new).detach()
-    accepted = torch.isfinite(residual_new) & (residual_new <= (1 - sufficient * alpha) * residual)
+    if first is None:
+        z_new = z + alpha * direction
+        fz_new = fn(z_new)
+        residual_new = rms_norm(fz_new - z_new).detach()
+        accepted = torch.isfinite(residual_new) & (
+            residual_new <= (1 - sufficient * alpha) * residual)
+    else:
+        z_new, fz_new, accepted = first
+        residual_new = rms_norm(fz_new - z_new).detach()
     nfe = torch.ones_like(residual, dtype=torch.int64)
+    lengths = torch.full_like(residual, alpha, dtype=z.dtype)
     for alpha in alphas[1:]:
         if bool(accepted.all()):
             break
@@ -60,5 +71,7 @@ def backtrack(
         )
         residual_new = residual_new.index_copy(0, rows, torch.where(better, residual_try, old))
         accepted = accepted.index_copy(0, rows, passes)
+        lengths = lengths.index_copy(
+            0, rows, torch.where(better, alpha, lengths.index_select(0, rows)))
         nfe = nfe.index_add(0, rows, torch.ones_like(rows))
-    return z_new, fz_new, residual_new, accepted, nfe
+    return z_new, fz_new, residual_new, accepted, nfe, lengths

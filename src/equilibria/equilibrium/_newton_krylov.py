@@ -146,7 +146,7 @@ class NewtonKrylov(FixedPointSolver):
         )
         direction = linear.value
         alphas = tuple(0.5**k for k in range(self.max_backtracks + 1))
-        z_new, fz_new, _, accepted, nfe = backtrack(
+        z_new, fz_new, _, accepted, nfe, _ = backtrack(
             fn, z, direction, residual, alphas, sufficient=1e-4 * float(1 - self.eta_max)
         )
         nfe = nfe + linear.stats["nmatvec"] + setup
