@@ -1,17 +1,90 @@
-"""Pieces of the epoch loop that are not the loop: per-rank checkpoint state, the test row of
-the metrics, the cold-start probe of fixed-point reuse, the DDP buffer sync, the final plots."""
+"""Pieces of the epoch loop that are not the loop: restoring a run from its checkpoint,
+per-rank checkpoint state, the test row of the metrics and the epoch's log line, the
+cold-start probe of fixed-point reuse, the DDP buffer sync, the final plots."""
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    integrity_note,
+    load_checkpoint,
+    load_optimizer_state,
+    restore_rng,
+)
+from .config import IDENTITY_FIELDS, TrainConfig
 from .distributed import DistContext
+from .run_logs import sync_logs
 from .stats import forward_stats
 
-__all__ = ["final_plots", "probe_cold_nfe", "rank_state", "sync_buffer", "test_row"]
+__all__ = [
+    "epoch_message",
+    "final_plots",
+    "probe_cold_nfe",
+    "rank_state",
+    "restore_run",
+    "sync_buffer",
+    "test_row",
+]
+
+
+def restore_run(run_dir: Path, config: TrainConfig, model, optimizer, scaler,
+                buffer: torch.Tensor | None, have: torch.Tensor | None, context: DistContext,
+                log: Callable[[str], None]) -> tuple[int, int, list, list, dict | None]:
+    """Load runs/NAME's checkpoint into the model, optimizer, scaler, RNGs and fixed-point
+    buffer (refusing one of another configuration, or with more epochs than `config`);
+    returns (epoch, batch within it, metrics, logged steps, this rank's partial sums)."""
+    path = run_dir / CHECKPOINT_NAME
+    state = load_checkpoint(path, model, config.asdict(), identity_fields=IDENTITY_FIELDS,
+                            defaults=TrainConfig().asdict())
+    load_optimizer_state(path, optimizer, state)
+    if state["epoch"] > config.epochs:
+        raise CheckpointError(
+            f"{run_dir} has already trained {state['epoch']} epochs; --epochs "
+            f"{config.epochs} is fewer. Pass --epochs {state['epoch'] + 1} or more to "
+            f"train further, or evaluate it with `equilibria evaluate {run_dir}`."
+        )
+    note = integrity_note(path, state)
+    if note:
+        log(note)
+    if "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+    start_epoch, start_batch = state["epoch"], state["batch_in_epoch"]
+    metrics, steps = state["metrics"], state["steps"]
+    mine = rank_state(state, context)
+    restore_rng(mine["rng"])
+    if buffer is not None:
+        buffer.copy_(state["fp_buffer"])
+        have.copy_(state["fp_have"])
+    if context.is_main:
+        (run_dir / "config.json").write_text(json.dumps(config.asdict(), indent=2) + "\n")
+        for message in sync_logs(run_dir, metrics, steps):
+            log(message)
+    if start_epoch == config.epochs:
+        log(f"{run_dir} has finished its {config.epochs} epochs; evaluating it (pass "
+            "--epochs with more to train further)")
+    else:
+        log(f"resumed {run_dir} at epoch {start_epoch + 1}, batch {start_batch}")
+    return start_epoch, start_batch, metrics, steps, mine["partial"]
+
+
+def epoch_message(row: dict, epochs: int) -> str:
+    """The line logged after an epoch, from its metrics row."""
+    reuse = ""
+    if "reuse_nfe_saved_share" in row:
+        reuse = (f"; fixed-point reuse saved {row['reuse_nfe_saved_share']:.0%} of forward NFE "
+                 f"(~{row['reuse_nfe_saved_epoch']:.0f} evaluations this epoch)")
+    return (f"epoch {row['epoch']}/{epochs}: loss {row['loss']:.4f}, train acc "
+            f"{row['train_accuracy']:.4f}, test acc {row['test_accuracy']:.4f}, forward NFE "
+            f"{row['forward_nfe_mean']:.1f}, backward NFE {row['backward_nfe_mean']:.1f}, "
+            f"not converged {row['not_converged_share']:.1%}, {row['seconds']:.1f} s" + reuse)
 
 
 def rank_state(state: dict, context: DistContext) -> dict:

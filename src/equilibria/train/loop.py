@@ -23,7 +23,6 @@ disagree (`run_logs`). After every optimizer step the weights are checked for in
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -37,21 +36,18 @@ from torch.utils.data import DistributedSampler
 
 from .._autocast import autocast_context
 from .augment import augment_plan
-from .checkpoint import (
-    CHECKPOINT_NAME,
-    CheckpointError,
-    capture_rng,
-    integrity_note,
-    load_checkpoint,
-    load_optimizer_state,
-    remove_stale_temporaries,
-    restore_rng,
-    save_checkpoint,
-)
-from .config import AMP_DTYPES, IDENTITY_FIELDS, TrainConfig
+from .checkpoint import CHECKPOINT_NAME, capture_rng, remove_stale_temporaries, save_checkpoint
+from .config import AMP_DTYPES, TrainConfig
 from .data import DATASETS, prepare_data, seed_everything
 from .distributed import DistContext, all_reduce_sum, setup_distributed, teardown_distributed
-from .epoch_parts import final_plots, probe_cold_nfe, rank_state, sync_buffer, test_row
+from .epoch_parts import (
+    epoch_message,
+    final_plots,
+    probe_cold_nfe,
+    restore_run,
+    sync_buffer,
+    test_row,
+)
 from .evaluation import evaluate
 from .health import (
     TrainingDiverged,
@@ -65,7 +61,7 @@ from .health import (
 from .interrupt import AgreedStop, DeferredInterrupt
 from .models import build_model
 from .run_dir import RunDirError, prepare_run_dir, write_rank_summary
-from .run_logs import sync_logs, write_jsonl
+from .run_logs import write_jsonl
 from .stats import EpochAccumulator, backward_stats, forward_stats
 
 __all__ = ["RunDirError", "TrainResult", "TrainingDiverged", "evaluate", "train_classifier"]
@@ -182,39 +178,8 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
 
     start_epoch, start_batch, metrics, steps, partial = 0, 0, [], [], None
     if resume:
-        state = load_checkpoint(
-            run_dir / CHECKPOINT_NAME, model, config.asdict(), identity_fields=IDENTITY_FIELDS,
-            defaults=TrainConfig().asdict(),
-        )
-        load_optimizer_state(run_dir / CHECKPOINT_NAME, optimizer, state)
-        if state["epoch"] > config.epochs:
-            raise CheckpointError(
-                f"{run_dir} has already trained {state['epoch']} epochs; --epochs "
-                f"{config.epochs} is fewer. Pass --epochs {state['epoch'] + 1} or more to "
-                f"train further, or evaluate it with `equilibria evaluate {run_dir}`."
-            )
-        note = integrity_note(run_dir / CHECKPOINT_NAME, state)
-        if note:
-            log(note)
-        if "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        start_epoch, start_batch = state["epoch"], state["batch_in_epoch"]
-        metrics, steps = state["metrics"], state["steps"]
-        mine = rank_state(state, context)
-        restore_rng(mine["rng"])
-        partial = mine["partial"]
-        if buffer is not None:
-            buffer.copy_(state["fp_buffer"])
-            have.copy_(state["fp_have"])
-        if context.is_main:
-            (run_dir / "config.json").write_text(json.dumps(config.asdict(), indent=2) + "\n")
-            for message in sync_logs(run_dir, metrics, steps):
-                log(message)
-        if start_epoch == config.epochs:
-            log(f"{run_dir} has finished its {config.epochs} epochs; evaluating it (pass "
-                "--epochs with more to train further)")
-        else:
-            log(f"resumed {run_dir} at epoch {start_epoch + 1}, batch {start_batch}")
+        start_epoch, start_batch, metrics, steps, partial = restore_run(
+            run_dir, config, model, optimizer, scaler, buffer, have, context, log)
 
     ddp = model
     if context.distributed:
@@ -401,18 +366,7 @@ def _train(config, resume, on_step, log, context: DistContext) -> TrainResult:
             if context.is_main:
                 write_jsonl(run_dir / "metrics.jsonl", metrics)
                 write_jsonl(run_dir / "steps.jsonl", steps)
-            log(
-                f"epoch {epoch + 1}/{config.epochs}: loss {row['loss']:.4f}, train acc "
-                f"{row['train_accuracy']:.4f}, test acc {row['test_accuracy']:.4f}, forward NFE "
-                f"{row['forward_nfe_mean']:.1f}, backward NFE {row['backward_nfe_mean']:.1f}, "
-                f"not converged {row['not_converged_share']:.1%}, {row['seconds']:.1f} s"
-                + (
-                    f"; fixed-point reuse saved {row['reuse_nfe_saved_share']:.0%} of forward NFE "
-                    f"(~{row['reuse_nfe_saved_epoch']:.0f} evaluations this epoch)"
-                    if "reuse_nfe_saved_share" in row
-                    else ""
-                )
-            )
+            log(epoch_message(row, config.epochs))
             shares = {"training": row["not_converged_share"],
                       "test": row["test_not_converged_share"]}
             warning = not_converged_warning(shares, config.max_steps)
