@@ -139,6 +139,29 @@ def test_bad_arguments_name_the_argument_and_the_fix(tiny_run, tmp_path, capsys,
     assert code == 1 and all(needle in err for needle in needles), err
 
 
+def test_evaluate_with_another_step_bound_and_tolerance(tiny_run, capsys):
+    # More (or fewer) forward steps at test time: the checkpoint's weights, another solve.
+    from equilibria.train.evaluate_run import evaluate_run
+
+    config = (tiny_run / "config.json").read_text()
+    own = evaluate_run(tiny_run, test_subset=50)
+    one = evaluate_run(tiny_run, test_subset=50, max_steps=1)
+    assert own["solve"]["max_steps"] == json.loads(config)["max_steps"]
+    assert one["solve"] == {**own["solve"], "max_steps": 1}
+    # one Picard step: f at z0 and once more, and (rtol 1e-3) no sample converged in it
+    assert one["forward_nfe_mean"] == 2 and one["not_converged_share"] == 1.0
+    assert own["forward_nfe_mean"] > 2 and own["not_converged_share"] < 1.0
+    loose = evaluate_run(tiny_run, test_subset=50, rtol=0.5, atol=0.5)
+    assert loose["solve"]["rtol"] == 0.5 and loose["forward_nfe_mean"] < own["forward_nfe_mean"]
+    assert (tiny_run / "config.json").read_text() == config  # the run is not changed
+    code, out, _ = _cli(capsys, "evaluate", tiny_run, "--test-subset", "50", "--max-steps", "1")
+    assert code == 0 and "solved with max_steps 1," in out
+    for option, value in (("--max-steps", "0"), ("--rtol", "-1"), ("--atol", "0")):
+        with pytest.raises(SystemExit) as stop:
+            _cli(capsys, "evaluate", tiny_run, option, value)
+        assert stop.value.code == 2 and f"argument {option}:" in capsys.readouterr().err
+
+
 def test_evaluate_on_a_gpu_this_machine_lacks(tiny_run, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     code, _, err = _cli(capsys, "evaluate", tiny_run, "--device", "cuda")

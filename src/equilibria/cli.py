@@ -164,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data-dir")
     evaluate.add_argument("--device", default="cpu")
     evaluate.add_argument("--test-subset", type=_positive_int)
+    evaluate.add_argument("--max-steps", type=_positive_int,
+                          help="forward step bound for this evaluation (default: the run's)")
+    evaluate.add_argument("--atol", type=_positive_float,
+                          help="forward absolute tolerance (default: the run's)")
+    evaluate.add_argument("--rtol", type=_positive_float,
+                          help="forward relative tolerance (default: the run's)")
 
     cobweb = commands.add_parser("cobweb", help="cos(x) = x by repeated application, as a PNG")
     cobweb.add_argument("--x0", type=float, default=-1.0)
@@ -365,6 +371,9 @@ def _evaluate(args: argparse.Namespace) -> int:
             data_dir=args.data_dir,
             device=args.device,
             test_subset=args.test_subset,
+            max_steps=args.max_steps,
+            atol=args.atol,
+            rtol=args.rtol,
         )
     except _user_errors() as error:
         raise _UserError(str(error)) from error
@@ -374,7 +383,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         f"{report['run_dir']}: test accuracy {report['accuracy']:.4f} on {report['count']} "
         f"images (loss {report['loss']:.4f}, forward NFE {report['forward_nfe_mean']:.1f}, "
         f"not converged {report['not_converged_share']:.2%}; trained {report['epochs']} "
-        f"epoch(s))"
+        f"epoch(s); solved with max_steps {report['solve']['max_steps']}, atol "
+        f"{report['solve']['atol']:g}, rtol {report['solve']['rtol']:g})"
     )
     return 0
 

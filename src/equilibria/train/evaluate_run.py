@@ -1,8 +1,10 @@
 """`equilibria evaluate RUN`: rebuild a run's model from config.json, load and check its
-checkpoint, and measure accuracy on its data set's test set."""
+checkpoint, and measure accuracy on its data set's test set, optionally with another forward
+step bound or tolerances than it trained with (a DEQ may be given more steps at test time)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from .checkpoint import CHECKPOINT_NAME, CheckpointError, integrity_note, load_checkpoint
@@ -23,23 +25,28 @@ def evaluate_run(
     data_dir: str | None = None,
     device: str = "cpu",
     test_subset: int | None = None,
+    max_steps: int | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
 ) -> dict:
     """Accuracy of a saved run on the test set (the full 10k unless `test_subset`).
 
     Arguments:
         run: a run directory, or a name under `runs_dir`.
+        max_steps, atol, rtol: the forward solve's step bound and tolerances for this
+            evaluation (default: the run's own); the weights are the checkpoint's either way.
 
     Returns:
         dict with run_dir, accuracy, loss, forward_nfe_mean, not_converged_share, count,
-        epochs (completed when the checkpoint was written), and notes: messages for the
-        user (an unverifiable old checkpoint, logs rebuilt from the checkpoint, unconverged
-        solves).
+        epochs (completed when the checkpoint was written), solve (the forward settings
+        used: max_steps, atol, rtol) and notes: messages for the user (an unverifiable
+        old checkpoint, logs rebuilt from the checkpoint, unconverged solves).
 
     Raises:
         CheckpointError: no run there, an invalid config.json, or a checkpoint that is
             truncated, damaged or belongs to another model/configuration than config.json.
         ValueError: a device that is not one, or a GPU this machine lacks; a test_subset
-            larger than the test set.
+            larger than the test set; a max_steps, atol or rtol that is not positive.
     """
 
     run_dir = Path(run)
@@ -60,7 +67,11 @@ def evaluate_run(
     target = check_device_available(parse_device(device, "--device"))
     if test_subset is not None and test_subset > 10_000:
         raise ValueError(f"--test-subset must be <= 10000 (the test set), got {test_subset}.")
-    model = build_model(config)
+    overrides = {name: value for name, value in
+                 (("max_steps", max_steps), ("atol", atol), ("rtol", rtol)) if value is not None}
+    # The run's own config is what the checkpoint is checked against; the solve may differ.
+    solve_config = dataclasses.replace(config, **overrides).validate()
+    model = build_model(solve_config)
     path = run_dir / CHECKPOINT_NAME
     state = load_checkpoint(
         path,
@@ -81,7 +92,8 @@ def evaluate_run(
     labels = arrays.test_labels[index].to(target)
     result = evaluate(model, images, labels, DistContext(0, 1, target, False),
                       amp_dtype=AMP_DTYPES.get(config.amp))
-    warning = not_converged_warning({"test": result["not_converged_share"]}, config.max_steps)
+    warning = not_converged_warning({"test": result["not_converged_share"]},
+                                    solve_config.max_steps)
     return {
         "run_dir": str(run_dir),
         "accuracy": result["accuracy"],
@@ -90,5 +102,6 @@ def evaluate_run(
         "not_converged_share": result["not_converged_share"],
         "count": int(index.numel()),
         "epochs": int(state["epoch"]),
+        "solve": {name: getattr(solve_config, name) for name in ("max_steps", "atol", "rtol")},
         "notes": notes + ([warning] if warning else []),
     }
