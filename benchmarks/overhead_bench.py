@@ -4,7 +4,8 @@ f(z, x) = tanh(W z + U x + b) on the equilibrium benchmark's hard spectrum (symm
 eigenvalues linspace(-0.99, 0.99), x scaled by 0.1), float32, CPU, no_grad; stop at relative
 residual ||f(z) - z|| / ||z|| <= 1e-4 per sample (ours: atol=1e-30, rtol=1e-4; TorchDEQ:
 stop_mode="rel" on the batch max). At every point (batch x width) the contenders run round
-robin, `--repeats` rounds, each round with its own timing of f; the table gives medians:
+robin, `--repeats` rounds, each round with its own timing of f; the table gives medians
+(on a GPU, `--device cuda`, every timing is bracketed by synchronisations):
 
 - overhead = wall / (evaluations x one f evaluation): 1 means the solver costs nothing
   beside f; evaluations = batched calls of f (ours: the max over samples of nfe);
@@ -15,8 +16,10 @@ CPU (views, allocations and host reads excluded; the median over steps 8-16 of t
 difference between solves stopped one step apart: deterministic).
 
 Run:  .venv/bin/python benchmarks/overhead_bench.py --threads 1 [--repeats 3]
-      [--batches 1,8,64,256,1024] [--widths 128,512,2048] [--capture]
-Writes benchmarks/results/overhead.md and prints it.
+      [--batches 1,8,64,256,1024] [--widths 128,512,2048] [--capture] [--device cuda]
+Writes benchmarks/results/overhead.md (overhead_cuda.md with --device cuda) and prints it.
+With --capture on a GPU the Captured contenders compile with mode="reduce-overhead" (CUDA
+graphs).
 """
 
 from __future__ import annotations
@@ -37,6 +40,16 @@ import equilibria as eq
 
 TOL = 1e-4
 RESULTS = Path(__file__).parent / "results" / "overhead.md"
+DEVICE = torch.device("cpu")  # set by --device
+
+
+def clock() -> float:
+    """perf_counter after the device's queued work is done (a no-op on CPU)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+    return time.perf_counter()
+
+
 def make_case(batch: int, width: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(W^T, c) with c = U x + b: the hard case of benchmarks/equilibrium_bench.py."""
     generator = torch.Generator().manual_seed(seed)
@@ -46,7 +59,7 @@ def make_case(batch: int, width: int, seed: int = 0) -> tuple[torch.Tensor, torc
     x = 0.1 * torch.randn(batch, width, generator=generator)
     u = torch.randn(width, width, generator=generator) / math.sqrt(width)
     b = 0.1 * torch.randn(width, generator=generator)
-    return w.T.contiguous(), x @ u.T + b
+    return w.T.contiguous().to(DEVICE), (x @ u.T + b).to(DEVICE)
 
 
 class Map:
@@ -72,9 +85,9 @@ def time_f(wt: torch.Tensor, c: torch.Tensor) -> float:
 
 
 def _once(f: Map, z: torch.Tensor) -> float:
-    start = time.perf_counter()
+    start = clock()
     f(z)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def ours(solver: eq.FixedPointSolver, max_steps: int = 1000) -> Callable:
@@ -145,8 +158,14 @@ def main() -> None:
                         "--batches x --widths grid)")
     parser.add_argument("--capture", action="store_true",
                         help="also run Anderson and Picard under eq.Captured (torch.compile)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     parser.add_argument("--output", default=None, help=f"results file (default {RESULTS})")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available here")
+    cuda = DEVICE.type == "cuda"
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     contenders: list[tuple[str, Callable]] = [
@@ -159,25 +178,28 @@ def main() -> None:
     ]
     captures = []
     if args.capture:
-        captures = [eq.Captured(eq.Anderson()), eq.Captured(eq.Picard())]
+        mode = "reduce-overhead" if cuda else None  # CUDA graphs on a GPU
+        captures = [eq.Captured(eq.Anderson(), mode=mode), eq.Captured(eq.Picard(), mode=mode)]
         contenders[2:2] = [(f"ours Captured({type(c.solver).__name__})", captured(c))
                            for c in captures]
     lines = [
         "# Fixed cost per solver step: batch x width sweep vs TorchDEQ 0.1.0",
         "",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; torch "
-        f"{torch.__version__}, CPU, {args.threads} thread(s); load average at start: "
+        f"{torch.__version__}, "
+        f"{torch.cuda.get_device_name(DEVICE) if cuda else 'CPU'}, {args.threads} thread(s); "
+        "load average at start: "
         f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs)",
         f"- command: `.venv/bin/python benchmarks/overhead_bench.py --threads {args.threads} "
         f"--repeats {args.repeats} "
         + (f"--points {args.points}" if args.points
            else f"--batches {args.batches} --widths {args.widths}")
-        + f"{' --capture' if args.capture else ''}"
+        + f"{' --capture' if args.capture else ''}{f' --device {args.device}' if cuda else ''}"
         f"{f' --output {args.output}' if args.output else ''}`",
         "- hard spectrum, rel. residual 1e-4; overhead = wall / (evaluations x f); "
         "medians of round-robin rounds",
         "",
-        "## Compute calls per step beside f (torch.profiler, batch 1 x width 512)",
+        "## Compute calls per step beside f (torch.profiler on CPU, batch 1 x width 512)",
         "",
         "| solver | aten calls per step |",
         "|---|---|",
@@ -212,10 +234,10 @@ def main() -> None:
             f_times.append(time_f(wt, c))
             for name, run in contenders:
                 f = Map(wt, c, plain)
-                start = time.perf_counter()
+                start = clock()
                 with torch.no_grad():
                     z, evals = run(f)
-                times[name].append(time.perf_counter() - start)
+                times[name].append(clock() - start)
                 evaluations[name], values[name] = evals, z
         t_f = statistics.median(f_times)
         wall = {name: statistics.median(times[name]) for name in names}
@@ -233,7 +255,8 @@ def main() -> None:
         lines.append(f"\n- {solver!r}: compile time {solver.compile_seconds:.0f} s in all "
                      "(first calls, one compilation per shape, outside the timed rounds)")
     text = "\n".join(lines)
-    output = Path(args.output) if args.output else RESULTS
+    output = Path(args.output) if args.output else (
+        RESULTS.with_name("overhead_cuda.md") if cuda else RESULTS)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text + "\n")
     print(text)
