@@ -50,29 +50,6 @@ def _weighted_sum(ks: Sequence[torch.Tensor], weights: Sequence[float]) -> torch
     return out
 
 
-def _columns(tableau: ButcherTableau, dtype: torch.dtype, device: torch.device, ndim: int
-             ) -> list[torch.Tensor | None]:
-    """Per stage j, the weights of k_j in every sum still open when k_j is known, as an
-    (open sums, 1, ..., 1) tensor (None when they are all zero); cached on the tableau.
-
-    The open sums, in order: the increments sum_{l<i} a_il k_l of the stages i > j, then
-    sum_l b_l k_l (unless FSAL, whose last stage is y_new) and sum_l b_err_l k_l."""
-    key = ("columns", dtype, torch.device(device), ndim)
-    cached = tableau._cache.get(key)
-    if cached is not None:
-        return cached
-    sums = list(tableau.a[1:]) + ([] if tableau.fsal else [tableau.b])
-    sums += [] if tableau.b_err is None else [tableau.b_err]
-    columns: list[torch.Tensor | None] = []
-    for j in range(tableau.n_stages):
-        # once k_j is in, stage j + 1's increment (row j) is complete: rows j... are open
-        weights = [row[j] for row in sums[j:]]
-        columns.append(None if not any(weights) else torch.tensor(
-            weights, dtype=dtype, device=device).reshape((-1,) + (1,) * ndim))
-    tableau._cache[key] = columns
-    return columns
-
-
 def _advance(open_sums: torch.Tensor | None, column: torch.Tensor | None, k: torch.Tensor
              ) -> torch.Tensor | None:
     """The open sums once stage k is in: the row the previous stage consumed dropped, k
@@ -107,7 +84,7 @@ def rk_stages(
     dt_b = _batch_view(dt_y, y)
     t_f = time_like(t, y)
     s = tableau.n_stages
-    columns = _columns(tableau, y.dtype, y.device, y.dim())
+    columns = tableau.stage_columns(y.dtype, y.device, y.dim())
     nfe = 0
     if k1 is None:
         k1 = f(t_f, y)

@@ -196,6 +196,30 @@ class ButcherTableau:
         return out
 
 
+    def stage_columns(self, dtype: torch.dtype, device: torch.device, ndim: int
+                      ) -> list[torch.Tensor | None]:
+        """Per stage j, the weights of k_j in every weighted sum of stages still open when
+        k_j is known, as an (open sums, 1, ..., 1) tensor for states of `ndim` dimensions
+        (None when they are all zero); cached per (dtype, device, ndim).
+
+        The open sums, in order: the increments sum_{l<i} a_il k_l of the stages i > j, then
+        sum_l b_l k_l (unless FSAL, whose last stage is y_new) and sum_l b_err_l k_l."""
+        key = ("columns", dtype, torch.device(device), ndim)
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        sums = list(self.a[1:]) + ([] if self.fsal else [self.b])
+        sums += [] if self.b_err is None else [self.b_err]
+        columns: list[torch.Tensor | None] = []
+        for j in range(self.n_stages):
+            # once k_j is in, stage j + 1's increment (row j) is complete: rows j... are open
+            weights = [row[j] for row in sums[j:]]
+            columns.append(None if not any(weights) else torch.tensor(
+                weights, dtype=dtype, device=device).reshape((-1,) + (1,) * ndim))
+        self._cache[key] = columns
+        return columns
+
+
 EULER = ButcherTableau(name="Euler", c=(0.0,), a=((),), b=(1.0,), order=1)
 
 MIDPOINT = ButcherTableau(
