@@ -195,7 +195,6 @@ class ButcherTableau:
         self._cache[key] = out
         return out
 
-
     def stage_columns(self, dtype: torch.dtype, device: torch.device, ndim: int
                       ) -> list[torch.Tensor | None]:
         """Per stage j, the weights of k_j in every weighted sum of stages still open when
