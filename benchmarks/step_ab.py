@@ -8,7 +8,7 @@ f = tanh(W z + U x + b), rel. residual 1e-4.
 
 Run:  mkdir /tmp/base && git archive <commit> src | tar -x -C /tmp/base
       PYTHONPATH=src .venv/bin/python benchmarks/step_ab.py /tmp/base [--batch 1]
-      [--width 512] [--rounds 300]
+      [--width 512] [--rounds 300] [--solvers Anderson,Picard,Broyden]
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=300)
+    parser.add_argument("--solvers", default="Anderson,Picard",
+                        help="comma-separated solver classes (default Anderson,Picard)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     base = load_baseline(args.baseline)
@@ -56,7 +58,7 @@ def main() -> None:
         return module.fixed_point(f, torch.zeros_like(c), c, solver, atol=1e-30, rtol=1e-4,
                                   max_steps=1000)
 
-    for name in ("Anderson", "Picard"):
+    for name in args.solvers.split(","):
         versions = {"baseline": (base, getattr(base, name)()), "this": (eq, getattr(eq, name)())}
         times: dict[str, list[float]] = {key: [] for key in versions}
         f_times = []
