@@ -2,9 +2,11 @@
 
 Wall-time figures on a shared CPU drift with the load, so the two versions run in one
 process, alternating solve by solve (`--rounds` each), one thread, and the ratio of medians is
-reported, with the overhead wall / (nfe x one f) of each and whether both gave bit-identical
-results (value, status, residual, n_steps, nfe). Problem: `overhead_bench.py`'s hard case,
-f = tanh(W z + U x + b), rel. residual 1e-4.
+reported, with the overhead wall / (nfe x one f) of each (f timed by one call on a fresh z
+every 10 rounds: slower than f inside a solve), this version's overhead in situ (every 10
+rounds, one extra solve whose f times itself: wall / time spent inside f; the stricter figure)
+and whether both gave bit-identical results (value, status, residual, n_steps, nfe).
+Problem: `overhead_bench.py`'s hard case, f = tanh(W z + U x + b), rel. residual 1e-4.
 
 Run:  mkdir /tmp/base && git archive <commit> src | tar -x -C /tmp/base
       PYTHONPATH=src .venv/bin/python benchmarks/step_ab.py /tmp/base [--batch 1]
@@ -54,14 +56,22 @@ def main() -> None:
     def f(z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return torch.tanh(torch.addmm(x, z, wt))
 
-    def solve(module, solver):
-        return module.fixed_point(f, torch.zeros_like(c), c, solver, atol=1e-30, rtol=1e-4,
+    inside = [0.0]
+
+    def timed_f(z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        out = f(z, x)
+        inside[0] += time.perf_counter() - start
+        return out
+
+    def solve(module, solver, fn=f):
+        return module.fixed_point(fn, torch.zeros_like(c), c, solver, atol=1e-30, rtol=1e-4,
                                   max_steps=1000)
 
     for name in args.solvers.split(","):
         versions = {"baseline": (base, getattr(base, name)()), "this": (eq, getattr(eq, name)())}
         times: dict[str, list[float]] = {key: [] for key in versions}
-        f_times = []
+        f_times, situ = [], []
         with torch.no_grad():
             results = {key: solve(*pair) for key, pair in versions.items()}
             for round_index in range(args.rounds):
@@ -70,6 +80,9 @@ def main() -> None:
                     start = time.perf_counter()
                     f(z, c)
                     f_times.append(time.perf_counter() - start)
+                    inside[0], start = 0.0, time.perf_counter()
+                    solve(*versions["this"], fn=timed_f)
+                    situ.append((time.perf_counter() - start) / inside[0])
                 order = list(versions) if round_index % 2 == 0 else list(versions)[::-1]
                 for key in order:
                     start = time.perf_counter()
@@ -86,7 +99,8 @@ def main() -> None:
               f"wall baseline {wall['baseline'] * 1e3:.3f} ms, this {wall['this'] * 1e3:.3f} ms"
               f", this / baseline {wall['this'] / wall['baseline']:.3f}; overhead baseline "
               f"{wall['baseline'] / (nfe['baseline'] * t_f):.2f}, this "
-              f"{wall['this'] / (nfe['this'] * t_f):.2f}; bit-identical {same}", flush=True)
+              f"{wall['this'] / (nfe['this'] * t_f):.2f} (in situ, wall / time inside f: "
+              f"{statistics.median(situ):.2f}); bit-identical {same}", flush=True)
 
 
 if __name__ == "__main__":
