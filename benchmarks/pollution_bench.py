@@ -27,13 +27,16 @@ import argparse
 import datetime
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-import equilibria as eq
+sys.path.insert(0, str(Path(__file__).parent))
+import equilibria as eq  # noqa: E402
+from overhead_bench import ours, torchdeq  # noqa: E402  (the sweep's contenders)
 
 WIDTH, TOL = 2048, 1e-4
 RESULTS = Path(__file__).parent / "results" / "pollution.md"
@@ -75,7 +78,7 @@ class Diagonal:
     def __init__(self, c: torch.Tensor, streaming: bool) -> None:
         generator = torch.Generator().manual_seed(1)
         self.d = torch.linspace(-0.99, 0.99, WIDTH)
-        self.c, self.streaming, self.calls = c, streaming, 0
+        self.c, self.calls = c, 0
         self.big = torch.randn(WIDTH, WIDTH, generator=generator) if streaming else None
         self.v = torch.randn(1, WIDTH, generator=generator)
 
@@ -84,21 +87,6 @@ class Diagonal:
         if self.big is not None:
             torch.mm(self.v, self.big)
         return torch.tanh(torch.addcmul(self.c if c is None else c, z, self.d))
-
-
-def ours(solver: eq.FixedPointSolver) -> Callable[[Diagonal], torch.Tensor]:
-    def run(f: Diagonal) -> torch.Tensor:
-        return eq.fixed_point(f, torch.zeros_like(f.c), f.c, solver, atol=1e-30, rtol=TOL,
-                              max_steps=1000).value
-    return run
-
-
-def torchdeq(name: str) -> Callable[[Diagonal], torch.Tensor]:
-    from torchdeq.solver import get_solver
-
-    solve = get_solver(name)
-    return lambda f: solve(f, torch.zeros_like(f.c), max_iter=1000, tol=TOL,
-                           stop_mode="rel")[0]
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import equilibria as eq  # noqa: E402
+from equilibria.equilibrium import FixedPointSolver  # noqa: E402
 from overhead_bench import make_case  # noqa: E402
 
 
@@ -49,6 +50,11 @@ def main() -> None:
     parser.add_argument("--solvers", default="Anderson,Picard",
                         help="comma-separated solver classes (default Anderson,Picard)")
     args = parser.parse_args()
+    unknown = [n for n in args.solvers.split(",") if not isinstance(getattr(eq, n, None), type)
+               or not issubclass(getattr(eq, n), FixedPointSolver)]
+    if unknown:
+        parser.error(f"--solvers: {', '.join(unknown)} is not a solver class of equilibria; "
+                     "e.g. --solvers Anderson,Picard,Broyden")
     torch.set_num_threads(1)
     base = load_baseline(args.baseline)
     wt, c = make_case(args.batch, args.width)
